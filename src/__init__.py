@@ -1,0 +1,1 @@
+"""MILK10k skin-lesion classification: data, training, blending and submission."""

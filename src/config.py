@@ -1,0 +1,319 @@
+"""One frozen configuration for every experiment.
+
+An experiment lives in ``exp/<name>/config.py`` and says only what differs from its parent::
+
+    PARENT = "exp001"          # or None for the base defaults below
+    OVERRIDES = dict(img_size=384, ema_decay=0.999)
+
+``load_config(name, ["key=value", ...])`` resolves the chain, applies command-line overrides last,
+and refuses unknown keys and values of the wrong type.  ``Config.to_json`` is what every run saves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXP_ROOT = REPO_ROOT / "exp"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used: unknown key, wrong type, bad value."""
+
+
+def _f(default: Any, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- identity and locations -------------------------------------------------------------
+    name: str = _f("exp001", "experiment name; outputs go to <output_dir>/<name>")
+    data_dir: str = _f("input", "folder holding the official MILK10k files (plain or twice-nested unzip)")
+    output_dir: str = _f("output", "root of all run outputs")
+    submission_dir: str = _f("submissions", "where validated submission CSVs are written")
+    cache_dir: str = _f("", "prepared-image cache; empty = <output_dir>/cache")
+    folds_csv: str = _f("", "fold assignment CSV shared by experiments; empty = <output_dir>/folds_k<n>_s<seed>.csv")
+    n_folds: int = _f(5, "number of cross-validation folds")
+    fold_seed: int = _f(42, "seed of the fold split (keep it fixed so experiments blend)")
+    folds: str = _f("", "comma list of folds to run (e.g. '0,2'); empty = all")
+    seed: int = _f(42, "training seed")
+
+    # --- model --------------------------------------------------------------------------------
+    model: str = _f("image", "'image' (dual-backbone network) or 'meta' (metadata-only scikit-learn models)")
+    backbone: str = _f("tf_efficientnetv2_s", "timm model name of each image branch")
+    pretrained: bool = _f(True, "start from ImageNet weights")
+    pretrained_path: str = _f("", "local weights file for the backbone (also env MILK10K_WEIGHTS); used instead of downloading")
+    shared_backbone: bool = _f(False, "one backbone for both images instead of one per image")
+    meta_mode: str = _f("concat", "metadata fusion: 'concat' (raw features), 'mlp' (small MLP), 'none'")
+    meta_hidden: int = _f(128, "hidden width of the metadata MLP")
+    meta_dropout: float = _f(0.3, "dropout inside the metadata MLP")
+    head_dropout: float = _f(0.0, "dropout before the classifier")
+    img_size: int = _f(256, "square input size of both images")
+
+    # --- augmentation (applied on the device, per sample) -------------------------------------
+    aug_flip: bool = _f(True, "random horizontal and vertical flips")
+    aug_rotate: float = _f(30.0, "max rotation in degrees")
+    aug_scale: float = _f(0.0, "max relative zoom in/out (0 = none)")
+    aug_color: float = _f(0.2, "colour jitter strength (brightness, contrast, saturation)")
+
+    # --- loss and sampling ---------------------------------------------------------------------
+    loss: str = _f("bce", "'bce' (per-class sigmoid) or 'ce' (softmax cross-entropy)")
+    pos_weight_power: float = _f(1.0, "BCE pos_weight = (neg/pos) ** power; 0 = unweighted")
+    class_mult: str = _f("", "extra per-class loss multipliers, e.g. 'MAL_OTH=2,DF=1.5'")
+    label_smoothing: float = _f(0.0, "label smoothing of the 'ce' loss")
+    aux_weight: float = _f(0.0, "weight of the auxiliary diagnosis_full head (0 = off)")
+    sampler_power: float = _f(0.0, "class-balanced sampling: weight per lesion = count(class) ** -power; 0 = plain shuffle")
+    mixup_alpha: float = _f(0.0, "mixup Beta(alpha, alpha); 0 = off")
+    cutmix_alpha: float = _f(0.0, "cutmix Beta(alpha, alpha); 0 = off")
+    mix_off_epochs: int = _f(0, "switch mixup/cutmix off for the last N epochs of stage 2")
+
+    # --- optimisation --------------------------------------------------------------------------
+    batch_size: int = _f(64, "lesion pairs per step")
+    stage1_epochs: int = _f(2, "epochs training the head with frozen backbones")
+    stage1_lr: float = _f(1e-3, "learning rate of stage 1")
+    epochs: int = _f(15, "maximum epochs of stage 2 (everything unfrozen)")
+    lr: float = _f(3e-4, "stage-2 learning rate of the head")
+    backbone_lr: float = _f(5e-5, "stage-2 learning rate of the backbones")
+    weight_decay: float = _f(1e-2, "AdamW weight decay")
+    warmup_epochs: float = _f(1.0, "linear warmup of stage 2, in epochs")
+    schedule: str = _f("cosine", "stage-2 schedule: 'cosine' or 'constant'")
+    patience: int = _f(4, "early stopping: stage-2 epochs without a better validation macro F1")
+    grad_clip: float = _f(1.0, "gradient norm clip (0 = off)")
+    ema_decay: float = _f(0.0, "exponential moving average of weights (0 = off); the EMA is validated and saved")
+    max_steps_per_epoch: int = _f(0, "cap on steps per epoch for smoke runs (0 = no cap)")
+
+    # --- runtime -------------------------------------------------------------------------------
+    device: str = _f("auto", "'auto', 'cpu', 'cuda', 'cuda:1'")
+    num_workers: int = _f(-1, "data loader workers; -1 = min(8, cpu count)")
+    amp: bool = _f(True, "bf16 autocast on CUDA")
+    channels_last: bool = _f(True, "channels_last memory format on CUDA")
+    compile: bool = _f(False, "torch.compile the model")
+    compile_mode: str = _f("default", "torch.compile mode, e.g. 'max-autotune-no-cudagraphs', 'reduce-overhead'")
+    tta: bool = _f(True, "8-view flip/transpose test-time augmentation for out-of-fold and test predictions")
+    eval_batch_size: int = _f(128, "pairs per inference step")
+
+    # --- decision rule and submission ----------------------------------------------------------
+    decision: str = _f("threshold", "'threshold' (per-class thresholds tuned on OOF), 'expected_f1' (label-free), 'none' (raw 0.5)")
+    threshold_method: str = _f("exact", "'exact' (exhaustive per-class search) or 'optuna'")
+    threshold_trials: int = _f(300, "Optuna trials when threshold_method=optuna")
+
+    # --- tuning (Optuna) -----------------------------------------------------------------------
+    tune_trials: int = _f(20, "total trials of the study (shared by all processes)")
+    tune_folds: str = _f("0,1", "folds each trial trains")
+    tune_epochs: int = _f(3, "stage-2 epochs of each trial")
+    tune_storage: str = _f("", "Optuna storage URL; empty = sqlite:///<output_dir>/<name>/tune/optuna.db")
+
+    # --- metadata-only and stacking models ------------------------------------------------------
+    meta_models: str = _f("logreg,hgb,mlp", "scikit-learn models averaged by model=meta")
+    stack_inputs: str = _f("", "comma list of experiments whose OOF/test probabilities a stacker uses")
+
+    # --- tracking ------------------------------------------------------------------------------
+    wandb_project: str = _f("milk10k", "Weights & Biases project")
+    wandb_mode: str = _f("", "'offline', 'online', 'disabled'; empty = env WANDB_MODE, else offline")
+
+    # ---------------------------------------------------------------------------------------------
+    def exp_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def fold_dir(self, fold: int) -> Path:
+        return self.exp_dir() / f"fold{fold}"
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
+
+    def resolved_folds_csv(self) -> Path:
+        if self.folds_csv:
+            return Path(self.folds_csv)
+        return Path(self.output_dir) / f"folds_k{self.n_folds}_s{self.fold_seed}.csv"
+
+    def fold_list(self) -> list[int]:
+        if not self.folds.strip():
+            return list(range(self.n_folds))
+        out = [int(x) for x in self.folds.split(",") if x.strip()]
+        bad = [k for k in out if not 0 <= k < self.n_folds]
+        if bad:
+            raise ConfigError(f"folds={self.folds!r}: fold {bad[0]} is outside 0..{self.n_folds - 1}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from .io_utils import atomic_write_text
+
+        atomic_write_text(path, self.to_json() + "\n")
+
+    def replace(self, **changes: Any) -> "Config":
+        return apply_overrides(self, changes, source="replace()")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+_CHOICES = {
+    "model": {"image", "meta", "stack"},
+    "meta_mode": {"concat", "mlp", "none"},
+    "loss": {"bce", "ce"},
+    "schedule": {"cosine", "constant"},
+    "decision": {"threshold", "expected_f1", "none"},
+    "threshold_method": {"exact", "optuna"},
+    "wandb_mode": {"", "offline", "online", "disabled"},
+}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Return ``value`` as the declared type of ``key``; strings from the command line are parsed."""
+    ftype = FIELDS[key].type
+    where = f"{source}: {key}={value!r}"
+    if ftype == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if isinstance(value, str) and value.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{where}: expected a bool (true/false)")
+    if ftype == "int":
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an int, got a bool")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an int")
+    if ftype == "float":
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a float, got a bool")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a float")
+    if ftype == "str":
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string")
+    raise ConfigError(f"{where}: unsupported field type {ftype}")  # pragma: no cover
+
+
+def _check_unknown(keys, source: str) -> None:
+    for key in keys:
+        if key not in FIELDS:
+            import difflib
+
+            close = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown config key {key!r}{hint}; `bash run.sh <exp> --help` lists the keys")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Config:
+    _check_unknown(overrides, source)
+    values = {k: _coerce(k, v, source) for k, v in overrides.items()}
+    for key, value in values.items():
+        allowed = _CHOICES.get(key)
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{source}: {key}={value!r} is not one of {sorted(allowed)}")
+    new = dataclasses.replace(cfg, **values)
+    _validate(new, source)
+    return new
+
+
+def _validate(cfg: Config, source: str) -> None:
+    if cfg.n_folds < 2:
+        raise ConfigError(f"{source}: n_folds must be >= 2, got {cfg.n_folds}")
+    if cfg.img_size < 16:
+        raise ConfigError(f"{source}: img_size must be >= 16, got {cfg.img_size}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"{source}: batch_size must be >= 1")
+    cfg.fold_list()
+    parse_class_mult(cfg.class_mult)
+
+
+def parse_class_mult(text: str) -> dict[str, float]:
+    from .data import CLASSES
+
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, val = part.partition("=")
+        if name not in CLASSES:
+            raise ConfigError(f"class_mult: unknown class {name!r}; classes are {CLASSES}")
+        try:
+            out[name] = float(val)
+        except ValueError:
+            raise ConfigError(f"class_mult: {part!r} is not CLASS=number") from None
+    return out
+
+
+def parse_cli_overrides(args: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"command line: {arg!r} is not key=value")
+        out[key.strip()] = value
+    return out
+
+
+def _load_exp_module(name: str) -> tuple[str | None, dict[str, Any], str]:
+    path = EXP_ROOT / name / "config.py"
+    if not path.is_file():
+        known = sorted(p.name for p in EXP_ROOT.iterdir() if (p / "config.py").is_file()) if EXP_ROOT.is_dir() else []
+        raise ConfigError(f"no experiment {name!r}: {path} does not exist (known: {', '.join(known) or 'none'})")
+    spec = importlib.util.spec_from_file_location(f"exp_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    overrides = dict(getattr(module, "OVERRIDES", {}))
+    parent = getattr(module, "PARENT", None)
+    return parent, overrides, (module.__doc__ or "").strip()
+
+
+def experiment_chain(name: str) -> list[tuple[str, dict[str, Any], str]]:
+    chain: list[tuple[str, dict[str, Any], str]] = []
+    seen: set[str] = set()
+    current: str | None = name
+    while current is not None:
+        if current in seen:
+            raise ConfigError(f"experiment {name!r}: PARENT cycle through {current!r}")
+        seen.add(current)
+        parent, overrides, doc = _load_exp_module(current)
+        chain.append((current, overrides, doc))
+        current = parent
+    return list(reversed(chain))
+
+
+def load_config(name: str, cli: list[str] | dict[str, Any] | None = None) -> Config:
+    cfg = Config(name=name)
+    for exp_name, overrides, _ in experiment_chain(name):
+        if "name" in overrides:
+            raise ConfigError(f"exp/{exp_name}/config.py: 'name' comes from the folder name; remove it")
+        cfg = apply_overrides(cfg, overrides, f"exp/{exp_name}/config.py")
+    cfg = dataclasses.replace(cfg, name=name)
+    if cli:
+        pairs = parse_cli_overrides(cli) if isinstance(cli, list) else dict(cli)
+        cfg = apply_overrides(cfg, pairs, "command line")
+    return cfg
+
+
+def describe(cfg: Config) -> str:
+    """The ``--help`` text: every key with its type, resolved value and meaning."""
+    lines = [f"Keys of {cfg.name} (override any with key=value):", ""]
+    width = max(len(k) for k in FIELDS)
+    for key, f in FIELDS.items():
+        value = getattr(cfg, key)
+        lines.append(f"  {key:<{width}}  {f.type:<5} = {value!r:<24} {f.metadata.get('help', '')}")
+    return "\n".join(lines)
