@@ -1,0 +1,122 @@
+"""Decode every JPEG once: a uint8 array ``(n_lesions, 2, size, size, 3)`` on disk, memory-mapped.
+
+Index 0 of axis 1 is the clinical close-up, 1 the dermoscopic image; rows follow the lesion table.
+The file name carries a short hash of everything the pixels depend on (lesion ids, image paths,
+each file's size and mtime, the size, the decoder version), so a changed source or size builds a
+new file and an unchanged one is reused without decoding.  A build writes a temporary file and
+renames it at the end: an interrupted build never leaves a usable-looking cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from .data import DataError
+from .io_utils import atomic_write, atomic_write_json
+
+CACHE_VERSION = "1:draft+lanczos,squash"
+VIEWS = ("clin", "derm")
+
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """One JPEG as uint8 ``(size, size, 3)``: DCT-domain downscale, RGB, squashed to a square."""
+    with Image.open(path) as img:
+        if img.format != "JPEG":
+            raise OSError(f"format is {img.format}, not JPEG")
+        img.draft("RGB", (size, size))
+        rgb = img.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _decode_lesion(job: tuple[int, str, str, str, int]) -> tuple[int, np.ndarray]:
+    i, lesion_id, clin, derm, size = job
+    out = np.empty((2, size, size, 3), dtype=np.uint8)
+    for v, path in enumerate((clin, derm)):
+        try:
+            out[v] = decode_image(path, size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise DataError(f"{path}: not a decodable JPEG (lesion_id {lesion_id}, {VIEWS[v]}_path): {err}") from None
+    return i, out
+
+
+def _cache_key(lesions: pd.DataFrame, size: int) -> str:
+    h = hashlib.sha256(f"{CACHE_VERSION}|{size}".encode())
+    for lesion_id, clin, derm in zip(lesions["lesion_id"], lesions["clin_path"], lesions["derm_path"]):
+        h.update(f"|{lesion_id}".encode())
+        for v, path in zip(VIEWS, (clin, derm)):
+            try:
+                st = os.stat(path)
+            except OSError as err:
+                raise DataError(f"{path}: image file not found or unreadable (lesion_id {lesion_id}, "
+                                f"{v}_path): {err.strerror}") from None
+            h.update(f"|{path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _fill(tmp: str, jobs: list[tuple[int, str, str, str, int]], shape: tuple[int, ...], num_workers: int,
+          desc: str, progress: bool) -> None:
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    with tqdm(total=len(jobs), desc=desc, unit="lesion", disable=not progress) as bar:
+        if num_workers > 1:
+            chunk = max(1, min(64, len(jobs) // (num_workers * 8)))
+            with multiprocessing.Pool(num_workers) as pool:
+                for i, pair in pool.imap_unordered(_decode_lesion, jobs, chunksize=chunk):
+                    arr[i] = pair
+                    bar.update()
+        else:
+            for job in jobs:
+                i, pair = _decode_lesion(job)
+                arr[i] = pair
+                bar.update()
+    arr.flush()
+    del arr
+
+
+def build_cache(lesions: pd.DataFrame, size: int, cache_dir: str | os.PathLike, split: str,
+                num_workers: int = 0, progress: bool = True) -> np.memmap:
+    """Return the read-only cache of ``lesions`` at ``size`` px, building it if needed.
+
+    Files: ``<cache_dir>/<split>_<size>_<key>.npy`` plus a ``.json`` manifest.  Older files of the
+    same split and size are removed after a build.  ``num_workers > 1`` decodes in a process pool.
+    """
+    missing = [c for c in ("lesion_id", "clin_path", "derm_path") if c not in lesions.columns]
+    if missing:
+        raise DataError(f"build_cache: lesion table lacks column(s) {missing}")
+    if len(lesions) == 0:
+        raise DataError(f"build_cache: no lesions to cache for split {split!r}")
+    if not re.fullmatch(r"[A-Za-z0-9-]+", split):
+        raise ValueError(f"build_cache: split {split!r} must be letters, digits or '-'")
+    cache_dir = Path(cache_dir)
+    key = _cache_key(lesions, size)
+    stem = f"{split}_{size}_{key}"
+    path = cache_dir / f"{stem}.npy"
+    shape = (len(lesions), 2, size, size, 3)
+    if path.exists():
+        arr = np.load(path, mmap_mode="r")
+        if arr.shape == shape and arr.dtype == np.uint8:
+            return arr
+        del arr
+
+    jobs = [(i, str(lid), str(c), str(d), size)
+            for i, (lid, c, d) in enumerate(zip(lesions["lesion_id"], lesions["clin_path"], lesions["derm_path"]))]
+    start = time.time()
+    atomic_write(path, lambda tmp: _fill(tmp, jobs, shape, num_workers, f"cache {split} {size}px", progress))
+    atomic_write_json(cache_dir / f"{stem}.json", {
+        "version": CACHE_VERSION, "key": key, "split": split, "size": size, "shape": list(shape),
+        "dtype": "uint8", "views": list(VIEWS), "build_seconds": round(time.time() - start, 1),
+        "lesion_ids": [j[1] for j in jobs],
+    })
+    stale = re.compile(rf"{re.escape(split)}_{size}_[0-9a-f]{{16}}\.(npy|json)")
+    for old in cache_dir.iterdir():
+        if stale.fullmatch(old.name) and not old.name.startswith(stem + "."):
+            old.unlink(missing_ok=True)
+    return np.load(path, mmap_mode="r")

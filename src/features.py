@@ -1,0 +1,168 @@
+"""Metadata features of a lesion: a fitted, serialisable encoder to a dense float32 matrix.
+
+Statistics (medians, means, standard deviations, the list of sites) come from the training rows
+only; ``transform`` is row-wise, so a lesion encodes the same alone as inside any batch.  Missing
+values and categories unseen in training never raise and never shift columns: they fall into the
+imputed value plus a ``*_missing`` flag, or into ``sex_unknown`` / ``site_unknown``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .data import MONET, DataError
+from .io_utils import atomic_write_json
+
+ENCODER_VERSION = 1
+SEXES = ("male", "female", "unknown")
+AGE_HINGES = (40.0, 60.0, 75.0)
+LOGIT_EPS = 1e-3  # MONET scores are clipped to [eps, 1 - eps] before the logit (|logit| <= 6.9)
+_VIEWS = ("clin", "derm")
+
+
+def _text(col: pd.Series) -> np.ndarray:
+    """Lower-cased, stripped strings; NaN/None become ''."""
+    return col.astype(object).where(col.notna(), "").astype(str).str.strip().str.lower().to_numpy()
+
+
+def _num(col: pd.Series) -> np.ndarray:
+    return pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    """Median for imputation, mean/std (of the observed values) for standardisation."""
+    seen = values[np.isfinite(values)]
+    if seen.size == 0:
+        return {"median": 0.0, "mean": 0.0, "std": 1.0}
+    std = float(seen.std())
+    return {"median": float(np.median(seen)), "mean": float(seen.mean()), "std": std if std > 1e-12 else 1.0}
+
+
+def _impute(values: np.ndarray, stats: dict[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(imputed values, standardised values, missing flag)."""
+    missing = ~np.isfinite(values)
+    filled = np.where(missing, stats["median"], values)
+    return filled, (filled - stats["mean"]) / stats["std"], missing
+
+
+class MetadataEncoder:
+    """``fit`` on training lesions, then ``transform`` any lesions (one row per lesion)."""
+
+    def __init__(self, extended: bool = False):
+        self.extended = extended
+        self.age: dict[str, float] | None = None
+        self.skin_tone: dict[str, float] | None = None
+        self.sites: list[str] = []
+        self.monet_median: dict[str, float] = {}
+        self.feature_names: list[str] = []
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def monet_columns(self) -> list[str]:
+        return [f"{v}_{m}" for v in _VIEWS for m in MONET]
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def _check(self, lesions: pd.DataFrame) -> None:
+        needed = ["age_approx", "sex", "skin_tone_class", "site", "clin_manipulation", "derm_manipulation"]
+        missing = [c for c in needed + self.monet_columns if c not in lesions.columns]
+        if missing:
+            raise DataError(f"metadata features: lesion table lacks column(s) {missing}")
+
+    def fit(self, lesions: pd.DataFrame) -> "MetadataEncoder":
+        self._check(lesions)
+        self.age = _stats(_num(lesions["age_approx"]))
+        self.skin_tone = _stats(_num(lesions["skin_tone_class"]))
+        self.sites = sorted({s for s in _text(lesions["site"]) if s and s != "unknown"})
+        self.monet_median = {c: _stats(_num(lesions[c]))["median"] for c in self.monet_columns}
+        self.feature_names = self._names()
+        return self
+
+    def _names(self) -> list[str]:
+        site_cols = [f"site_{s}" for s in self.sites] + ["site_unknown"]
+        names = ["age", "age_missing", *[f"sex_{s}" for s in SEXES], "skin_tone", "skin_tone_missing", *site_cols,
+                 *self.monet_columns, "clin_altered", "derm_altered"]
+        if self.extended:
+            names += [f"logit_{c}" for c in self.monet_columns]
+            names += [f"diff_{m}" for m in MONET]
+            names += ["age_sq", *[f"age_over_{int(h)}" for h in AGE_HINGES]]
+            names += [f"age_x_{c}" for c in site_cols]
+            names += ["age_x_sex_male", "age_x_sex_female", "age_missing_x_site_unknown", "n_missing"]
+        return names
+
+    def transform(self, lesions: pd.DataFrame) -> np.ndarray:
+        if self.age is None or self.skin_tone is None:
+            raise RuntimeError("MetadataEncoder.transform called before fit (or load)")
+        self._check(lesions)
+        n = len(lesions)
+
+        age, age_z, age_missing = _impute(_num(lesions["age_approx"]), self.age)
+
+        sex = _text(lesions["sex"])
+        sex_oh = np.stack([sex == "male", sex == "female", ~np.isin(sex, ["male", "female"])], axis=1)
+
+        _, tone_z, tone_missing = _impute(_num(lesions["skin_tone_class"]), self.skin_tone)
+
+        site = _text(lesions["site"])
+        site_oh = np.zeros((n, len(self.sites) + 1))
+        index = {s: i for i, s in enumerate(self.sites)}
+        site_oh[np.arange(n), [index.get(s, len(self.sites)) for s in site]] = 1.0
+
+        monet = np.stack([_num(lesions[c]) for c in self.monet_columns], axis=1)
+        monet = np.where(np.isfinite(monet), monet, np.array([self.monet_median[c] for c in self.monet_columns]))
+        altered = np.stack([_text(lesions[f"{v}_manipulation"]) == "altered" for v in _VIEWS], axis=1)
+
+        parts = [age_z, age_missing, sex_oh, tone_z, tone_missing, site_oh, monet, altered]
+        if self.extended:
+            p = np.clip(monet, LOGIT_EPS, 1.0 - LOGIT_EPS)
+            k = len(MONET)
+            hinges = np.stack([np.maximum(age - h, 0.0) / 10.0 for h in AGE_HINGES], axis=1)
+            n_missing = age_missing.astype(float) + sex_oh[:, 2] + tone_missing + site_oh[:, -1]
+            parts += [np.log(p / (1.0 - p)), monet[:, :k] - monet[:, k:], age_z ** 2, hinges,
+                      age_z[:, None] * site_oh, age_z[:, None] * sex_oh[:, :2], age_missing * site_oh[:, -1],
+                      n_missing]
+        out = np.column_stack([np.asarray(x, dtype=np.float64) for x in parts])
+        assert out.shape[1] == self.n_features and np.isfinite(out).all()
+        return out.astype(np.float32)
+
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        if self.age is None:
+            raise RuntimeError("MetadataEncoder.to_dict called before fit")
+        return {"version": ENCODER_VERSION, "extended": self.extended, "monet": list(MONET), "age": self.age,
+                "skin_tone": self.skin_tone, "sites": self.sites, "monet_median": self.monet_median,
+                "feature_names": self.feature_names}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MetadataEncoder":
+        if d.get("version") != ENCODER_VERSION or list(d.get("monet", [])) != list(MONET):
+            raise DataError(f"metadata encoder: saved version {d.get('version')} / MONET columns do not match "
+                            f"this code (version {ENCODER_VERSION}); refit it")
+        enc = cls(extended=bool(d["extended"]))
+        enc.age, enc.skin_tone = dict(d["age"]), dict(d["skin_tone"])
+        enc.sites, enc.monet_median = list(d["sites"]), dict(d["monet_median"])
+        enc.feature_names = enc._names()
+        if enc.feature_names != list(d["feature_names"]):
+            raise DataError("metadata encoder: saved feature names do not match the rebuilt ones; refit it")
+        return enc
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "MetadataEncoder":
+        with open(path, encoding="utf-8") as fh:
+            try:
+                d = json.load(fh)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: not a metadata-encoder JSON file ({err})") from None
+        try:
+            return cls.from_dict(d)
+        except DataError as err:
+            raise DataError(f"{path}: {err}") from None

@@ -1,0 +1,129 @@
+"""Prepared-image cache: layout, reuse, rebuilds, failures, worker parity."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import src.cache as cache_mod
+from src.cache import build_cache, decode_image
+from src.data import DataError
+
+SIZE = 16
+
+
+def colour(i: int, view: int) -> tuple[int, int, int]:
+    return (40 + 50 * view, 30 + 40 * i, 200 - 40 * i)
+
+
+def write_jpeg(path: Path, rgb: tuple[int, int, int], size=(80, 60)) -> str:
+    """A 4:3 JPEG: solid ``rgb`` on the left half, white on the right half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", size, (255, 255, 255))
+    img.paste(rgb, (0, 0, size[0] // 2, size[1]))
+    img.save(path, format="JPEG", quality=95)
+    return str(path)
+
+
+@pytest.fixture
+def lesions(tmp_path) -> pd.DataFrame:
+    rows = []
+    for i in range(4):
+        lid = f"IL_{i:07d}"
+        rows.append({"lesion_id": lid,
+                     "clin_path": write_jpeg(tmp_path / "img" / lid / f"ISIC_{2 * i}.jpg", colour(i, 0)),
+                     "derm_path": write_jpeg(tmp_path / "img" / lid / f"ISIC_{2 * i + 1}.jpg", colour(i, 1))})
+    return pd.DataFrame(rows)
+
+
+def cache_files(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_shape_order_views_and_squash(lesions, tmp_path):
+    arr = build_cache(lesions, SIZE, tmp_path / "cache", "train", progress=False)
+    assert isinstance(arr, np.memmap) and arr.dtype == np.uint8 and arr.shape == (4, 2, SIZE, SIZE, 3)
+    assert not arr.flags.writeable
+    for i in range(4):
+        for v in range(2):
+            left, right = arr[i, v, :, : SIZE // 2 - 2], arr[i, v, :, SIZE // 2 + 2:]
+            np.testing.assert_allclose(left.reshape(-1, 3).mean(0), colour(i, v), atol=6)
+            assert right.min() > 240  # the 4:3 image fills the whole square: squashed, not cropped
+    names = cache_files(tmp_path / "cache")
+    assert len(names) == 2 and names[0].startswith(f"train_{SIZE}_") and names[0].endswith(".json")
+    assert names[1] == names[0][:-5] + ".npy"
+
+
+def test_reuse_does_not_decode(lesions, tmp_path, monkeypatch):
+    first = np.array(build_cache(lesions, SIZE, tmp_path / "c", "train", progress=False))
+    files = cache_files(tmp_path / "c")
+
+    def fail(*args):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(cache_mod, "decode_image", fail)
+    np.testing.assert_array_equal(build_cache(lesions, SIZE, tmp_path / "c", "train", progress=False), first)
+    assert cache_files(tmp_path / "c") == files
+    with pytest.raises(AssertionError, match="decoded again"):  # the patch is live: a new key would decode
+        build_cache(lesions.iloc[::-1], SIZE, tmp_path / "c", "train", progress=False)
+
+
+def test_rebuild_on_size_and_source_change(lesions, tmp_path):
+    d = tmp_path / "c"
+    build_cache(lesions, SIZE, d, "train", progress=False)
+    old = cache_files(d)
+    other = build_cache(lesions, 24, d, "train", progress=False)
+    assert other.shape[2:4] == (24, 24) and set(old) < set(cache_files(d))  # other sizes are kept
+
+    st = os.stat(lesions.clin_path[1])
+    os.utime(lesions.clin_path[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    build_cache(lesions, SIZE, d, "train", progress=False)
+    after_touch = [n for n in cache_files(d) if n.startswith(f"train_{SIZE}_")]
+    assert len(after_touch) == 2 and not set(after_touch) & set(old)  # new key, stale pair removed
+
+    write_jpeg(Path(lesions.derm_path[2]), (0, 0, 0))
+    arr = build_cache(lesions, SIZE, d, "train", progress=False)
+    assert arr[2, 1, :, :4].max() < 10 and len([n for n in cache_files(d) if n.startswith(f"train_{SIZE}_")]) == 2
+    build_cache(lesions, SIZE, d, "test", progress=False)
+    assert len(cache_files(d)) == 6  # train@16, train@24, test@16: npy + json each
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_or_missing_jpeg_names_file_and_lesion(lesions, tmp_path, workers):
+    bad = Path(lesions.derm_path[2])
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
+    with pytest.raises(DataError, match=rf"{bad.name}.*IL_0000002.*derm_path"):
+        build_cache(lesions, SIZE, tmp_path / "c", "train", num_workers=workers, progress=False)
+    assert cache_files(tmp_path / "c") == []  # no partial or temporary file left behind
+
+    bad.write_bytes(b"\x89PNG not a jpeg at all")
+    with pytest.raises(DataError, match=rf"{bad.name}.*IL_0000002"):
+        build_cache(lesions, SIZE, tmp_path / "c", "train", num_workers=workers, progress=False)
+    bad.unlink()
+    with pytest.raises(DataError, match=rf"{bad.name}.*IL_0000002"):
+        build_cache(lesions, SIZE, tmp_path / "c", "train", num_workers=workers, progress=False)
+    assert cache_files(tmp_path / "c") == []
+
+
+def test_png_under_jpg_name_is_refused(lesions, tmp_path):
+    Image.new("RGB", (8, 6)).save(lesions.clin_path[0], format="PNG")
+    with pytest.raises(DataError, match="IL_0000000.*clin_path.*not JPEG"):
+        build_cache(lesions, SIZE, tmp_path / "c", "train", progress=False)
+
+
+def test_workers_give_the_same_bytes(lesions, tmp_path):
+    serial = build_cache(lesions, SIZE, tmp_path / "a", "train", num_workers=0, progress=False)
+    pooled = build_cache(lesions, SIZE, tmp_path / "b", "train", num_workers=2, progress=False)
+    np.testing.assert_array_equal(serial, pooled)
+    assert cache_files(tmp_path / "a") == cache_files(tmp_path / "b")
+
+
+def test_decode_image_downscales_a_full_size_frame(tmp_path):
+    path = write_jpeg(tmp_path / "big.jpg", (10, 120, 200), size=(600, 450))
+    out = decode_image(path, 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    np.testing.assert_allclose(out[:, :28].reshape(-1, 3).mean(0), (10, 120, 200), atol=4)
