@@ -1,0 +1,306 @@
+"""Fetch, unpack and verify the official ISIC 2025 MILK10k release.
+
+    python -m src.download [--dest input] [--only NAME ...] [--verify-only] [--keep-zip] [--force]
+
+Every file streams to ``<dest>/.partial/<name>`` and is renamed into place only once complete, so an
+interrupted run leaves nothing half-written in ``dest``; rerunning resumes it (HTTP Range where the
+server allows). Files already present and verified are skipped. Each zip is extracted to a temporary
+folder and renamed into place as ``<dest>/<zip top folder>/<lesion_id>/<isic_id>.jpg``.
+
+Dataset: ISIC 2025 MILK10k, "MILK study team", CC-BY-NC 4.0, DOI 10.34970/648456.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import http.client
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+DEFAULT_URL = "https://isic-archive.s3.amazonaws.com/challenges/milk10k/"
+MANUAL_HINT = "download the files by hand as input/README.md explains"
+RETRY_DELAY = 2.0  # seconds before the first retry; doubles on each further one
+CHUNK = 1 << 20
+
+METADATA_COLUMNS = (
+    "lesion_id", "image_type", "isic_id", "attribution", "copyright_license", "image_manipulation",
+    "age_approx", "sex", "skin_tone_class", "site", "MONET_ulceration_crust", "MONET_hair",
+    "MONET_vasculature_vessels", "MONET_erythema", "MONET_pigmented",
+    "MONET_gel_water_drop_fluid_dermoscopy_liquid", "MONET_skin_markings_pen_ink_purple_pen",
+)
+GROUND_TRUTH_COLUMNS = (
+    "lesion_id", "AKIEC", "BCC", "BEN_OTH", "BKL", "DF", "INF", "MAL_OTH", "MEL", "NV", "SCCKA", "VASC",
+)
+SUPPLEMENT_COLUMNS = ("isic_id", "diagnosis_full", "diagnosis_confirm_type", "invasion_thickness_interval")
+
+# name -> what verification expects: CSVs by header and data-row count, zips by extracted image count.
+FILES: dict[str, dict] = {
+    "MILK10k_Training_Metadata.csv": {"kind": "csv", "rows": 10480, "columns": METADATA_COLUMNS},
+    "MILK10k_Training_Supplement.csv": {"kind": "csv", "rows": 10480, "columns": SUPPLEMENT_COLUMNS},
+    "MILK10k_Training_GroundTruth.csv": {"kind": "csv", "rows": 5240, "columns": GROUND_TRUTH_COLUMNS},
+    "MILK10k_Test_Metadata.csv": {"kind": "csv", "rows": 958, "columns": METADATA_COLUMNS},
+    "MILK10k_Test_Input.zip": {"kind": "zip", "folder": "MILK10k_Test_Input", "images": 958, "size": "30 MB"},
+    "MILK10k_Training_Input.zip": {"kind": "zip", "folder": "MILK10k_Training_Input", "images": 10480,
+                                   "size": "314 MB"},
+}
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched or unpacked; the message says what to do."""
+
+
+class _NetworkError(Exception):
+    """A failure worth retrying: refused connection, timeout, connection closed mid-file, 5xx."""
+
+
+def expected_count(name: str, expect: dict[str, int] | None = None) -> int:
+    """Data rows (CSV) or images (zip) that ``name`` must hold; ``expect`` overrides the official count."""
+    spec = FILES[name]
+    return (expect or {}).get(name, spec["rows"] if spec["kind"] == "csv" else spec["images"])
+
+
+def image_root(dest: str | Path, folder: str) -> Path:
+    """``dest/folder``, or ``dest/folder/folder`` when the zip was unzipped into a same-named folder."""
+    nested = Path(dest) / folder / folder
+    return nested if nested.is_dir() else Path(dest) / folder
+
+
+def _check_names(names) -> list[str]:
+    unknown = [n for n in names if n not in FILES]
+    if unknown:
+        raise DownloadError(f"unknown file name(s) {unknown}; known: {', '.join(FILES)}")
+    return list(names)
+
+
+def _csv_problems(path: Path, columns: tuple[str, ...], rows: int) -> list[str]:
+    if not path.is_file():
+        return [f"{path}: missing"]
+    problems: list[str] = []
+    n = 0
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            if tuple(header) != columns:
+                missing = [c for c in columns if c not in header]
+                extra = [c for c in header if c not in columns]
+                what = (f"missing column(s) {missing}, unexpected column(s) {extra}" if missing or extra
+                        else "columns out of order")
+                problems.append(f"{path}: line 1: header differs from the official one ({what})")
+            for record in reader:
+                if not record:
+                    continue
+                n += 1
+                if len(record) != len(header) and len(problems) < 5:
+                    problems.append(f"{path}: line {reader.line_num}: {len(record)} fields, header has {len(header)}")
+    except (UnicodeDecodeError, csv.Error) as exc:
+        return problems + [f"{path}: not a readable UTF-8 CSV ({exc})"]
+    if n != rows:
+        problems.append(f"{path}: {n} data rows, expected {rows}")
+    return problems
+
+
+def _image_problems(dest: Path, folder: str, images: int) -> list[str]:
+    root = image_root(dest, folder)
+    if not root.is_dir():
+        return [f"{Path(dest) / folder}: missing (the unzipped {folder}.zip)"]
+    n = sum(1 for _ in root.glob("*/*.jpg"))
+    if n != images:
+        return [f"{root}: {n} images as <lesion_id>/<isic_id>.jpg, expected {images}"]
+    return []
+
+
+def _problems(dest: Path, name: str, expect: dict[str, int] | None) -> list[str]:
+    spec = FILES[name]
+    count = expected_count(name, expect)
+    if spec["kind"] == "csv":
+        return _csv_problems(dest / name, spec["columns"], count)
+    return _image_problems(dest, spec["folder"], count)
+
+
+def verify(dest: str | Path = "input", files=None, expect: dict[str, int] | None = None) -> list[str]:
+    """Problems with the release in ``dest`` ([] = ok): each file present, CSV header exact, row and image counts."""
+    dest = Path(dest)
+    return [p for name in _check_names(files or FILES) for p in _problems(dest, name, expect)]
+
+
+def _open(url: str, offset: int, timeout: float):
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise _NetworkError(f"HTTP {exc.code} {exc.reason}") from None
+        if exc.code == 416 and offset:  # the partial file is already as long as the file, or longer
+            return None
+        raise DownloadError(f"cannot reach {url}: HTTP {exc.code} {exc.reason}; {MANUAL_HINT}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        raise _NetworkError(str(getattr(exc, "reason", exc))) from None
+
+
+def _fetch_once(url: str, part: Path, timeout: float) -> None:
+    """Bring ``part`` up to the full file: resume with Range when the server answers 206, else restart."""
+    offset = part.stat().st_size if part.exists() else 0
+    response = _open(url, offset, timeout)
+    if response is None:
+        part.unlink()
+        offset, response = 0, _open(url, 0, timeout)
+    with response:
+        total = response.headers.get("Content-Length")
+        total = int(total) if total is not None else None
+        mode = "wb"
+        if response.status == 206:
+            match = re.fullmatch(r"bytes (\d+)-\d+/(\d+)", response.headers.get("Content-Range", ""))
+            if not match or int(match.group(1)) != offset:
+                part.unlink()  # start over on the next attempt
+                raise _NetworkError(f"unexpected Content-Range {response.headers.get('Content-Range')!r}")
+            mode, total = "ab", int(match.group(2))
+        else:
+            offset = 0
+        with open(part, mode) as out, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+                                           unit_divisor=1024, desc=part.name, disable=None) as bar:
+            while True:
+                try:
+                    chunk = response.read(CHUNK)
+                except (http.client.HTTPException, OSError) as exc:  # disk errors from write() are not retried
+                    raise _NetworkError(f"connection lost ({exc})") from None
+                if not chunk:
+                    break
+                out.write(chunk)
+                bar.update(len(chunk))
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise _NetworkError(f"connection closed after {size} of {total} bytes")
+
+
+def _fetch(url: str, target: Path, partial_dir: Path, timeout: float, retries: int) -> None:
+    """Download ``url`` to ``target`` through ``partial_dir``; ``target`` appears only when complete."""
+    part = partial_dir / target.name
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, max(1, retries) + 1):
+        try:
+            _fetch_once(url, part, timeout)
+            part.replace(target)
+            return
+        except _NetworkError as exc:
+            if attempt >= retries:
+                raise DownloadError(f"cannot reach {url}: {exc}; {MANUAL_HINT}") from None
+            delay = RETRY_DELAY * 2 ** (attempt - 1)
+            print(f"{target.name}: {exc}; retry {attempt}/{retries - 1} in {delay:g}s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+
+
+def _extract(zip_path: Path, folder: str, dest: Path, partial_dir: Path) -> None:
+    """Unpack ``zip_path`` to a temporary folder, then rename its top folder to ``dest/folder``."""
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{folder}.", dir=partial_dir))
+    try:
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(tmp)
+        except (zipfile.BadZipFile, EOFError) as exc:
+            raise DownloadError(f"{zip_path}: broken zip ({exc}); delete it and rerun, or rerun with --force") from None
+        except OSError as exc:
+            raise DownloadError(f"{zip_path}: cannot unzip ({exc})") from None
+        top = tmp / folder if (tmp / folder).is_dir() else tmp
+        target = dest / folder
+        if target.exists():
+            old = tmp.with_name(tmp.name + ".old")
+            target.rename(old)
+            top.rename(target)
+            shutil.rmtree(old)
+        else:
+            top.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def download(dest: str | Path = "input", base_url: str = DEFAULT_URL, files=None, force: bool = False,
+             timeout: float = 60, retries: int = 3, keep_zip: bool = False,
+             expect: dict[str, int] | None = None) -> Path:
+    """Fetch the release into ``dest``, unzip the images, and return ``dest``.
+
+    Files already present and verified are skipped unless ``force``. A zip is deleted after successful
+    extraction and verification unless ``keep_zip``. Raises DownloadError when a file cannot be fetched
+    or unpacked; verification problems are left to ``verify``.
+    """
+    dest = Path(dest)
+    partial_dir = dest / ".partial"
+    base = base_url.rstrip("/") + "/"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in _check_names(files or FILES):
+        spec = FILES[name]
+        if not force and not _problems(dest, name, expect):
+            print(f"{name}: present and verified, skipped", flush=True)
+            continue
+        target = dest / name
+        if force or spec["kind"] == "csv" or not target.is_file():
+            print(f"{name}: downloading{' (' + spec['size'] + ')' if 'size' in spec else ''}", flush=True)
+            _fetch(base + name, target, partial_dir, timeout, retries)
+        if spec["kind"] == "zip":
+            print(f"{name}: extracting to {dest / spec['folder']}", flush=True)
+            _extract(target, spec["folder"], dest, partial_dir)
+            if not keep_zip and not _problems(dest, name, expect):
+                target.unlink()
+    if partial_dir.is_dir() and not any(partial_dir.iterdir()):
+        partial_dir.rmdir()
+    return dest
+
+
+def _parse_expect(pairs: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise DownloadError(f"--expect-rows {pair!r}: expected NAME=N with N a non-negative integer")
+        out[_check_names([name])[0]] = int(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m src.download", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dest", default="input", help="folder to fill (default: input)")
+    parser.add_argument("--base-url", default=DEFAULT_URL, help=f"where the files live (default: {DEFAULT_URL})")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"only these files: {', '.join(FILES)}")
+    parser.add_argument("--verify-only", action="store_true", help="check what is in --dest, download nothing")
+    parser.add_argument("--expect-rows", nargs="+", default=[], metavar="NAME=N",
+                        help="override the expected data rows (CSV) or images (zip) of a file")
+    parser.add_argument("--force", action="store_true", help="download again even what is present and verified")
+    parser.add_argument("--keep-zip", action="store_true", help="keep the zips after extraction")
+    parser.add_argument("--timeout", type=float, default=60, help="seconds without data before a retry")
+    parser.add_argument("--retries", type=int, default=3, help="attempts per file")
+    args = parser.parse_args(argv)
+    try:
+        files = _check_names(args.only) if args.only else None
+        expect = _parse_expect(args.expect_rows)
+        if not args.verify_only:
+            download(args.dest, args.base_url, files, force=args.force, timeout=args.timeout,
+                     retries=args.retries, keep_zip=args.keep_zip, expect=expect)
+        problems = verify(args.dest, files, expect)
+    except DownloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if problems:
+        print(f"verification failed ({len(problems)} problem(s)); nothing was deleted "
+              "(input/README.md lists the expected files):", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    print(f"{len(files or FILES)} file(s) verified in {args.dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
