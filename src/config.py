@@ -239,8 +239,11 @@ def _validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: img_size must be >= 16, got {cfg.img_size}")
     if cfg.batch_size < 1:
         raise ConfigError(f"{source}: batch_size must be >= 1")
-    cfg.fold_list()
-    parse_class_mult(cfg.class_mult)
+    try:
+        cfg.fold_list()
+        parse_class_mult(cfg.class_mult)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def parse_class_mult(text: str) -> dict[str, float]:

@@ -1,0 +1,113 @@
+r"""The dual-image metadata-fusion network.
+
+clinical image -> backbone A -> pooled embedding --\
+dermoscopic    -> backbone B -> pooled embedding ---+--> [concat] -> dropout -> linear -> 11 logits
+metadata features -> (identity | small MLP) -------/                                 \-> aux logits (optional)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+WEIGHTS_ENV = "MILK10K_WEIGHTS"
+
+
+class WeightsUnavailable(RuntimeError):
+    pass
+
+
+def create_backbone(name: str, pretrained: bool, pretrained_path: str = "") -> nn.Module:
+    """A timm feature extractor (global-pooled, no classifier).
+
+    Weights: ``pretrained_path`` (or env MILK10K_WEIGHTS) names a local file used as is; otherwise timm fetches
+    the ImageNet weights the usual way (Hugging Face hub cache). Without either, a short error says what to do.
+    """
+    local = pretrained_path or os.environ.get(WEIGHTS_ENV, "")
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=0)
+    if local:
+        if not Path(local).is_file():
+            raise WeightsUnavailable(f"weights file {local!r} (pretrained_path / ${WEIGHTS_ENV}) does not exist")
+        return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(local)})
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as exc:  # network, hub, or missing-file errors of several kinds
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise WeightsUnavailable(
+            f"cannot get pretrained weights for {name!r} ({type(exc).__name__}: {reason}). Either connect to the "
+            f"internet once (timm caches them), or point pretrained_path=/path/to/weights.safetensors "
+            f"(or ${WEIGHTS_ENV}) at a local file, or set pretrained=false."
+        ) from None
+
+
+class DualNet(nn.Module):
+    def __init__(self, backbone: str, n_meta: int, n_classes: int = 11, n_aux: int = 0, *,
+                 shared_backbone: bool = False, meta_mode: str = "concat", meta_hidden: int = 128,
+                 meta_dropout: float = 0.3, head_dropout: float = 0.0, pretrained: bool = True,
+                 pretrained_path: str = ""):
+        super().__init__()
+        self.clin = create_backbone(backbone, pretrained, pretrained_path)
+        self.shared = shared_backbone
+        self.derm = self.clin if shared_backbone else create_backbone(backbone, pretrained, pretrained_path)
+        feat = self.clin.num_features
+        if meta_mode == "mlp" and n_meta:
+            self.meta = nn.Sequential(
+                nn.Linear(n_meta, meta_hidden), nn.BatchNorm1d(meta_hidden), nn.SiLU(), nn.Dropout(meta_dropout),
+                nn.Linear(meta_hidden, meta_hidden), nn.BatchNorm1d(meta_hidden), nn.SiLU(),
+            )
+            meta_dim = meta_hidden
+        elif meta_mode == "concat" and n_meta:
+            self.meta, meta_dim = nn.Identity(), n_meta
+        else:
+            self.meta, meta_dim = None, 0
+        self.dropout = nn.Dropout(head_dropout)
+        self.head = nn.Linear(2 * feat + meta_dim, n_classes)
+        self.aux_head = nn.Linear(2 * feat + meta_dim, n_aux) if n_aux else None
+        cfg = self.clin.pretrained_cfg or {}
+        self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+    def backbones(self) -> list[nn.Module]:
+        return [self.clin] if self.shared else [self.clin, self.derm]
+
+    def backbone_parameters(self):
+        for b in self.backbones():
+            yield from b.parameters()
+
+    def head_parameters(self):
+        backbone_ids = {id(p) for p in self.backbone_parameters()}
+        return [p for p in self.parameters() if id(p) not in backbone_ids]
+
+    def embed(self, clin: torch.Tensor, derm: torch.Tensor) -> torch.Tensor:
+        if self.shared:
+            both = self.clin(torch.cat([clin, derm]))
+            return torch.cat(both.split(clin.shape[0]), dim=1)
+        return torch.cat([self.clin(clin), self.derm(derm)], dim=1)
+
+    def forward_head(self, emb: torch.Tensor, meta: torch.Tensor):
+        parts = [emb.float()]
+        if self.meta is not None:
+            parts.append(self.meta(meta))
+        z = self.dropout(torch.cat(parts, dim=1))
+        logits = self.head(z)
+        aux = self.aux_head(z) if self.aux_head is not None else None
+        return logits, aux
+
+    def forward(self, clin: torch.Tensor, derm: torch.Tensor, meta: torch.Tensor):
+        return self.forward_head(self.embed(clin, derm), meta)
+
+
+def build_model(cfg, n_meta: int, n_aux: int = 0) -> DualNet:
+    return DualNet(cfg.backbone, n_meta, n_aux=n_aux, shared_backbone=cfg.shared_backbone, meta_mode=cfg.meta_mode,
+                   meta_hidden=cfg.meta_hidden, meta_dropout=cfg.meta_dropout, head_dropout=cfg.head_dropout,
+                   pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path)
+
+
+def count_parameters(model: DualNet) -> dict[str, int]:
+    backbone = sum(p.numel() for p in model.backbone_parameters())
+    head = sum(p.numel() for p in model.head_parameters())
+    return {"total": backbone + head, "backbones": backbone, "head": head}

@@ -1,0 +1,499 @@
+"""Per-fold training of the dual-image network: frozen backbones first, then everything, with early stopping.
+
+Every epoch ends with an atomic checkpoint (``last.pt``); a run killed at any moment restarts from the last
+finished epoch and, because every epoch's randomness is derived from (seed, fold, epoch), ends with the same
+predictions as an uninterrupted run. A fold is complete when its ``metrics.json`` exists.
+
+Per fold, under <output_dir>/<exp>/fold<k>/: best.pt, last.pt, encoder.json, config.json, oof.csv, test.csv,
+history.csv, metrics.json.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .augment import DeviceAugment
+from .cache import build_cache
+from .config import Config, parse_class_mult
+from .data import CLASSES, load_test, load_train
+from .dist import DistContext
+from .features import MetadataEncoder
+from .folds import load_or_make_folds
+from .io_utils import atomic_write, atomic_write_csv, atomic_write_json
+from .model import build_model, count_parameters
+from .scoring import f1_per_class
+from .tracking import Tracker
+
+
+# ----------------------------------------------------------------------------------------------------
+# data shared by every fold
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    train: pd.DataFrame
+    test: pd.DataFrame
+    folds: np.ndarray          # fold index per train lesion
+    train_cache: np.ndarray    # uint8 (n, 2, S, S, 3)
+    test_cache: np.ndarray
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def resolve_workers(cfg: Config, device: torch.device) -> int:
+    if cfg.num_workers >= 0:
+        return cfg.num_workers
+    return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+
+
+def prepare(cfg: Config, with_images: bool = True) -> Prepared:
+    train = load_train(cfg.data_dir, check_images=with_images)
+    test = load_test(cfg.data_dir, check_images=with_images)
+    folds = load_or_make_folds(train, cfg.resolved_folds_csv(), cfg.n_folds, cfg.fold_seed)
+    fold_of = folds.set_index("lesion_id")["fold"].reindex(train["lesion_id"]).to_numpy()
+    if with_images:
+        workers = max(1, os.cpu_count() or 1)
+        train_cache = build_cache(train, cfg.img_size, cfg.resolved_cache_dir(), "train", num_workers=workers)
+        test_cache = build_cache(test, cfg.img_size, cfg.resolved_cache_dir(), "test", num_workers=workers)
+    else:
+        train_cache = test_cache = np.zeros((0,), np.uint8)
+    return Prepared(train, test, fold_of.astype(int), train_cache, test_cache)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Item i -> (uint8 image pair (2, S, S, 3), metadata features, 11 labels, aux label) of lesion rows[i]."""
+
+    def __init__(self, cache: np.ndarray, rows: np.ndarray, meta: np.ndarray, y: np.ndarray, aux: np.ndarray):
+        self.cache, self.rows, self.meta, self.y, self.aux = cache, rows, meta, y, aux
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        r = self.rows[i]
+        return torch.from_numpy(np.array(self.cache[r])), self.meta[i], self.y[i], self.aux[i]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Order for one epoch, set from outside; a rank of a distributed run takes every world-th index, so the
+    union of the ranks' k-th batches is exactly the k-th batch of a single-process run with the global batch."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.order, self.rank, self.world = np.arange(n), rank, world
+
+    def set_order(self, order: np.ndarray) -> None:
+        self.order = order
+
+    def __iter__(self):
+        return iter(self.order[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return len(self.order[self.rank::self.world])
+
+
+def epoch_seed(cfg: Config, fold: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([cfg.seed, fold, epoch]).generate_state(1)[0])
+
+
+def epoch_order(cfg: Config, n: int, targets: np.ndarray, fold: int, epoch: int, global_batch: int) -> np.ndarray:
+    rng = np.random.default_rng(epoch_seed(cfg, fold, epoch))
+    if cfg.sampler_power > 0:
+        counts = np.bincount(targets, minlength=len(CLASSES)).astype(float)
+        w = counts[targets] ** -cfg.sampler_power
+        order = rng.choice(n, size=n, replace=True, p=w / w.sum())
+    else:
+        order = rng.permutation(n)
+    usable = (n // global_batch) * global_batch if n >= global_batch else n
+    return order[:usable]
+
+
+# ----------------------------------------------------------------------------------------------------
+# loss
+# ----------------------------------------------------------------------------------------------------
+def class_weights(cfg: Config, y: np.ndarray) -> torch.Tensor:
+    """BCE pos_weight (neg/pos) ** power, or CE class weight (n / (K * count)) ** power, times class_mult."""
+    pos = y.sum(0).clip(min=1)
+    if cfg.loss == "bce":
+        w = ((len(y) - pos) / pos) ** cfg.pos_weight_power
+    else:
+        w = (len(y) / (len(CLASSES) * pos)) ** cfg.pos_weight_power
+    for name, mult in parse_class_mult(cfg.class_mult).items():
+        w[CLASSES.index(name)] *= mult
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def make_criterion(cfg: Config, weights: torch.Tensor):
+    if cfg.loss == "bce":
+        return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y, pos_weight=weights.to(logits.device))
+    return lambda logits, y: F.cross_entropy(logits, y, weight=weights.to(logits.device),
+                                             label_smoothing=cfg.label_smoothing)
+
+
+def to_probs(cfg: Config, logits: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(logits) if cfg.loss == "bce" else torch.softmax(logits, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# inference
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model: nn.Module, cfg: Config, cache: np.ndarray, rows: np.ndarray, meta: np.ndarray,
+            augment: DeviceAugment, device: torch.device, views: int = 1, desc: str = "predict") -> np.ndarray:
+    """Probabilities (n, 11), averaged over the first ``views`` of the 8 flip/transpose views."""
+    model.eval()
+    out = []
+    amp = autocast(cfg, device)
+    for start in tqdm(range(0, len(rows), cfg.eval_batch_size), desc=desc, leave=False, disable=None):
+        sl = slice(start, start + cfg.eval_batch_size)
+        pairs = torch.from_numpy(np.ascontiguousarray(cache[rows[sl]])).to(device, non_blocking=True)
+        m = torch.from_numpy(meta[sl]).to(device)
+        acc = 0
+        for v in range(views):
+            clin, derm = augment.eval(pairs, v)
+            with amp:
+                logits, _ = model(clin, derm, m)
+            acc = acc + to_probs(cfg, logits.float())
+        out.append((acc / views).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
+
+
+def autocast(cfg: Config, device: torch.device):
+    if device.type == "cuda" and cfg.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def probs_frame(ids, probs: np.ndarray) -> pd.DataFrame:
+    df = pd.DataFrame(probs.astype(np.float64), columns=CLASSES)
+    df.insert(0, "lesion_id", list(ids))
+    return df
+
+
+# ----------------------------------------------------------------------------------------------------
+# one fold
+# ----------------------------------------------------------------------------------------------------
+def _save_torch(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def fold_done(cfg: Config, fold: int) -> bool:
+    return (cfg.fold_dir(fold) / "metrics.json").is_file()
+
+
+def _lr_lambda(cfg: Config, steps_per_epoch: int):
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def _make_optimizer(cfg: Config, model, stage: int, steps_per_epoch: int, device: torch.device):
+    fused = device.type == "cuda"
+    if stage == 1:
+        opt = torch.optim.AdamW(model.head_parameters(), lr=cfg.stage1_lr, weight_decay=cfg.weight_decay, fused=fused)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    groups = [{"params": list(model.backbone_parameters()), "lr": cfg.backbone_lr},
+              {"params": model.head_parameters(), "lr": cfg.lr}]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch))
+
+
+def _set_stage(model, stage: int) -> None:
+    for p in model.backbone_parameters():
+        p.requires_grad_(stage == 2)
+
+
+def _train_mode(model, stage: int) -> None:
+    model.train()
+    if stage == 1:  # frozen backbones keep their BatchNorm statistics
+        for b in model.backbones():
+            b.eval()
+
+
+def _mix(cfg: Config, clin, derm, meta, y, gen: torch.Generator):
+    """Mixup or CutMix of both images, the metadata and the targets with one partner permutation."""
+    use_mix = cfg.mixup_alpha > 0
+    use_cut = cfg.cutmix_alpha > 0
+    if not (use_mix or use_cut):
+        return clin, derm, meta, y
+    cut = use_cut and (not use_mix or torch.rand(1, generator=gen).item() < 0.5)
+    alpha = cfg.cutmix_alpha if cut else cfg.mixup_alpha
+    lam = float(np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=gen))).beta(alpha, alpha))
+    perm = torch.randperm(y.shape[0], generator=gen).to(y.device)
+    if cut:
+        s = clin.shape[-1]
+        cut_w = int(s * math.sqrt(1 - lam))
+        cx, cy = (int(v) for v in torch.randint(0, s, (2,), generator=gen))
+        x0, x1, y0, y1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, s), max(cy - cut_w // 2, 0), min(cy + cut_w // 2, s)
+        clin, derm = clin.clone(), derm.clone()
+        clin[..., y0:y1, x0:x1] = clin[perm][..., y0:y1, x0:x1]
+        derm[..., y0:y1, x0:x1] = derm[perm][..., y0:y1, x0:x1]
+        lam = 1 - (x1 - x0) * (y1 - y0) / (s * s)
+    else:
+        clin = lam * clin + (1 - lam) * clin[perm]
+        derm = lam * derm + (1 - lam) * derm[perm]
+    meta = lam * meta + (1 - lam) * meta[perm]
+    return clin, derm, meta, lam * y + (1 - lam) * y[perm]
+
+
+def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None = None) -> dict:
+    dist = dist or DistContext.single()
+    device = dist.device if dist.world > 1 else resolve_device(cfg)
+    fdir = cfg.fold_dir(fold)
+    fdir.mkdir(parents=True, exist_ok=True)
+
+    tr_rows = np.flatnonzero(data.folds != fold)
+    va_rows = np.flatnonzero(data.folds == fold)
+    train_df, val_df = data.train.iloc[tr_rows], data.train.iloc[va_rows]
+
+    encoder = MetadataEncoder().fit(train_df)
+    meta_tr, meta_va = encoder.transform(train_df), encoder.transform(val_df)
+    meta_te = encoder.transform(data.test)
+    y_all = data.train[CLASSES].to_numpy(np.float32)
+    targets = data.train["target"].to_numpy()
+    y_tr, y_va = y_all[tr_rows], y_all[va_rows]
+    aux_vocab = sorted(v for v in train_df["diagnosis_full"].unique() if v) if cfg.aux_weight > 0 else []
+    aux_index = {v: i for i, v in enumerate(aux_vocab)}
+    aux_all = np.array([aux_index.get(v, -100) for v in data.train["diagnosis_full"]], dtype=np.int64)
+    if dist.is_main:
+        encoder.save(fdir / "encoder.json")
+        cfg.save(fdir / "config.json")
+        atomic_write_json(fdir / "aux_vocab.json", aux_vocab)
+
+    torch.manual_seed(cfg.seed * 1000 + fold)
+    model = build_model(cfg, encoder.n_features, n_aux=len(aux_vocab)).to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    augment = DeviceAugment(model.mean, model.std, flip=cfg.aug_flip, rotate=cfg.aug_rotate, scale=cfg.aug_scale,
+                            color=cfg.aug_color, channels_last=device.type == "cuda" and cfg.channels_last)
+    weights = class_weights(cfg, y_tr)
+    criterion = make_criterion(cfg, weights)
+
+    local_batch = cfg.batch_size // dist.world
+    if local_batch * dist.world != cfg.batch_size:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {dist.world} processes")
+    sampler = EpochSampler(len(tr_rows), dist.rank, dist.world)
+    ds = PairDataset(data.train_cache, tr_rows, meta_tr, y_tr, aux_all[tr_rows])
+    workers = resolve_workers(cfg, device)
+    loader = torch.utils.data.DataLoader(ds, batch_size=local_batch, sampler=sampler, num_workers=workers,
+                                         pin_memory=device.type == "cuda", drop_last=False,
+                                         persistent_workers=workers > 0)
+    n_global = len(tr_rows) if len(tr_rows) < cfg.batch_size else (len(tr_rows) // cfg.batch_size) * cfg.batch_size
+    steps_per_epoch = math.ceil(n_global / cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+
+    total_epochs = cfg.stage1_epochs + cfg.epochs
+    state = {"epoch": -1, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "wandb_id": None}
+    ckpt_path = fdir / "last.pt"
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False) if ckpt_path.is_file() else None
+    if ckpt is not None:
+        state = ckpt["state"]
+        model.load_state_dict(ckpt["model"])
+        if dist.is_main:
+            print(f"[{cfg.name} fold {fold}] resuming after epoch {state['epoch'] + 1}/{total_epochs}", flush=True)
+
+    tracker = Tracker(cfg, f"fold{fold}", run_id=state["wandb_id"]) if dist.is_main else None
+    if tracker is not None:
+        state["wandb_id"] = tracker.run_id
+        if state["epoch"] < 0:
+            tracker.summary({"params_" + k: v for k, v in count_parameters(model).items()})
+
+    stage_built, opt, sched, ema, runner = None, None, None, None, model
+    start_epoch = state["epoch"] + 1
+    stopped = state.get("stopped", False)
+    epoch_bar = tqdm(range(start_epoch, total_epochs), desc=f"{cfg.name} fold {fold}", disable=None if dist.is_main else True)
+    for epoch in epoch_bar:
+        if stopped:
+            break
+        stage = 1 if epoch < cfg.stage1_epochs else 2
+        if stage != stage_built:
+            _set_stage(model, stage)
+            opt, sched = _make_optimizer(cfg, model, stage, steps_per_epoch, device)
+            ema = None
+            if stage == 2 and cfg.ema_decay > 0:
+                from timm.utils import ModelEmaV3
+
+                ema = ModelEmaV3(model, decay=cfg.ema_decay)
+            if ckpt is not None and ckpt["state"]["epoch"] + 1 == epoch and ckpt.get("stage") == stage:
+                opt.load_state_dict(ckpt["optimizer"])
+                sched.load_state_dict(ckpt["scheduler"])
+                if ema is not None and ckpt.get("ema") is not None:
+                    ema.module.load_state_dict(ckpt["ema"])
+            runner = dist.wrap(model)
+            if cfg.compile:
+                runner = torch.compile(runner, mode=cfg.compile_mode)
+            stage_built = stage
+        ckpt = None
+
+        seed = epoch_seed(cfg, fold, epoch)
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        sampler.set_order(epoch_order(cfg, len(tr_rows), targets[tr_rows], fold, epoch, cfg.batch_size))
+        mixing = stage == 2 and epoch < total_epochs - cfg.mix_off_epochs
+        _train_mode(model, stage)
+        t0, loss_sum, n_seen = time.time(), 0.0, 0
+        amp = autocast(cfg, device)
+        batches = tqdm(loader, total=min(len(loader), steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False,
+                       disable=None if dist.is_main else True)
+        for step, (pairs, meta, y, aux) in enumerate(batches):
+            if step >= steps_per_epoch:
+                break
+            pairs = pairs.to(device, non_blocking=True)
+            meta, y, aux = meta.to(device), y.to(device), aux.to(device)
+            clin, derm = augment.train(pairs, gen)
+            if mixing:
+                clin, derm, meta, y = _mix(cfg, clin, derm, meta, y, gen)
+            with amp:
+                logits, aux_logits = runner(clin, derm, meta)
+                loss = criterion(logits.float(), y)  # soft (mixed) targets work for both losses
+                if aux_logits is not None:
+                    valid = aux >= 0
+                    aux_loss = F.cross_entropy(aux_logits.float(), aux.clamp(min=0), reduction="none")
+                    loss = loss + cfg.aux_weight * (aux_loss * valid).sum() / valid.sum().clamp(min=1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update(model)
+            loss_sum += float(loss.detach()) * y.shape[0]
+            n_seen += y.shape[0]
+        train_loss = loss_sum / max(1, n_seen)
+        train_time = time.time() - t0
+
+        eval_model = ema.module if ema is not None else model
+        val_probs = predict(eval_model, cfg, data.train_cache, va_rows, meta_va, augment, device, 1, "validate")
+        val_loss = float(F.binary_cross_entropy(torch.from_numpy(val_probs).clamp(1e-7, 1 - 1e-7),
+                                                torch.from_numpy(y_va)))
+        per_class = f1_per_class(y_va, val_probs)
+        score = float(per_class.mean())
+        improved = score > state["best_score"]
+        if improved:
+            state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+            if dist.is_main:
+                _save_torch(fdir / "best.pt", {"model": eval_model.state_dict(), "epoch": epoch, "score": score})
+        elif stage == 2:
+            state["bad_epochs"] += 1
+        row = {"epoch": epoch + 1, "stage": stage, "train_loss": train_loss, "val_loss": val_loss,
+               "val_macro_f1": score, "lr_head": opt.param_groups[-1]["lr"],
+               "lr_backbone": opt.param_groups[0]["lr"] if stage == 2 else 0.0,
+               "pairs_per_s": n_seen * dist.world / max(train_time, 1e-9), "epoch_time_s": time.time() - t0}
+        state["history"].append(row)
+        state["epoch"] = epoch
+        if stage == 2 and state["bad_epochs"] >= cfg.patience:
+            state["stopped"] = stopped = True
+        if dist.is_main:
+            print(f"[{cfg.name} fold {fold}] epoch {epoch + 1:>2}/{total_epochs} stage {stage} "
+                  f"train_loss {train_loss:.4f} val_loss {val_loss:.4f} val_macro_f1 {score:.4f}"
+                  f"{' *' if improved else '  '} {row['pairs_per_s']:.0f} pairs/s {row['epoch_time_s']:.1f}s",
+                  flush=True)
+            if tracker is not None:
+                tracker.log({**{f"{k}": v for k, v in row.items()},
+                             **{f"val_f1/{c}": float(v) for c, v in zip(CLASSES, per_class)}}, step=epoch + 1)
+            _save_torch(ckpt_path, {"state": state, "stage": stage, "model": model.state_dict(),
+                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                    "ema": ema.module.state_dict() if ema is not None else None})
+        dist.barrier()
+
+    # ---- final predictions with the best weights (main process) ------------------------------------
+    metrics: dict = {}
+    if dist.is_main:
+        t_pred = time.time()
+        best = torch.load(fdir / "best.pt", map_location=device, weights_only=False)
+        model.load_state_dict(best["model"])
+        views = 8 if cfg.tta else 1
+        oof = predict(model, cfg, data.train_cache, va_rows, meta_va, augment, device, views, "oof")
+        metrics = fold_metrics(y_va, oof)
+        metrics.update(fold=fold, best_epoch=state["best_epoch"] + 1, epochs_run=len(state["history"]),
+                       wall_time_s=sum(h["epoch_time_s"] for h in state["history"]) + time.time() - t_pred,
+                       tta_views=views, params=count_parameters(model))
+        test = predict(model, cfg, data.test_cache, np.arange(len(data.test)), meta_te, augment, device, views, "test")
+        atomic_write_csv(fdir / "oof.csv", probs_frame(val_df["lesion_id"], oof))
+        atomic_write_csv(fdir / "test.csv", probs_frame(data.test["lesion_id"], test))
+        atomic_write_csv(fdir / "history.csv", pd.DataFrame(state["history"]))
+        atomic_write_json(fdir / "metrics.json", metrics)  # written last: marks the fold complete
+        if tracker is not None:
+            tracker.summary({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            tracker.finish()
+        print(f"[{cfg.name} fold {fold}] done: best epoch {metrics['best_epoch']}, oof macro F1 "
+              f"{metrics['macro_f1']:.4f} (TTA x{views}), {metrics['wall_time_s']:.0f}s", flush=True)
+    dist.barrier()
+    return metrics
+
+
+def fold_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    per_class = f1_per_class(y, probs)
+    aucs = {}
+    for i, c in enumerate(CLASSES):
+        if 0 < y[:, i].sum() < len(y):
+            aucs[c] = float(roc_auc_score(y[:, i], probs[:, i]))
+    loss = float(F.binary_cross_entropy(torch.from_numpy(probs).float().clamp(1e-7, 1 - 1e-7),
+                                        torch.from_numpy(y).float()))
+    return {"macro_f1": float(per_class.mean()), "f1": dict(zip(CLASSES, map(float, per_class))),
+            "auc": aucs, "auc_macro": float(np.mean(list(aucs.values()))) if aucs else None,
+            "accuracy": float((probs.argmax(1) == y.argmax(1)).mean()), "loss": loss, "n": int(len(y))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# all folds of an experiment
+# ----------------------------------------------------------------------------------------------------
+def collect(cfg: Config, train: pd.DataFrame) -> dict:
+    """Join the folds' predictions into <exp>/oof.csv (train order) and <exp>/test.csv (mean over folds)."""
+    folds = [k for k in range(cfg.n_folds) if fold_done(cfg, k)]
+    if len(folds) < cfg.n_folds:
+        missing = sorted(set(range(cfg.n_folds)) - set(folds))
+        return {"complete": False, "missing_folds": missing}
+    oof = pd.concat([pd.read_csv(cfg.fold_dir(k) / "oof.csv") for k in folds])
+    oof = oof.set_index("lesion_id").reindex(train["lesion_id"]).reset_index()
+    if oof[CLASSES].isna().any().any():
+        raise ValueError(f"{cfg.exp_dir()}: the folds' oof.csv files do not cover every training lesion")
+    tests = [pd.read_csv(cfg.fold_dir(k) / "test.csv").set_index("lesion_id") for k in folds]
+    test = sum(t[CLASSES] for t in tests) / len(tests)
+    atomic_write_csv(cfg.exp_dir() / "oof.csv", oof)
+    atomic_write_csv(cfg.exp_dir() / "test.csv", test.reset_index())
+    metrics = fold_metrics(train[CLASSES].to_numpy(np.float32), oof[CLASSES].to_numpy(np.float32))
+    metrics["complete"] = True
+    atomic_write_json(cfg.exp_dir() / "oof_metrics.json", metrics)
+    return metrics
+
+
+def run_folds(cfg: Config, data: Prepared | None = None) -> dict:
+    """Train every missing fold of ``cfg`` in this process, then collect. Complete folds are skipped."""
+    todo = [k for k in cfg.fold_list() if not fold_done(cfg, k)]
+    cfg.exp_dir().mkdir(parents=True, exist_ok=True)
+    cfg.save(cfg.exp_dir() / "config.json")
+    if todo:
+        data = data or prepare(cfg)
+        print(f"[{cfg.name}] folds to train: {todo} (complete: "
+              f"{[k for k in cfg.fold_list() if k not in todo]})", flush=True)
+        for k in todo:
+            train_fold(cfg, k, data)
+    train = data.train if data is not None else load_train(cfg.data_dir, check_images=False)
+    return collect(cfg, train)

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+from src.config import Config, ConfigError, describe, load_config
+
+
+def test_exp001_resolves_reference_recipe():
+    cfg = load_config("exp001")
+    assert cfg.name == "exp001"
+    assert cfg.backbone.startswith("tf_efficientnetv2_s")
+    assert (cfg.img_size, cfg.loss, cfg.n_folds) == (256, "bce", 5)
+
+
+def test_cli_overrides_are_typed():
+    cfg = load_config("exp001", ["data_dir=/data/milk10k", "epochs=1", "lr=0.01", "tta=false"])
+    assert cfg.data_dir == "/data/milk10k" and cfg.epochs == 1 and cfg.lr == 0.01 and cfg.tta is False
+
+
+@pytest.mark.parametrize("arg, msg", [
+    ("epoch=3", "unknown config key 'epoch' (did you mean 'epochs'?)"),
+    ("epochs=three", "expected an int"),
+    ("lr=fast", "expected a float"),
+    ("tta=maybe", "expected a bool"),
+    ("loss=focal", "is not one of"),
+    ("folds=7", "outside 0..4"),
+    ("class_mult=FOO=2", "unknown class 'FOO'"),
+    ("epochs", "is not key=value"),
+])
+def test_bad_overrides_are_refused(arg, msg):
+    with pytest.raises(ConfigError, match="command line") as err:
+        load_config("exp001", [arg])
+    assert msg in str(err.value)
+
+
+def test_python_values_of_wrong_type_are_refused():
+    with pytest.raises(ConfigError, match="expected an int"):
+        Config().replace(epochs=2.5)
+    with pytest.raises(ConfigError, match="expected an int, got a bool"):
+        Config().replace(epochs=True)
+
+
+def test_unknown_experiment_lists_known_ones():
+    with pytest.raises(ConfigError, match="exp001"):
+        load_config("exp999")
+
+
+def test_child_experiment_inherits_and_overrides(tmp_path, monkeypatch):
+    import src.config as config
+
+    for name, text in {"base1": "PARENT = None\nOVERRIDES = dict(img_size=128, lr=0.5)\n",
+                       "child1": '"""doc"""\nPARENT = "base1"\nOVERRIDES = dict(img_size=384)\n',
+                       "loop1": 'PARENT = "loop2"\n', "loop2": 'PARENT = "loop1"\n',
+                       "badkey": "OVERRIDES = dict(imgsize=3)\n"}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.py").write_text(text)
+    monkeypatch.setattr(config, "EXP_ROOT", tmp_path)
+    cfg = load_config("child1")
+    assert (cfg.img_size, cfg.lr, cfg.name) == (384, 0.5, "child1")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config("loop1")
+    with pytest.raises(ConfigError, match=r"exp/badkey/config.py: unknown config key 'imgsize'"):
+        load_config("badkey")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config("exp001", ["epochs=3"])
+    cfg.save(tmp_path / "config.json")
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert Config(**data) == cfg
+
+
+def test_help_lists_every_key():
+    text = describe(load_config("exp001"))
+    for key in ("data_dir", "pos_weight_power", "backbone", "tta", "decision"):
+        assert f"  {key} " in text

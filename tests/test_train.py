@@ -1,0 +1,162 @@
+"""Training: resumable after SIGKILL with identical results, W&B offline logging, the model, the weights."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from src.config import load_config
+from src.data import CLASSES
+from src.model import DualNet, WeightsUnavailable, count_parameters, create_backbone
+from src.tracking import read_offline_run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny(mini_data, out, **extra):
+    o = {"data_dir": str(mini_data), "output_dir": str(out), "submission_dir": str(Path(out) / "subs"),
+         "backbone": "test_efficientnet", "pretrained": "false", "img_size": "32", "batch_size": "16",
+         "stage1_epochs": "1", "epochs": "3", "patience": "10", "num_workers": "0", "lr": "3e-3",
+         "backbone_lr": "1e-3", "stage1_lr": "3e-3", "warmup_epochs": "0", "wandb_mode": "disabled"}
+    o.update({k: str(v) for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def run_cli(args, **kw):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "src.cli", "run", "exp001", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_mid_fold_then_resume_gives_identical_oof(mini_data, tmp_path):
+    epochs = 8
+    ref = run_cli(tiny(mini_data, tmp_path / "a", epochs=epochs, folds=0))
+    out_a, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out_a
+
+    args = tiny(mini_data, tmp_path / "b", epochs=epochs, folds=0)
+    proc = run_cli(args)
+    ckpt = tmp_path / "b" / "exp001" / "fold0" / "last.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert ckpt.exists(), "no checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    fold_b = tmp_path / "b" / "exp001" / "fold0"
+    assert not (fold_b / "metrics.json").exists(), "the run finished before it could be killed"
+    saved = torch.load(ckpt, weights_only=False)["state"]["epoch"]
+    assert saved < 1 + epochs - 1
+
+    resumed = run_cli(args)
+    out_b, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out_b
+    assert "resuming after epoch" in out_b
+    oof_a = pd.read_csv(tmp_path / "a" / "exp001" / "fold0" / "oof.csv")
+    oof_b = pd.read_csv(fold_b / "oof.csv")
+    pd.testing.assert_frame_equal(oof_a, oof_b, check_exact=False, rtol=0, atol=1e-6)
+    hist_a = pd.read_csv(tmp_path / "a" / "exp001" / "fold0" / "history.csv")
+    hist_b = pd.read_csv(fold_b / "history.csv")
+    np.testing.assert_allclose(hist_a["val_macro_f1"], hist_b["val_macro_f1"], atol=1e-9)
+    assert len(hist_b) == 1 + epochs
+
+    # a complete fold is skipped on the next run
+    again = run_cli(args)
+    out_c, _ = again.communicate(timeout=600)
+    assert "folds to train" not in out_c
+
+
+def test_wandb_offline_run_folder_holds_the_metrics(mini_data, tmp_path):
+    from src.train import prepare, train_fold
+
+    cfg = load_config("exp001", tiny(mini_data, tmp_path, wandb_mode="offline", epochs=2))
+    metrics = train_fold(cfg, 1, prepare(cfg))
+    files = glob.glob(str(cfg.exp_dir() / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    deadline = time.time() + 30  # wandb-core may still be flushing the log file after finish() returns
+    while True:
+        run = read_offline_run(files[0])
+        if "final/macro_f1" in run["summary"] or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert run["group"] == "exp001" and run["name"] == "exp001/fold1"
+    f1s = [row["val_macro_f1"] for row in run["history"] if "val_macro_f1" in row]
+    assert len(f1s) == 3
+    hist = pd.read_csv(cfg.fold_dir(1) / "history.csv")
+    np.testing.assert_allclose(f1s, hist["val_macro_f1"], atol=1e-9)
+    assert any("val_f1/MAL_OTH" in row for row in run["history"])
+    assert run["summary"]["final/macro_f1"] == pytest.approx(metrics["macro_f1"])
+
+
+def test_wandb_failure_never_stops_training(mini_data, tmp_path, monkeypatch):
+    import wandb
+
+    from src.train import prepare, train_fold
+
+    def broken(*a, **k):
+        raise RuntimeError("wandb is down")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    cfg = load_config("exp001", tiny(mini_data, tmp_path, wandb_mode="online", epochs=1))
+    metrics = train_fold(cfg, 0, prepare(cfg))
+    assert (cfg.fold_dir(0) / "metrics.json").is_file() and 0 <= metrics["macro_f1"] <= 1
+
+
+def test_fold_outputs_follow_the_submission_format(mini_data, tmp_path):
+    from src.data import load_test
+    from src.train import prepare, train_fold
+
+    cfg = load_config("exp001", tiny(mini_data, tmp_path, epochs=1, tta="true"))
+    data = prepare(cfg)
+    m = train_fold(cfg, 2, data)
+    oof = pd.read_csv(cfg.fold_dir(2) / "oof.csv")
+    test = pd.read_csv(cfg.fold_dir(2) / "test.csv")
+    assert list(oof.columns) == ["lesion_id", *CLASSES] == list(test.columns)
+    assert set(oof.lesion_id) == set(data.train.lesion_id[data.folds == 2])
+    assert list(test.lesion_id) == list(load_test(cfg.data_dir, check_images=False).lesion_id)
+    assert ((oof[CLASSES] >= 0) & (oof[CLASSES] <= 1)).all().all()
+    for key in ("macro_f1", "f1", "auc", "accuracy", "loss", "epochs_run", "wall_time_s"):
+        assert key in m
+    assert m["tta_views"] == 8 and m["epochs_run"] == 2
+    for name in ("best.pt", "encoder.json", "config.json", "history.csv"):
+        assert (cfg.fold_dir(2) / name).is_file()
+
+
+def test_exp001_model_has_the_reference_size():
+    model = DualNet("tf_efficientnetv2_s", n_meta=30, pretrained=False)
+    counts = count_parameters(model)
+    assert 40.2e6 < counts["total"] < 40.5e6
+    assert counts["head"] == (2 * 1280 + 30) * 11 + 11
+    shared = count_parameters(DualNet("tf_efficientnetv2_s", n_meta=30, pretrained=False, shared_backbone=True))
+    assert shared["backbones"] * 2 == counts["backbones"]
+
+
+def test_forward_shapes_with_meta_mlp_and_aux():
+    model = DualNet("test_efficientnet", n_meta=7, n_aux=5, pretrained=False, meta_mode="mlp", meta_hidden=16)
+    x = torch.randn(3, 3, 32, 32)
+    logits, aux = model(x, x, torch.randn(3, 7))
+    assert logits.shape == (3, 11) and aux.shape == (3, 5)
+
+
+def test_local_weights_file_and_clear_error_offline(tmp_path, monkeypatch):
+    ref = create_backbone("test_efficientnet", pretrained=False)
+    path = tmp_path / "w.pth"
+    torch.save(ref.state_dict(), path)
+    loaded = create_backbone("test_efficientnet", pretrained=True, pretrained_path=str(path))
+    for a, b in zip(ref.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    monkeypatch.setenv("MILK10K_WEIGHTS", str(path))
+    assert create_backbone("test_efficientnet", pretrained=True) is not None
+    monkeypatch.delenv("MILK10K_WEIGHTS")
+    with pytest.raises(WeightsUnavailable, match="does not exist"):
+        create_backbone("test_efficientnet", pretrained=True, pretrained_path=str(tmp_path / "nope.pth"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailable, match="pretrained_path="):
+        create_backbone("test_efficientnet", pretrained=True)
