@@ -1,0 +1,189 @@
+"""Optuna study over the loss weighting and the learning rates, scored AFTER the decision rule.
+
+Each trial trains a few folds briefly (``tune_folds``, ``tune_epochs``) and returns the honest out-of-fold macro
+F1 of the configured decision rule on those folds: loss weights and thresholds interact, so the weights are
+judged the way the submission will be. The search includes ``pos_weight_power = 0`` (no weighting).
+
+The study lives in a storage URL (default: a SQLite file under <output_dir>/<exp>/tune/), so it resumes after an
+interruption, can be inspected with optuna's own tools, and is shared: ``bash run.sh tune exp001`` started N
+times (on one machine with SQLite or a journal file, on many with PostgreSQL/MySQL) joins the same study and the
+processes together run ``tune_trials`` trials. A trial's folds are stored under a folder named by its parameters,
+so a trial interrupted mid-way and retried continues from its checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import Config, load_config
+from .data import CLASSES
+from .io_utils import atomic_write_text
+
+RARE = ("MAL_OTH", "BEN_OTH", "DF", "INF", "VASC")
+
+
+def storage_url(cfg: Config) -> str:
+    if cfg.tune_storage:
+        return cfg.tune_storage
+    path = (cfg.exp_dir() / "tune" / "optuna.db").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def open_storage(url: str):
+    """SQLite / PostgreSQL / MySQL URLs go to RDBStorage with heartbeats (a crashed trial is retried);
+    ``journal:/path/file.log`` is a journal file that several processes can append to."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        path = url[len("journal:"):]
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(path))
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120,
+                      heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=2))
+
+
+def suggest(trial) -> dict:
+    """The searched keys, as config overrides."""
+    power = trial.suggest_float("pos_weight_power", 0.0, 1.0)
+    rare = trial.suggest_float("rare_mult", 0.5, 4.0, log=True)
+    return {
+        "pos_weight_power": power,
+        "class_mult": ",".join(f"{c}={rare:.4g}" for c in RARE),
+        "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
+        "backbone_lr": trial.suggest_float("backbone_lr", 1e-5, 3e-4, log=True),
+    }
+
+
+def trial_config(cfg: Config, params: dict) -> Config:
+    key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    return cfg.replace(
+        name=f"trial_{key}", output_dir=str(cfg.exp_dir() / "tune"), folds=cfg.tune_folds,
+        epochs=cfg.tune_epochs, folds_csv=str(cfg.resolved_folds_csv()), cache_dir=str(cfg.resolved_cache_dir()),
+        wandb_mode="disabled", **params,
+    )
+
+
+def evaluate(cfg: Config, data) -> float:
+    """Train ``cfg``'s folds (resuming) and return the honest macro F1 after the decision rule on them."""
+    from .decision import honest_oof
+    from .scoring import macro_f1
+    from .train import fold_done, train_fold
+
+    rows, probs = [], []
+    for k in cfg.fold_list():
+        if not fold_done(cfg, k):
+            train_fold(cfg, k, data)
+        oof = pd.read_csv(cfg.fold_dir(k) / "oof.csv").set_index("lesion_id")
+        idx = np.flatnonzero(data.folds == k)
+        rows.append(idx)
+        probs.append(oof.loc[data.train["lesion_id"].iloc[idx], CLASSES].to_numpy())
+    idx = np.concatenate(rows)
+    y = data.train[CLASSES].to_numpy(np.float64)[idx]
+    p = np.concatenate(probs)
+    folded, _ = honest_oof(cfg.decision, y, p, data.folds[idx])
+    return float(macro_f1(y, folded))
+
+
+def _may_run(study, trial, limit: int) -> bool:
+    """Exactly ``limit`` trials complete however many processes share the study: a trial runs only if the
+    completed ones plus the running ones numbered before it leave room."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    ahead = sum(1 for t in trials if t.state == TrialState.COMPLETE
+                or (t.state == TrialState.RUNNING and t.number < trial.number))
+    return ahead < limit
+
+
+def run_tune(cfg: Config, data=None) -> "object":
+    import optuna
+    from optuna.trial import TrialState
+
+    from .tracking import Tracker
+    from .train import prepare
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage_url(cfg)
+    seed = int(np.random.SeedSequence([cfg.seed, os.getpid()]).generate_state(1)[0])
+    study = optuna.create_study(storage=open_storage(url), study_name=f"{cfg.name}-tune", direction="maximize",
+                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed))
+    data = data if data is not None else prepare(cfg)
+
+    blocked = False
+
+    def objective(trial):
+        nonlocal blocked
+        if not _may_run(study, trial, cfg.tune_trials):
+            blocked = True
+            raise optuna.TrialPruned("the study already has its trials")
+        params = suggest(trial)
+        tcfg = trial_config(cfg, params)
+        trial.set_user_attr("trial_dir", str(tcfg.exp_dir()))
+        value = evaluate(tcfg, data)
+        tracker = Tracker(cfg, f"tune/{trial.number}", job_type="tune")
+        tracker.log({**{f"param/{k}": v for k, v in trial.params.items()}, "honest_macro_f1": value})
+        tracker.finish()
+        print(f"[tune {cfg.name}] trial {trial.number}: honest macro F1 {value:.4f} {trial.params}", flush=True)
+        return value
+
+    while True:
+        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        if done >= cfg.tune_trials:
+            break
+        blocked = False
+        study.optimize(objective, n_trials=1, catch=())
+        if blocked:  # every remaining slot is held by a running trial of another process
+            break
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete:
+        print(f"[tune {cfg.name}] {len(complete)} trials in {url}; best honest macro F1 {study.best_value:.4f} "
+              f"with {study.best_params}", flush=True)
+    return study
+
+
+def write_best(cfg: Config, study, name: str) -> Path:
+    """exp/<name>/config.py: the tuned experiment as a child of ``cfg.name``."""
+    from .config import EXP_ROOT
+
+    best = study.best_trial
+    params = {k: v for k, v in best.params.items() if k != "rare_mult"}
+    params["class_mult"] = ",".join(f"{c}={best.params['rare_mult']:.4g}" for c in RARE)
+    lines = [f'"""{name}: {cfg.name} with the loss weighting and learning rates of Optuna trial {best.number}.',
+             "", f"Honest out-of-fold macro F1 after the '{cfg.decision}' rule on folds {cfg.tune_folds} "
+             f"({cfg.tune_epochs} stage-2 epochs per trial): {best.value:.4f}.", '"""',
+             f'PARENT = "{cfg.name}"', "OVERRIDES = dict("]
+    lines += [f"    {k}={v!r}," for k, v in sorted(params.items())]
+    lines.append(")")
+    path = EXP_ROOT / name / "config.py"
+    if path.exists():
+        raise FileExistsError(f"{path} exists; choose another --write-best name")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    load_config(name)  # refuses anything the config system would refuse
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bash run.sh tune", description=__doc__.split("\n\n")[0])
+    ap.add_argument("exp")
+    ap.add_argument("--write-best", metavar="NAME", help="write the best trial as exp/NAME/config.py")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.exp, args.overrides)
+    study = run_tune(cfg)
+    if args.write_best:
+        print(f"wrote {write_best(cfg, study, args.write_best)}")
+    return 0

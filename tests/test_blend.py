@@ -1,0 +1,221 @@
+"""Blending complete experiments, the decision rule, the validated submission and the report.
+
+The experiments' outputs are fake but informative probabilities derived from the labels of the
+generated miniature MILK10k; "fakeB" is exp001's configuration under another name.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+import src.blend as blend
+from src.blend import BlendError, finalize, fit_weights, log_loss, main, probs_table, safe_name
+from src.config import Config, load_config
+from src.data import CLASSES, load_test, load_train
+from src.decision import expected_f1_thresholds, tune_thresholds
+from src.folds import load_or_make_folds
+from src.io_utils import atomic_write_csv, atomic_write_json
+from src.scoring import SubmissionError, read_prediction_csv, read_truth_csv, score
+
+
+def overrides(data: Path, root: Path) -> list[str]:
+    return [f"data_dir={data}", f"output_dir={root / 'out'}", f"submission_dir={root / 'subs'}",
+            "wandb_mode=disabled"]
+
+
+def fake_probs(y: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    logit = np.where(y > 0.5, 1.0, -2.5) + rng.normal(0.0, noise, y.shape)
+    return 1.0 / (1.0 + np.exp(-logit))
+
+
+def write_experiment(cfg: Config, data: Path, noise: float, seed: int, skip_fold: int | None = None) -> None:
+    """Fold files and the joined oof.csv/test.csv of an experiment, as training would leave them."""
+    rng = np.random.default_rng(seed)
+    train = load_train(data, check_images=False)
+    folds = load_or_make_folds(train, cfg.resolved_folds_csv(), cfg.n_folds, cfg.fold_seed)["fold"].to_numpy()
+    truth = pd.read_csv(data / "hidden" / "MILK10k_Test_GroundTruth.csv")
+    oof = fake_probs(train[CLASSES].to_numpy(float), noise, rng)
+    tests = []
+    for k in range(cfg.n_folds):
+        held = folds == k
+        tests.append(fake_probs(truth[CLASSES].to_numpy(float), noise, rng))
+        atomic_write_csv(cfg.fold_dir(k) / "oof.csv", probs_table(train.lesion_id[held], oof[held]))
+        atomic_write_csv(cfg.fold_dir(k) / "test.csv", probs_table(truth.lesion_id, tests[-1]))
+        if k != skip_fold:
+            atomic_write_json(cfg.fold_dir(k) / "metrics.json", {"macro_f1": 0.0})
+    atomic_write_csv(cfg.exp_dir() / "oof.csv", probs_table(train.lesion_id, oof))
+    atomic_write_csv(cfg.exp_dir() / "test.csv", probs_table(truth.lesion_id, np.mean(tests, axis=0)))
+
+
+@pytest.fixture(scope="module")
+def blended(mini_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """exp001 (good) and fakeB (noisier) blended once with the 'threshold' rule."""
+    root = tmp_path_factory.mktemp("blend")
+    ov = overrides(mini_data, root)
+    good = load_config("exp001", ov)
+    bad = good.replace(name="fakeB")
+    write_experiment(good, mini_data, noise=1.5, seed=1)
+    write_experiment(bad, mini_data, noise=2.5, seed=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "disabled")
+        result = finalize(good, [good, bad], overrides=ov)
+    return {"root": root, "ov": ov, "cfgs": [good, bad], "result": result, "data": mini_data}
+
+
+def members(cfgs: list[Config], file: str) -> list[pd.DataFrame]:
+    return [pd.read_csv(c.exp_dir() / file).set_index("lesion_id") for c in cfgs]
+
+
+def test_weights_favour_the_better_experiment_and_beat_the_best_single(blended):
+    w = blended["result"]["weights"]
+    assert list(w) == ["exp001", "fakeB"]
+    assert sum(w.values()) == pytest.approx(1.0) and min(w.values()) >= 0
+    assert w["exp001"] > w["fakeB"] > 0  # independent noise: mixing helps, the better input weighs more
+    scores = blended["result"]["scores"]
+    assert scores["blend"]["log_loss"] < min(scores["exp001"]["log_loss"], scores["fakeB"]["log_loss"])
+    # the reported blend loss is the loss of the weighted out-of-fold probabilities
+    train = load_train(blended["data"], check_images=False)
+    oofs = [m.loc[train.lesion_id, CLASSES].to_numpy() for m in members(blended["cfgs"], "oof.csv")]
+    mix = w["exp001"] * oofs[0] + w["fakeB"] * oofs[1]
+    assert scores["blend"]["log_loss"] == pytest.approx(log_loss(train[CLASSES].to_numpy(float), mix))
+
+
+def test_fit_weights_single_input_and_recovers_the_informative_one():
+    rng = np.random.default_rng(0)
+    y = (rng.random((400, 11)) < 0.2).astype(float)
+    good, noise = fake_probs(y, 0.5, rng), rng.random((400, 11))
+    assert fit_weights(y, [good]).tolist() == [1.0]
+    w = fit_weights(y, [noise, good])
+    assert w.sum() == pytest.approx(1.0) and w[1] > 0.9
+    assert np.array_equal(w, fit_weights(y, [noise, good]))  # deterministic
+
+
+def test_submission_is_valid_and_carries_the_tuned_decisions(blended):
+    result, cfgs = blended["result"], blended["cfgs"]
+    path = result["paths"]["submission"]
+    assert path == blended["root"] / "subs" / "exp001+fakeB.csv"
+    test_ids = load_test(blended["data"], check_images=False).lesion_id
+    sub = read_prediction_csv(path, expected_ids=test_ids)
+    assert sorted(sub.index) == sorted(test_ids) and len(sub) == len(test_ids)
+    assert open(path).readline().strip() == ",".join(["lesion_id", *CLASSES])
+
+    w = result["weights"]
+    tests = [m.loc[sub.index, CLASSES].to_numpy() for m in members(cfgs, "test.csv")]
+    blend_test = w["exp001"] * tests[0] + w["fakeB"] * tests[1]
+    t = np.array([result["thresholds"][c] for c in CLASSES])
+    train = load_train(blended["data"], check_images=False)
+    oofs = [m.loc[train.lesion_id, CLASSES].to_numpy() for m in members(cfgs, "oof.csv")]
+    blend_oof = w["exp001"] * oofs[0] + w["fakeB"] * oofs[1]
+    np.testing.assert_allclose(t, tune_thresholds(train[CLASSES].to_numpy(float), blend_oof), atol=1e-9)
+    assert np.array_equal(sub.to_numpy() > 0.5, blend_test > t)
+
+    truth = pd.read_csv(blended["data"] / "hidden" / "MILK10k_Test_GroundTruth.csv").set_index("lesion_id")
+    y_test = truth.loc[sub.index, CLASSES].to_numpy()
+    checked = 0
+    for j in range(len(CLASSES)):
+        if 0 < y_test[:, j].sum() < len(y_test):
+            assert roc_auc_score(y_test[:, j], sub.to_numpy()[:, j]) == pytest.approx(
+                roc_auc_score(y_test[:, j], blend_test[:, j]), abs=1e-12)
+            checked += 1
+    assert checked >= 3
+
+
+def test_sidecar_and_honest_oof_file(blended):
+    result = blended["result"]
+    side = json.loads(result["paths"]["sidecar"].read_text())
+    assert side["experiments"] == ["exp001", "fakeB"] and side["decision"] == "threshold"
+    assert side["weights"] == pytest.approx(result["weights"])
+    assert list(side["thresholds"]) == CLASSES and side["timestamp"]
+    assert set(side["cv_scores"]) == {"exp001", "fakeB", "blend"}
+
+    truth = read_truth_csv(blended["data"] / "MILK10k_Training_GroundTruth.csv")
+    honest = read_prediction_csv(result["paths"]["oof_honest"], expected_ids=truth.index)
+    scored = score(truth, honest)
+    assert scored["macro_f1"] == pytest.approx(result["cv_macro_f1_honest"])
+    assert result["cv_macro_f1_honest"] == result["scores"]["blend"]["f1_threshold_honest"]
+
+
+def test_honest_scores_do_not_exceed_optimistic_ones(blended):
+    rows = blended["result"]["scores"].values()
+    assert np.mean([r["f1_threshold_honest"] for r in rows]) <= np.mean([r["f1_threshold_optimistic"] for r in rows])
+    for r in rows:
+        assert 0.0 <= r["f1_argmax"] <= 1.0 and 0.5 < r["auc"] <= 1.0
+
+
+def test_report_files(blended):
+    paths = blended["result"]["paths"]
+    out = blended["root"] / "out" / "blends" / "exp001+fakeB"
+    for key in ("confusion_png", "thresholds_png"):
+        assert paths[key].parent == out
+        with Image.open(paths[key]) as im:
+            assert im.format == "PNG" and im.size[0] > 200
+            im.verify()
+    table = pd.read_csv(paths["per_class_csv"])
+    assert table["class"].tolist() == [*CLASSES, "macro"]
+    assert table["support"].iloc[:-1].sum() == 120
+    assert table["f1"].iloc[-1] == pytest.approx(blended["result"]["cv_macro_f1_honest"], abs=1e-6)
+    groups = json.loads(paths["groups_json"].read_text())
+    assert set(groups) == {"skin_tone_class", "sex"}
+    assert sum(g["n"] for g in groups["sex"].values()) == 120
+    md = paths["report_md"].read_text()
+    assert "Macro F1 by sex" in md and "Macro F1 by skin_tone_class" in md and "thr_hon*" in md
+
+
+def test_failing_validation_writes_nothing(blended, monkeypatch):
+    subs = blended["root"] / "subs"
+    before = {p.name: p.read_bytes() for p in subs.iterdir()}
+    real = blend.load_test
+
+    def with_extra_lesion(data_dir, check_images=True):
+        test = real(data_dir, check_images=check_images)
+        return pd.concat([test, test.iloc[[0]].assign(lesion_id="IL_9999999")], ignore_index=True)
+
+    monkeypatch.setattr(blend, "load_test", with_extra_lesion)
+    with pytest.raises(SubmissionError, match=r"exp001\+fakeB\.csv not written.*missing: IL_9999999"):
+        finalize(blended["cfgs"][0], blended["cfgs"], overrides=blended["ov"])
+    assert {p.name: p.read_bytes() for p in subs.iterdir()} == before
+
+
+def test_incomplete_or_mismatched_experiments_are_refused(blended):
+    good = blended["cfgs"][0]
+    partial = good.replace(name="fakeC")
+    write_experiment(partial, blended["data"], noise=1.0, seed=3, skip_fold=2)
+    with pytest.raises(BlendError, match=r"fakeC is not complete: fold\(s\) \[2\].*bash run.sh fakeC"):
+        finalize(good, [good, partial], overrides=blended["ov"])
+    other_folds = good.replace(name="fakeD", n_folds=4)
+    write_experiment(other_folds, blended["data"], noise=1.0, seed=4)
+    with pytest.raises(BlendError, match="not made with the same folds"):
+        finalize(good, [good, other_folds], overrides=blended["ov"])
+
+
+def test_cli_single_experiment_expected_f1(blended, capsys):
+    ov = [*blended["ov"], "decision=expected_f1"]
+    assert main(["exp001", "--name", "solo run", *ov]) == 0
+    out = capsys.readouterr().out
+    assert "ef1_hon*" in out and "solo_run.csv" in out
+    side = json.loads((blended["root"] / "subs" / "solo_run.json").read_text())
+    assert side["weights"] == {"exp001": 1.0} and side["decision"] == "expected_f1"
+    test = members(blended["cfgs"][:1], "test.csv")[0]
+    sub = read_prediction_csv(blended["root"] / "subs" / "solo_run.csv")
+    expected = expected_f1_thresholds(test[CLASSES].to_numpy())
+    assert np.allclose([side["thresholds"][c] for c in CLASSES], expected)
+    assert np.array_equal(sub.loc[test.index].to_numpy() > 0.5, test[CLASSES].to_numpy() > expected)
+
+    empty = blended["root"] / "elsewhere"
+    assert main(["exp001", *blended["ov"], f"output_dir={empty}"]) == 2
+    assert "exp001 is not complete" in capsys.readouterr().err
+
+
+def test_safe_name():
+    assert safe_name("exp001+exp002") == "exp001+exp002"
+    assert safe_name("../a b/c") == "_a_b_c"
+    long = safe_name("+".join(f"exp{i:03d}" for i in range(40)))
+    assert len(long) <= 120 and long != safe_name("+".join(f"exp{i:03d}" for i in range(41)))
+    with pytest.raises(BlendError):
+        safe_name("///")

@@ -1,0 +1,60 @@
+"""Optuna tuning: resumable SQLite study, shared by several processes, best trial written as an experiment."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from src.config import load_config
+from src.tune import run_tune, storage_url, write_best
+from tests.test_train import tiny
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tune_args(mini_data, out, trials):
+    return tiny(mini_data, out, stage1_epochs=0, tune_epochs=1, tune_folds="0,1", tune_trials=trials, tta="false")
+
+
+def complete_trials(cfg):
+    study = optuna.load_study(study_name=f"{cfg.name}-tune", storage=storage_url(cfg))
+    return study.get_trials(states=(TrialState.COMPLETE,))
+
+
+def test_study_resumes_and_writes_best_experiment(mini_data, tmp_path, monkeypatch):
+    import src.config as config
+
+    cfg = load_config("exp001", tune_args(mini_data, tmp_path, 2))
+    run_tune(cfg)
+    first = complete_trials(cfg)
+    assert len(first) == 2
+    assert all(0.0 <= t.params["pos_weight_power"] <= 1.0 for t in first)
+    assert all(0.0 <= t.value <= 1.0 for t in first)
+    # an interrupted or repeated run resumes the same study and adds nothing once it is full
+    study = run_tune(cfg)
+    assert [t.number for t in complete_trials(cfg)] == [t.number for t in first]
+
+    monkeypatch.setattr(config, "EXP_ROOT", tmp_path / "exp")
+    (tmp_path / "exp" / "exp001").mkdir(parents=True)
+    (tmp_path / "exp" / "exp001" / "config.py").write_text((REPO / "exp/exp001/config.py").read_text())
+    path = write_best(cfg, study, "exp001_tuned")
+    tuned = load_config("exp001_tuned")
+    assert path.is_file()
+    assert tuned.pos_weight_power == study.best_params["pos_weight_power"]
+    assert tuned.backbone == load_config("exp001").backbone and "MAL_OTH=" in tuned.class_mult
+
+
+def test_two_processes_share_one_study(mini_data, tmp_path):
+    args = tune_args(mini_data, tmp_path, 3)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    procs = [subprocess.Popen([sys.executable, "-m", "src.cli", "tune", "exp001", *args], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    cfg = load_config("exp001", args)
+    trials = complete_trials(cfg)
+    assert len(trials) == 3
+    assert len({t.number for t in trials}) == 3
+    assert len({t.user_attrs["trial_dir"] for t in trials}) == 3
