@@ -46,6 +46,14 @@ class DistContext:
         ids = [self.device.index] if self.device is not None and self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    def sum(self, *values: float) -> list[float]:
+        """Sum numbers over all processes (float64, on the CPU for gloo or the device for NCCL)."""
+        if self.world <= 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        tdist.all_reduce(t)
+        return t.tolist()
+
     def barrier(self) -> None:
         if self.world > 1:
             tdist.barrier()

@@ -383,6 +383,7 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
                 ema.update(model)
             loss_sum += float(loss.detach()) * y.shape[0]
             n_seen += y.shape[0]
+        loss_sum, n_seen = dist.sum(loss_sum, n_seen)
         train_loss = loss_sum / max(1, n_seen)
         train_time = time.time() - t0
 
@@ -402,7 +403,7 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
         row = {"epoch": epoch + 1, "stage": stage, "train_loss": train_loss, "val_loss": val_loss,
                "val_macro_f1": score, "lr_head": opt.param_groups[-1]["lr"],
                "lr_backbone": opt.param_groups[0]["lr"] if stage == 2 else 0.0,
-               "pairs_per_s": n_seen * dist.world / max(train_time, 1e-9), "epoch_time_s": time.time() - t0}
+               "pairs_per_s": n_seen / max(train_time, 1e-9), "epoch_time_s": time.time() - t0}
         state["history"].append(row)
         state["epoch"] = epoch
         if stage == 2 and state["bad_epochs"] >= cfg.patience:
