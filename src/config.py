@@ -83,7 +83,9 @@ class Config:
     weight_decay: float = _f(1e-2, "AdamW weight decay")
     warmup_epochs: float = _f(1.0, "linear warmup of stage 2, in epochs")
     schedule: str = _f("cosine", "stage-2 schedule: 'cosine' or 'constant'")
-    patience: int = _f(4, "early stopping: stage-2 epochs without a better validation macro F1")
+    patience: int = _f(4, "early stopping: stage-2 epochs without a better validation score")
+    early_stop_metric: str = _f("f1", "validation score that picks the best epoch: 'f1' (leaderboard macro F1 at "
+                                "> 0.5), 'f1_tuned' (macro F1 after per-class thresholds), 'auc' (mean per-class AUC)")
     grad_clip: float = _f(1.0, "gradient norm clip (0 = off)")
     ema_decay: float = _f(0.0, "exponential moving average of weights (0 = off); the EMA is validated and saved")
     max_steps_per_epoch: int = _f(0, "cap on steps per epoch for smoke runs (0 = no cap)")
@@ -162,6 +164,7 @@ _CHOICES = {
     "model": {"image", "meta", "stack"},
     "meta_mode": {"concat", "mlp", "none"},
     "loss": {"bce", "ce"},
+    "early_stop_metric": {"f1", "f1_tuned", "auc"},
     "schedule": {"cosine", "constant"},
     "decision": {"threshold", "expected_f1", "none"},
     "threshold_method": {"exact", "optuna"},

@@ -336,7 +336,7 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
             if stage == 2 and cfg.ema_decay > 0:
                 from timm.utils import ModelEmaV3
 
-                ema = ModelEmaV3(model, decay=cfg.ema_decay)
+                ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
             if ckpt is not None and ckpt["state"]["epoch"] + 1 == epoch and ckpt.get("stage") == stage:
                 opt.load_state_dict(ckpt["optimizer"])
                 sched.load_state_dict(ckpt["scheduler"])
@@ -380,7 +380,7 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
             opt.step()
             sched.step()
             if ema is not None:
-                ema.update(model)
+                ema.update(model, step=(epoch - cfg.stage1_epochs) * steps_per_epoch + step)
             loss_sum += float(loss.detach()) * y.shape[0]
             n_seen += y.shape[0]
         loss_sum, n_seen = dist.sum(loss_sum, n_seen)
@@ -392,7 +392,7 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
         val_loss = float(F.binary_cross_entropy(torch.from_numpy(val_probs).clamp(1e-7, 1 - 1e-7),
                                                 torch.from_numpy(y_va)))
         per_class = f1_per_class(y_va, val_probs)
-        score = float(per_class.mean())
+        score = selection_score(cfg.early_stop_metric, y_va, val_probs, per_class)
         improved = score > state["best_score"]
         if improved:
             state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
@@ -401,7 +401,7 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
         elif stage == 2:
             state["bad_epochs"] += 1
         row = {"epoch": epoch + 1, "stage": stage, "train_loss": train_loss, "val_loss": val_loss,
-               "val_macro_f1": score, "lr_head": opt.param_groups[-1]["lr"],
+               "val_macro_f1": float(per_class.mean()), "val_score": score, "lr_head": opt.param_groups[-1]["lr"],
                "lr_backbone": opt.param_groups[0]["lr"] if stage == 2 else 0.0,
                "pairs_per_s": n_seen / max(train_time, 1e-9), "epoch_time_s": time.time() - t0}
         state["history"].append(row)
@@ -410,7 +410,8 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
             state["stopped"] = stopped = True
         if dist.is_main:
             print(f"[{cfg.name} fold {fold}] epoch {epoch + 1:>2}/{total_epochs} stage {stage} "
-                  f"train_loss {train_loss:.4f} val_loss {val_loss:.4f} val_macro_f1 {score:.4f}"
+                  f"train_loss {train_loss:.4f} val_loss {val_loss:.4f} val_macro_f1 {row['val_macro_f1']:.4f}"
+                  f"{'' if cfg.early_stop_metric == 'f1' else f' val_{cfg.early_stop_metric} {score:.4f}'}"
                   f"{' *' if improved else '  '} {row['pairs_per_s']:.0f} pairs/s {row['epoch_time_s']:.1f}s",
                   flush=True)
             if tracker is not None:
@@ -445,6 +446,19 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
               f"{metrics['macro_f1']:.4f} (TTA x{views}), {metrics['wall_time_s']:.0f}s", flush=True)
     dist.barrier()
     return metrics
+
+
+def selection_score(metric: str, y: np.ndarray, probs: np.ndarray, per_class: np.ndarray) -> float:
+    """The validation score that picks the best epoch (see Config.early_stop_metric)."""
+    if metric == "f1":
+        return float(per_class.mean())
+    if metric == "f1_tuned":
+        from .decision import tune_thresholds
+
+        t = tune_thresholds(y, probs)
+        return float(f1_per_class(y, probs > t[None, :]).mean())
+    auc = fold_metrics(y, probs)["auc_macro"]
+    return float(auc) if auc is not None else 0.0
 
 
 def fold_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
