@@ -1,0 +1,271 @@
+"""A miniature MILK10k with the official layout and schema, and a class signal a working pipeline can learn.
+
+Each class has its own lesion colour, size, border irregularity and dermoscopic pattern, drawn on
+skin-toned noise in both images (the dermoscopic view larger and with a dermoscope vignette); the
+metadata carries a weaker signal (age, site and some MONET scores shift per class).  The test labels
+are written only to ``hidden/MILK10k_Test_GroundTruth.csv``, which :func:`src.data.locate` never reads.
+
+    python -m src.synth OUT_DIR [--n-train N] [--n-test N] [--seed S] [--layout plain|nested]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from .data import (
+    CLASSES, GT_COLUMNS, IMAGE_TYPES, METADATA_COLUMNS, MONET, SAMPLE_SUBMIT, SUPPLEMENT_COLUMNS,
+    TEST_IMAGES, TEST_METADATA, TRAIN_GROUND_TRUTH, TRAIN_IMAGES, TRAIN_METADATA, TRAIN_SUPPLEMENT,
+)
+from .io_utils import atomic_write_csv
+
+HIDDEN_TEST_TRUTH = Path("hidden") / "MILK10k_Test_GroundTruth.csv"
+
+# Approximate class counts of the 5,240 training lesions of the full release.
+FULL_COUNTS = dict(
+    AKIEC=302, BCC=2522, BEN_OTH=44, BKL=542, DF=52, INF=50, MAL_OTH=9, MEL=450, NV=746, SCCKA=473, VASC=50,
+)
+
+# Per class: lesion RGB, radius (fraction of the shorter side), border irregularity, dermoscopic pattern
+# (0 solid, 1 dark ring, 2 speckled), mean age, preferred site.
+_LOOK = {
+    "AKIEC":   ((196, 112, 100), 0.16, 0.10, 2, 72, "head_neck_face"),
+    "BCC":     ((214, 150, 160), 0.19, 0.08, 1, 67, "head_neck_face"),
+    "BEN_OTH": ((200, 176, 120), 0.14, 0.05, 0, 50, "trunk"),
+    "BKL":     ((138, 100, 62), 0.21, 0.12, 2, 66, "trunk"),
+    "DF":      ((158, 112, 92), 0.10, 0.04, 1, 48, "lower_extremity"),
+    "INF":     ((208, 84, 84), 0.27, 0.20, 0, 55, "lower_extremity"),
+    "MAL_OTH": ((104, 64, 96), 0.20, 0.18, 2, 64, "trunk"),
+    "MEL":     ((62, 42, 34), 0.23, 0.30, 2, 62, "trunk"),
+    "NV":      ((118, 80, 52), 0.13, 0.04, 0, 38, "trunk"),
+    "SCCKA":   ((226, 200, 172), 0.20, 0.12, 1, 72, "upper_extremity"),
+    "VASC":    ((168, 34, 62), 0.12, 0.06, 0, 50, "lower_extremity"),
+}
+# Fine-grained diagnoses per class with relative frequencies (as in the official supplement).
+_DIAGNOSES = {
+    "AKIEC": {"Solar or actinic keratosis": 1, "Squamous cell carcinoma in situ, Bowens disease": 2},
+    "BCC": {"Basal cell carcinoma": 1},
+    "BEN_OTH": {"Exogenous": 2, "Infundibular or epidermal cyst": 1, "Juvenile xanthogranuloma": 1},
+    "BKL": {"Seborrheic keratosis": 6, "Lichen planus like keratosis": 2, "Solar lentigo": 1},
+    "DF": {"Dermatofibroma": 1},
+    "INF": {"Inflammatory or infectious diseases": 1},
+    "MAL_OTH": {"Collision - At least one malignant proliferation": 1},
+    "MEL": {"Melanoma Invasive": 6, "Melanoma in situ": 3, "Melanoma metastasis": 1},
+    "NV": {"Nevus": 8, "Nevus, NOS, Compound": 6, "Nevus, Congenital": 4, "Nevus, NOS, Junctional": 2,
+           "Nevus, NOS, Dermal": 1, "Nevus, Acral": 1, "Blue nevus": 1, "Nevus, Spitz": 1},
+    "SCCKA": {"Squamous cell carcinoma, Invasive": 2, "Keratoacanthoma": 1},
+    "VASC": {"Hemangioma": 1},
+}
+_CLINICAL_ASSESSMENT = {"NV": 0.3, "BEN_OTH": 0.5, "BKL": 0.1, "INF": 0.2, "VASC": 0.25, "AKIEC": 0.05}
+_THICKNESS = ["<0.8", ">0.8-1.0", ">1.0-2.0", ">2.0-3.0", ">3.0-4.0", ">4.0-Inf"]
+_SITES = ["head_neck_face", "trunk", "lower_extremity", "upper_extremity", "hand", "foot"]
+_SITE_P = np.array([0.3, 0.36, 0.2, 0.1, 0.025, 0.015])
+_SKIN = np.array([(238, 206, 186), (226, 186, 160), (204, 160, 128), (160, 116, 86), (112, 78, 58)], float)
+_TONE_P = np.array([0.03, 0.1, 0.58, 0.19, 0.1])
+# MONET logit offsets per image type, and per-class shifts of (ulceration, vessels, erythema, pigmented).
+_MONET_BASE = {"clin": np.array([-0.8, -1.7, -4.0, -0.8, -1.3, -1.8, -1.6]),
+               "derm": np.array([-0.7, -0.5, -1.5, -0.7, -0.8, -0.7, -1.0])}
+_MONET_SHIFT = {"AKIEC": (0.8, 0.0, 0.8, -0.5), "BCC": (0.6, 1.0, 0.3, -0.6), "INF": (0.5, 0.3, 1.2, -0.5),
+                "MEL": (0.0, 0.0, -0.5, 1.6), "NV": (-0.6, -0.3, -0.6, 1.3), "BKL": (0.2, -0.3, -0.4, 1.0),
+                "SCCKA": (1.2, 0.4, 0.4, -0.6), "VASC": (0.0, 1.4, 1.0, -0.4)}
+
+
+def generate(
+    out_dir: str | os.PathLike, n_train: int = 300, n_test: int = 60, seed: int = 0, layout: str = "plain",
+    image_size: tuple[int, int] = (600, 450),
+) -> Path:
+    """Write a miniature MILK10k into ``out_dir`` (new or empty) and return its path.
+
+    ``image_size`` is (width, height).  ``layout='nested'`` nests each image folder twice, as unzipping does.
+    The folder appears complete or not at all: it is built next to ``out_dir`` and renamed into place.
+    """
+    if layout not in ("plain", "nested"):
+        raise ValueError(f"layout must be 'plain' or 'nested', got {layout!r}")
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not an empty folder; choose a new one")
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    lesion_ids = np.sort(rng.choice(10_000_000, n, replace=False))
+    lesion_ids = np.array([f"IL_{i:07d}" for i in lesion_ids])
+    isic_ids = np.array([f"ISIC_{i:07d}" for i in rng.choice(10_000_000, 2 * n, replace=False)]).reshape(n, 2)
+    split = np.zeros(n, bool)
+    split[rng.choice(n, n_test, replace=False)] = True
+    labels = np.empty(n, int)
+    labels[~split] = _draw_classes(n_train, rng)
+    labels[split] = _draw_classes(n_test, rng)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for is_test, meta_name, folder in [(False, TRAIN_METADATA, TRAIN_IMAGES), (True, TEST_METADATA, TEST_IMAGES)]:
+            idx = np.flatnonzero(split == is_test)
+            meta = _metadata(lesion_ids[idx], isic_ids[idx], labels[idx], is_test, rng)
+            atomic_write_csv(stage / meta_name, meta)
+            images = stage / folder / folder if layout == "nested" else stage / folder
+            _draw_images(meta, labels[idx], images, image_size, rng)
+            truth = _one_hot(lesion_ids[idx], labels[idx])
+            if is_test:
+                atomic_write_csv(stage / HIDDEN_TEST_TRUTH, truth)
+                atomic_write_csv(stage / SAMPLE_SUBMIT, truth.assign(**{c: "0.0" for c in CLASSES}))
+            else:
+                atomic_write_csv(stage / TRAIN_GROUND_TRUTH, truth)
+                atomic_write_csv(stage / TRAIN_SUPPLEMENT, _supplement(isic_ids[idx], labels[idx], rng))
+        if out.exists():
+            out.rmdir()
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
+
+
+def _draw_classes(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Class indices in a random order: roughly the full-release frequencies, each class at least a few times."""
+    floor = min(5, max(1, n // 40)) if n >= len(CLASSES) else 0
+    p = np.array([FULL_COUNTS[c] for c in CLASSES], float)
+    share = (n - floor * len(CLASSES)) * p / p.sum()
+    counts = floor + np.floor(share).astype(int)
+    counts[np.argsort(np.floor(share) - share)[: n - counts.sum()]] += 1
+    return rng.permutation(np.repeat(np.arange(len(CLASSES)), counts))
+
+
+def _one_hot(lesion_ids: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+    onehot = np.where(np.arange(len(CLASSES)) == labels[:, None], "1.0", "0.0")
+    return pd.DataFrame(onehot, columns=CLASSES).assign(lesion_id=lesion_ids)[GT_COLUMNS]
+
+
+def _metadata(lesion_ids, isic_ids, labels, is_test: bool, rng: np.random.Generator) -> pd.DataFrame:
+    """Two rows per lesion (clinical first), formatted as the official files write them."""
+    n = len(lesion_ids)
+    looks = [_LOOK[CLASSES[k]] for k in labels]
+    age = np.clip(np.round((np.array([lk[4] for lk in looks]) + rng.normal(0, 13, n)) / 5) * 5, 5, 85)
+    sex = np.where(rng.random(n) < 0.56, "male", "female")
+    tone = rng.choice(5, n, p=_TONE_P) + 1
+    site_p = np.tile(_SITE_P, (n, 1))
+    for i, lk in enumerate(looks):
+        site_p[i, _SITES.index(lk[5])] += 0.5
+    cumulative = np.cumsum(site_p / site_p.sum(1, keepdims=True), axis=1)
+    site = np.array(_SITES, object)[(rng.random((n, 1)) > cumulative).sum(axis=1)]
+    # Quirks of the real files: a few missing sites (and ages in training), a site seen only in test.
+    site[rng.random(n) < 0.015] = ""
+    if n >= 30:
+        site[rng.integers(n)] = ""
+    if is_test and n >= 20:
+        site[rng.choice(np.flatnonzero(site != ""), 1)] = "genital"
+    age_text = np.array([f"{a:.0f}" if is_test else f"{a:.1f}" for a in age], object)  # the files differ so
+    if not is_test:
+        age_text[rng.random(n) < 0.01] = ""
+        if n >= 30:
+            age_text[rng.integers(n)] = ""
+
+    rows = []
+    shift = np.zeros((n, len(MONET)))
+    for i, k in enumerate(labels):
+        shift[i, [0, 2, 3, 4]] = _MONET_SHIFT.get(CLASSES[k], (0, 0, 0, 0))
+    for j, tag in enumerate(("clin", "derm")):
+        monet = 1 / (1 + np.exp(-(_MONET_BASE[tag] + shift + rng.normal(0, 1.1, (n, len(MONET))))))
+        altered = rng.random(n) < 0.03
+        frame = pd.DataFrame({
+            "lesion_id": lesion_ids, "image_type": IMAGE_TYPES["clinical" if j == 0 else "dermoscopic"],
+            "isic_id": isic_ids[:, j],
+            "attribution": "MILK study team", "copyright_license": "CC-BY-NC",
+            "image_manipulation": np.where(altered, "altered", "instrument only"),
+            "age_approx": age_text, "sex": sex, "skin_tone_class": tone.astype(str), "site": site,
+            **{name: [f"{v:.15g}" for v in monet[:, m]] for m, name in enumerate(MONET)},
+        })
+        rows.append(frame)
+    meta = pd.concat(rows).sort_index(kind="stable").reset_index(drop=True)  # clinical row, then dermoscopic
+    if n >= 30 and not (meta.image_manipulation == "altered").any():
+        meta.loc[rng.integers(2 * n), "image_manipulation"] = "altered"
+    return meta[METADATA_COLUMNS]
+
+
+def _supplement(isic_ids: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
+    """One row per image, sorted by isic_id; both images of a lesion share its diagnosis."""
+    rows = []
+    invasive_seen = False
+    for ids, k in zip(isic_ids, labels):
+        cls = CLASSES[k]
+        names, weights = zip(*_DIAGNOSES[cls].items())
+        diagnosis = names[rng.choice(len(names), p=np.array(weights) / sum(weights))]
+        if cls == "MEL" and not invasive_seen:
+            diagnosis = "Melanoma Invasive"
+        invasive_seen |= diagnosis == "Melanoma Invasive"
+        clinical = rng.random() < _CLINICAL_ASSESSMENT.get(cls, 0)
+        confirm = "single contributor clinical assessment" if clinical else "histopathology"
+        thickness = ""
+        if diagnosis == "Melanoma Invasive":
+            thickness = _THICKNESS[min(int(rng.exponential(1.2)), len(_THICKNESS) - 1)]
+        rows += [(isic, diagnosis, confirm, thickness) for isic in ids]
+    return pd.DataFrame(rows, columns=SUPPLEMENT_COLUMNS).sort_values("isic_id", ignore_index=True)
+
+
+def _draw_images(
+    meta: pd.DataFrame, labels: np.ndarray, folder: Path, size: tuple[int, int], rng: np.random.Generator
+) -> None:
+    """Draw both images of each lesion at half resolution with numpy, double the pixels and save as JPEG."""
+    width, height = size
+    w, h = width // 2, height // 2
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    vignette = np.clip(1.6 - np.hypot((xx - w / 2) / (w / 2), (yy - h / 2) / (h / 2)), 0, 1)[..., None]
+    bank = rng.standard_normal((2 * h, 2 * w, 3), dtype=np.float32)  # noise is cropped from it at random offsets
+
+    def noise() -> np.ndarray:
+        y, x = rng.integers(h), rng.integers(w)
+        return bank[y:y + h, x:x + w]
+
+    tones = meta.skin_tone_class.to_numpy(int)[::2]
+    for i, k in enumerate(labels):
+        colour, radius, rough, pattern = _LOOK[CLASSES[k]][:4]
+        lesion_colour = (np.array(colour) * rng.lognormal(0, 0.18) + rng.normal(0, 6, 3)).astype(np.float32)
+        # Distance from the centre in units of the (irregular, tilted, elliptic) border: 1 on the border.
+        cx, cy = float(rng.normal(w / 2, 0.08 * w)), float(rng.normal(h / 2, 0.08 * h))
+        phase1, phase2, tilt = map(float, rng.uniform(0, 2 * np.pi, 3))
+        aspect, r0 = float(rng.uniform(0.7, 1.0)), float(radius * min(w, h) * rng.lognormal(0, 0.3))
+        u = ((xx - cx) * math.cos(tilt) + (yy - cy) * math.sin(tilt)) / aspect
+        v = (yy - cy) * math.cos(tilt) - (xx - cx) * math.sin(tilt)
+        theta = np.arctan2(v, u)
+        radial = np.hypot(u, v) / (r0 * (1 + rough * (np.sin(3 * theta + phase1) + 0.6 * np.sin(5 * theta + phase2))))
+        for j, derm in enumerate((False, True)):
+            skin = (_SKIN[tones[i] - 1] * rng.lognormal(0, 0.06) + rng.normal(0, 3, 3)).astype(np.float32)
+            dist = radial / 1.6 if derm else radial  # the dermoscopic view is magnified
+            alpha = np.clip((1 - dist) * (8 if derm else 5), 0, 1)[..., None]
+            shade = lesion_colour * (0.9 if derm else 1.0)
+            if derm and pattern == 1:  # dark ring along the border
+                shade = shade * (1 - 0.45 * np.exp(-100 * (dist - 0.85) ** 2))[..., None]
+            elif derm and pattern == 2:  # dark speckles
+                shade = shade * (1 - 0.4 * (noise()[..., :1] < -0.67))
+            img = skin + 7 * noise()[..., :1]
+            img += (shade - img) * alpha + 6 * noise()
+            if derm:
+                img *= vignette
+            pixels = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).resize((width, height), Image.NEAREST)
+            row = meta.iloc[2 * i + j]
+            path = folder / row.lesion_id / f"{row.isic_id}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pixels.save(path, "JPEG", quality=88)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m src.synth", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="new or empty folder to write the miniature dataset into")
+    parser.add_argument("--n-train", type=int, default=300)
+    parser.add_argument("--n-test", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=["plain", "nested"], default="plain")
+    args = parser.parse_args(argv)
+    out = generate(args.out_dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed, layout=args.layout)
+    print(f"wrote {args.n_train} training and {args.n_test} test lesions to {out}")
+    print(f"test labels (never read by the pipeline): {out / HIDDEN_TEST_TRUTH}")
+
+
+if __name__ == "__main__":
+    main()

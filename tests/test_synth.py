@@ -1,0 +1,162 @@
+"""The generated miniature MILK10k against the real fixture rows (attribution: "MILK study team", CC-BY-NC)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from src.data import (
+    CLASSES, MONET, SAMPLE_SUBMIT, TEST_IMAGES, TEST_METADATA, TRAIN_GROUND_TRUTH, TRAIN_IMAGES, TRAIN_METADATA,
+    TRAIN_SUPPLEMENT, load_test, load_train,
+)
+from src.synth import generate, main
+
+CSVS = [TRAIN_METADATA, TRAIN_GROUND_TRUTH, TRAIN_SUPPLEMENT, TEST_METADATA, SAMPLE_SUBMIT]
+HIDDEN = Path("hidden") / "MILK10k_Test_GroundTruth.csv"
+TINY = dict(image_size=(64, 48))
+
+
+def _raw(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+@pytest.mark.parametrize("name", CSVS)
+def test_schema_matches_real_files(mini_data: Path, sample_dir: Path, name: str) -> None:
+    synth, real = pd.read_csv(mini_data / name), pd.read_csv(sample_dir / name)
+    assert list(synth.columns) == list(real.columns)
+    assert synth.dtypes.to_dict() == real.dtypes.to_dict()
+    for column in ["image_type", "attribution", "copyright_license", "image_manipulation", "sex",
+                   "diagnosis_confirm_type", "invasion_thickness_interval", "diagnosis_full"]:
+        if column in real:
+            assert set(synth[column].dropna()) <= set(real[column].dropna()), column
+    if "site" in real:
+        assert set(synth.site.dropna()) <= set(real.site.dropna()) | {"genital"}
+    if "MONET_hair" in real:  # floats written as the official files write them ('%.15g'), ages as there
+        for frame in (_raw(mini_data / name), _raw(sample_dir / name)):
+            assert all(f"{float(v):.15g}" == v for m in MONET for v in frame[m])
+        synth_ages, real_ages = _raw(mini_data / name).age_approx, _raw(sample_dir / name).age_approx
+        assert {v[-2:] == ".0" for v in synth_ages if v} == {v[-2:] == ".0" for v in real_ages if v}
+        assert synth.age_approx.dropna().mod(5).eq(0).all() and synth.skin_tone_class.between(1, 5).all()
+        pairs = synth.groupby("lesion_id").image_type.agg(tuple)
+        assert (pairs == ("clinical: close-up", "dermoscopic")).all()
+    if name in (TRAIN_GROUND_TRUTH, SAMPLE_SUBMIT):
+        assert _raw(mini_data / name).iloc[:, 1:].isin(["0.0", "1.0"]).all().all()
+
+
+def test_ids_layout_and_no_reachable_test_labels(mini_data: Path) -> None:
+    train, test = pd.read_csv(mini_data / TRAIN_METADATA), pd.read_csv(mini_data / TEST_METADATA)
+    ids = pd.concat([train, test])
+    assert ids.lesion_id.str.fullmatch(r"IL_\d{7}").all() and ids.isic_id.str.fullmatch(r"ISIC_\d{7}").all()
+    assert ids.isic_id.is_unique and not set(train.lesion_id) & set(test.lesion_id)
+    assert train.lesion_id.is_monotonic_increasing and test.lesion_id.is_monotonic_increasing
+    assert sorted(p.name for p in mini_data.iterdir()) == sorted([*CSVS, TRAIN_IMAGES, TEST_IMAGES, "hidden"])
+    hidden = pd.read_csv(mini_data / HIDDEN)
+    assert list(hidden.lesion_id) == list(pd.read_csv(mini_data / SAMPLE_SUBMIT).lesion_id)
+    assert list(hidden.lesion_id) == sorted(set(test.lesion_id)) and (hidden[CLASSES].sum(axis=1) == 1).all()
+    assert (pd.read_csv(mini_data / SAMPLE_SUBMIT)[CLASSES] == 0).all().all()
+    supplement = pd.read_csv(mini_data / TRAIN_SUPPLEMENT)
+    assert supplement.isic_id.is_monotonic_increasing and set(supplement.isic_id) == set(train.isic_id)
+
+
+def test_data_layer_reads_it_with_images(mini_data: Path) -> None:
+    train, test = load_train(mini_data), load_test(mini_data)
+    assert len(train) == 120 and len(test) == 30
+    assert (train.diagnosis_full != "").all()
+    truth = pd.read_csv(mini_data / TRAIN_GROUND_TRUTH).set_index("lesion_id")[CLASSES].to_numpy().argmax(1)
+    np.testing.assert_array_equal(train.target.to_numpy(), truth)
+
+
+def test_images_are_600x450_rgb_jpegs(mini_data: Path) -> None:
+    files = sorted((mini_data / TRAIN_IMAGES).glob("*/*.jpg")) + sorted((mini_data / TEST_IMAGES).glob("*/*.jpg"))
+    assert len(files) == 2 * (120 + 30)
+    for path in files:
+        with Image.open(path) as im:
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (600, 450)), path
+
+
+def test_every_class_present_with_realistic_frequencies(mini_data: Path, tmp_path: Path) -> None:
+    counts = pd.read_csv(mini_data / TRAIN_GROUND_TRUTH)[CLASSES].sum()
+    assert (counts >= 3).all() and counts.idxmax() == "BCC" and counts["BCC"] > 3 * counts["MEL"]
+    assert counts["MAL_OTH"] <= counts["NV"] / 3
+    bigger = generate(tmp_path / "big", n_train=300, n_test=12, seed=1, **TINY)
+    big_counts = pd.read_csv(bigger / TRAIN_GROUND_TRUTH)[CLASSES].sum()
+    assert (big_counts >= 5).all() and big_counts.sum() == 300 and big_counts.idxmax() == "BCC"
+
+
+def test_quirks_of_the_real_files_are_present(mini_data: Path) -> None:
+    train, test = load_train(mini_data), load_test(mini_data)
+    assert train.age_approx.isna().any() and not test.age_approx.isna().any()
+    assert (train.site == "").any() and (test.site == "").any()
+    assert "genital" in set(test.site) and "genital" not in set(train.site)
+    manipulation = pd.concat([frame[["clin_manipulation", "derm_manipulation"]] for frame in (train, test)])
+    assert (manipulation == "altered").any().any()
+    assert (train.clin_MONET_hair != train.derm_MONET_hair).all()
+    assert train.diagnosis_full.nunique() > len(CLASSES)
+    supplement = pd.read_csv(mini_data / TRAIN_SUPPLEMENT)
+    invasive = supplement.diagnosis_full == "Melanoma Invasive"
+    assert invasive.any() and supplement.invasion_thickness_interval[invasive].notna().all()
+    assert supplement.invasion_thickness_interval[~invasive].isna().all()
+
+
+def test_deterministic_for_a_seed(tmp_path: Path) -> None:
+    def snapshot(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    a = snapshot(generate(tmp_path / "a", n_train=20, n_test=5, seed=7, **TINY))
+    b = snapshot(generate(tmp_path / "b", n_train=20, n_test=5, seed=7, **TINY))
+    c = snapshot(generate(tmp_path / "c", n_train=20, n_test=5, seed=8, **TINY))
+    assert a == b and len(a) == 5 + 1 + 2 * 25
+    assert a[TRAIN_METADATA] != c[TRAIN_METADATA]
+
+
+def test_class_signal_is_learnable(mini_data: Path, tmp_path: Path) -> None:
+    data = generate(tmp_path / "signal", n_train=400, n_test=0, seed=1, **TINY)  # same drawing, smaller pixels
+    train = load_train(data)
+    y = train.target.to_numpy()
+
+    def thumbnail(path: str) -> np.ndarray:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB").resize((8, 6)), float).ravel() / 255
+
+    x = np.stack([thumbnail(p) for p in train.derm_path])
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, tol=1e-3, max_iter=500))
+    accuracy = cross_val_score(model, x, y, cv=StratifiedKFold(4, shuffle=True, random_state=0)).mean()
+    majority = np.bincount(y).max() / len(y)
+    assert accuracy > majority + 0.2, (accuracy, majority)
+
+    mini = load_train(mini_data)  # the metadata carries a weaker signal
+    ages = mini.groupby("target").age_approx.mean()
+    assert ages[CLASSES.index("NV")] < ages[CLASSES.index("BCC")] - 10
+    pigment = mini.groupby("target").derm_MONET_pigmented.mean()
+    assert pigment[CLASSES.index("MEL")] > pigment[CLASSES.index("BCC")]
+
+
+def test_cli_nested_layout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    main([str(tmp_path / "cli"), "--n-train", "12", "--n-test", "3", "--seed", "2", "--layout", "nested"])
+    assert "12 training and 3 test lesions" in capsys.readouterr().out
+    assert (tmp_path / "cli" / TRAIN_IMAGES / TRAIN_IMAGES).is_dir()
+    assert len(load_train(tmp_path / "cli")) == 12 and len(load_test(tmp_path / "cli")) == 3
+
+
+def test_refuses_a_non_empty_folder_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=re.escape(str(target))):
+        generate(target, n_train=12, n_test=3, **TINY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    with pytest.raises(ValueError, match="layout"):
+        generate(tmp_path / "new", layout="zipped")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert generate(empty, n_train=12, n_test=3, **TINY) == empty.resolve()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
