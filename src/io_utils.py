@@ -39,10 +39,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def atomic_write_csv(path: str | os.PathLike, df, **kwargs) -> Path:
-    """Write a DataFrame so floats round-trip exactly (``repr`` precision)."""
+    """Write a DataFrame so floats round-trip exactly: shortest ``repr``, which always keeps a '.' or an
+    exponent, so a column of exact zeros still reads back as floats (the leaderboard refuses integer columns)."""
     kwargs.setdefault("index", False)
-    kwargs.setdefault("float_format", "%.17g")
+    kwargs.setdefault("float_format", _float_repr)
     return atomic_write(path, lambda tmp: df.to_csv(tmp, **kwargs))
+
+
+def _float_repr(x) -> str:
+    return repr(float(x))
 
 
 def _json_default(obj: Any) -> Any:

@@ -19,7 +19,8 @@ from .config import Config
 
 
 def run_parallel(cfg: Config, gpus: str, poll_s: float = 0.5) -> dict:
-    from .train import collect, fold_done, prepare
+    from .outputs import collect, fold_done
+    from .train import prepare
 
     slots = [g.strip() for g in gpus.split(",") if g.strip()]
     todo = [k for k in cfg.fold_list() if not fold_done(cfg, k)]
@@ -66,7 +67,8 @@ def run_one_fold(config_json: str, fold: int) -> int:
     """Worker of run_parallel: train one fold of the saved config on whatever device this process sees."""
     import json
 
-    from .train import fold_done, prepare, train_fold
+    from .outputs import fold_done
+    from .train import prepare, train_fold
 
     cfg = Config(**json.loads(Path(config_json).read_text()))
     print(f"[{cfg.name}] fold {fold} on CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}",
@@ -79,7 +81,8 @@ def run_one_fold(config_json: str, fold: int) -> int:
 def run_distributed(cfg: Config) -> dict:
     """Inside torchrun: every listed fold over all processes, one after the other."""
     from .dist import DistContext
-    from .train import collect, fold_done, prepare, train_fold
+    from .outputs import collect, fold_done
+    from .train import prepare, train_fold
 
     dist = DistContext.from_env(cfg.device)
     try:

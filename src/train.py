@@ -32,6 +32,7 @@ from .features import MetadataEncoder
 from .folds import load_or_make_folds
 from .io_utils import atomic_write, atomic_write_csv, atomic_write_json
 from .model import build_model, count_parameters
+from .outputs import collect, fold_done, fold_metrics, probs_frame
 from .scoring import f1_per_class
 from .tracking import Tracker
 
@@ -177,21 +178,11 @@ def autocast(cfg: Config, device: torch.device):
     return nullcontext()
 
 
-def probs_frame(ids, probs: np.ndarray) -> pd.DataFrame:
-    df = pd.DataFrame(probs.astype(np.float64), columns=CLASSES)
-    df.insert(0, "lesion_id", list(ids))
-    return df
-
-
 # ----------------------------------------------------------------------------------------------------
 # one fold
 # ----------------------------------------------------------------------------------------------------
 def _save_torch(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def fold_done(cfg: Config, fold: int) -> bool:
-    return (cfg.fold_dir(fold) / "metrics.json").is_file()
 
 
 def _lr_lambda(cfg: Config, steps_per_epoch: int):
@@ -461,44 +452,9 @@ def selection_score(metric: str, y: np.ndarray, probs: np.ndarray, per_class: np
     return float(auc) if auc is not None else 0.0
 
 
-def fold_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
-    from sklearn.metrics import roc_auc_score
-
-    per_class = f1_per_class(y, probs)
-    aucs = {}
-    for i, c in enumerate(CLASSES):
-        if 0 < y[:, i].sum() < len(y):
-            aucs[c] = float(roc_auc_score(y[:, i], probs[:, i]))
-    loss = float(F.binary_cross_entropy(torch.from_numpy(probs).float().clamp(1e-7, 1 - 1e-7),
-                                        torch.from_numpy(y).float()))
-    return {"macro_f1": float(per_class.mean()), "f1": dict(zip(CLASSES, map(float, per_class))),
-            "auc": aucs, "auc_macro": float(np.mean(list(aucs.values()))) if aucs else None,
-            "accuracy": float((probs.argmax(1) == y.argmax(1)).mean()), "loss": loss, "n": int(len(y))}
-
-
 # ----------------------------------------------------------------------------------------------------
 # all folds of an experiment
 # ----------------------------------------------------------------------------------------------------
-def collect(cfg: Config, train: pd.DataFrame) -> dict:
-    """Join the folds' predictions into <exp>/oof.csv (train order) and <exp>/test.csv (mean over folds)."""
-    folds = [k for k in range(cfg.n_folds) if fold_done(cfg, k)]
-    if len(folds) < cfg.n_folds:
-        missing = sorted(set(range(cfg.n_folds)) - set(folds))
-        return {"complete": False, "missing_folds": missing}
-    oof = pd.concat([pd.read_csv(cfg.fold_dir(k) / "oof.csv") for k in folds])
-    oof = oof.set_index("lesion_id").reindex(train["lesion_id"]).reset_index()
-    if oof[CLASSES].isna().any().any():
-        raise ValueError(f"{cfg.exp_dir()}: the folds' oof.csv files do not cover every training lesion")
-    tests = [pd.read_csv(cfg.fold_dir(k) / "test.csv").set_index("lesion_id") for k in folds]
-    test = sum(t[CLASSES] for t in tests) / len(tests)
-    atomic_write_csv(cfg.exp_dir() / "oof.csv", oof)
-    atomic_write_csv(cfg.exp_dir() / "test.csv", test.reset_index())
-    metrics = fold_metrics(train[CLASSES].to_numpy(np.float32), oof[CLASSES].to_numpy(np.float32))
-    metrics["complete"] = True
-    atomic_write_json(cfg.exp_dir() / "oof_metrics.json", metrics)
-    return metrics
-
-
 def run_folds(cfg: Config, data: Prepared | None = None) -> dict:
     """Train every missing fold of ``cfg`` in this process, then collect. Complete folds are skipped."""
     todo = [k for k in cfg.fold_list() if not fold_done(cfg, k)]

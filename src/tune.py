@@ -81,7 +81,8 @@ def evaluate(cfg: Config, data) -> float:
     """Train ``cfg``'s folds (resuming) and return the honest macro F1 after the decision rule on them."""
     from .decision import honest_oof
     from .scoring import macro_f1
-    from .train import fold_done, train_fold
+    from .outputs import fold_done
+    from .train import train_fold
 
     rows, probs = [], []
     for k in cfg.fold_list():

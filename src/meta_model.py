@@ -1,0 +1,150 @@
+"""Metadata-only experiments (``model=meta``): scikit-learn models on the lesion metadata, no images.
+
+Per fold k, the models are fitted on the other folds' lesions (features from a
+``MetadataEncoder(extended=True)`` fitted on those lesions only) and predict fold k and the test set;
+the fold folders hold the same files as an image experiment's (oof.csv, test.csv, encoder.json,
+config.json, metrics.json last), so blending, stacking and submission treat both alike.
+
+Every model is an unweighted softmax classifier: its probabilities estimate the class frequencies,
+which the per-class thresholds applied later need.  ``cfg.meta_models`` lists the models whose
+probabilities are averaged: 'logreg', 'hgb', 'mlp'.  :func:`cross_fit` is the fold loop shared with
+the stacker (src/stacker.py).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from .config import Config, ConfigError
+from .data import CLASSES, load_test, load_train
+from .decision import honest_oof
+from .features import MetadataEncoder
+from .folds import load_or_make_folds
+from .io_utils import atomic_write_csv, atomic_write_json
+from .scoring import macro_f1
+from .tracking import Tracker
+from .outputs import collect, fold_done, fold_metrics, probs_frame
+
+MODELS = ("logreg", "hgb", "mlp")
+
+# (encoder, features of the training rows, of the held-out rows, of the test rows) for a training mask.
+FeatureBuilder = Callable[[np.ndarray], tuple[MetadataEncoder, np.ndarray, np.ndarray, np.ndarray]]
+
+
+def parse_models(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in MODELS]
+    if not names or bad:
+        raise ConfigError(f"meta_models={text!r}: expected a comma list of {list(MODELS)}")
+    return names
+
+
+def make_model(name: str, seed: int, y: np.ndarray) -> BaseEstimator:
+    """One unweighted multiclass classifier; the linear and neural ones see standardised features."""
+    if name == "logreg":
+        return make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=5000))
+    if name == "hgb":
+        return HistGradientBoostingClassifier(learning_rate=0.1, max_iter=60, max_depth=3, max_leaf_nodes=8,
+                                              min_samples_leaf=20, l2_regularization=1.0, early_stopping=False,
+                                              random_state=seed)
+    if name == "mlp":
+        # the early-stopping split is stratified and must hold at least one row per class
+        fraction = min(0.5, max(0.15, (len(np.unique(y)) + 1) / len(y)))
+        return make_pipeline(StandardScaler(), MLPClassifier(
+            hidden_layer_sizes=(64,), alpha=1.0, learning_rate_init=1e-3, max_iter=300, early_stopping=True,
+            validation_fraction=fraction, n_iter_no_change=15, random_state=seed))
+    raise ConfigError(f"unknown metadata model {name!r}; use one of {list(MODELS)}")
+
+
+def fit_predict(names: list[str], seed: int, x: np.ndarray, y: np.ndarray, *evaluate: np.ndarray) -> list[np.ndarray]:
+    """Fit each model on (x, y) (class indices) and return, per array of ``evaluate``, the models' mean
+    probabilities over all 11 classes; a class absent from ``y`` gets probability 0."""
+    out = [np.zeros((len(e), len(CLASSES))) for e in evaluate]
+    for name in names:
+        xf, yf = x, y
+        if name == "mlp":  # a class seen once is repeated so the stratified split can hold it out
+            once = np.flatnonzero(np.isin(y, np.flatnonzero(np.bincount(y) == 1)))
+            xf, yf = np.concatenate([x, x[once]]), np.concatenate([y, y[once]])
+        with threadpool_limits(1):  # small fits; OpenMP threads on a busy machine only spin
+            model = make_model(name, seed, yf).fit(xf, yf)
+        for acc, e in zip(out, evaluate):
+            acc[:, model.classes_] += model.predict_proba(e) / len(names)
+    return out
+
+
+def cross_fit(cfg: Config, train: pd.DataFrame, test: pd.DataFrame, folds: np.ndarray, build: FeatureBuilder) -> dict:
+    """Fit and predict every missing fold of ``cfg.fold_list()``, then collect the experiment."""
+    names = parse_models(cfg.meta_models)
+    cfg.exp_dir().mkdir(parents=True, exist_ok=True)
+    cfg.save(cfg.exp_dir() / "config.json")
+    todo = [k for k in cfg.fold_list() if not fold_done(cfg, k)]
+    tracker = Tracker(cfg, cfg.model, job_type=cfg.model) if todo else None
+    y = train["target"].to_numpy()
+    for k in todo:
+        start = time.time()
+        held = folds == k
+        encoder, x_tr, x_va, x_te = build(~held)
+        oof, test_probs = fit_predict(names, cfg.seed * 1000 + k, x_tr, y[~held], x_va, x_te)
+        fdir = cfg.fold_dir(k)
+        encoder.save(fdir / "encoder.json")
+        cfg.save(fdir / "config.json")
+        atomic_write_csv(fdir / "oof.csv", probs_frame(train["lesion_id"][held], oof))
+        atomic_write_csv(fdir / "test.csv", probs_frame(test["lesion_id"], test_probs))
+        metrics = fold_metrics(train.loc[held, CLASSES].to_numpy(np.float32), oof.astype(np.float32))
+        metrics.update(fold=k, models=names, n_features=int(x_tr.shape[1]), n_train=int((~held).sum()),
+                       wall_time_s=time.time() - start)
+        atomic_write_json(fdir / "metrics.json", metrics)  # written last: marks the fold complete
+        print(f"[{cfg.name} fold {k}] oof macro F1 {metrics['macro_f1']:.4f} ({metrics['wall_time_s']:.1f}s)", flush=True)
+        if tracker is not None:
+            tracker.log({"fold": k, "macro_f1": metrics["macro_f1"], **{f"f1/{c}": v for c, v in metrics["f1"].items()}})
+    result = finish(cfg, train, folds)
+    if tracker is not None:
+        tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
+        tracker.finish()
+    return result
+
+
+def finish(cfg: Config, train: pd.DataFrame, folds: np.ndarray) -> dict:
+    """collect(), plus the out-of-fold macro F1 after ``cfg.decision`` applied without held-out labels."""
+    result = collect(cfg, train)
+    if not result.get("complete"):
+        return result
+    y = train[CLASSES].to_numpy(np.float64)
+    oof = pd.read_csv(cfg.exp_dir() / "oof.csv")[CLASSES].to_numpy(np.float64)
+    if cfg.decision != "none":
+        folded, _ = honest_oof(cfg.decision, y, oof, folds, method=cfg.threshold_method,
+                               n_trials=cfg.threshold_trials, seed=cfg.seed)
+        result[f"macro_f1_{cfg.decision}"] = macro_f1(y, folded)
+    print(f"[{cfg.name}] oof macro F1 {result['macro_f1']:.4f} at 0.5"
+          + (f", {result[f'macro_f1_{cfg.decision}']:.4f} with honest {cfg.decision}" if cfg.decision != "none" else ""),
+          flush=True)
+    return result
+
+
+def load_lesions(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """Training and test lesions (no image checks) and the shared fold of every training lesion."""
+    train = load_train(cfg.data_dir, check_images=False)
+    test = load_test(cfg.data_dir, check_images=False)
+    folds = load_or_make_folds(train, cfg.resolved_folds_csv(), cfg.n_folds, cfg.fold_seed)["fold"].to_numpy()
+    return train, test, folds
+
+
+def run_meta(cfg: Config) -> dict:
+    """Run the metadata-only experiment ``cfg`` (complete folds are kept) and return collect()'s metrics."""
+    train, test, folds = load_lesions(cfg)
+
+    def build(rows: np.ndarray):
+        encoder = MetadataEncoder(extended=True).fit(train[rows])
+        return encoder, encoder.transform(train[rows]), encoder.transform(train[~rows]), encoder.transform(test)
+
+    return cross_fit(cfg, train, test, folds, build)

@@ -1,0 +1,110 @@
+"""Second-stage stacker (``model=stack``): a model on the inputs' out-of-fold probabilities plus metadata.
+
+Features of a lesion: the logits of every input experiment's probabilities (``cfg.stack_inputs``,
+read from ``<output_dir>/<input>/oof.csv`` for training lesions and ``test.csv`` for test lesions)
+and the plain ``MetadataEncoder`` features.  Fold k's model is fitted on the other folds' rows only,
+so the stacker's out-of-fold predictions never see their own fold's labels; it writes the same files
+as every experiment, so it can itself be blended, thresholded and submitted.  The models are those of
+src/meta_model.py, chosen with ``cfg.meta_models`` ('logreg', 'hgb' or a comma list averaged).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import Config, ConfigError
+from .data import CLASSES
+from .features import MetadataEncoder
+from .meta_model import cross_fit, load_lesions
+
+LOGIT_CLIP = 1e-6
+SAME_FOLDS = ("n_folds", "fold_seed", "folds_csv")
+
+
+class StackError(ValueError):
+    """A stacker input that cannot be used: incomplete, built on other folds, or malformed."""
+
+
+def input_names(cfg: Config) -> list[str]:
+    names = [s.strip() for s in cfg.stack_inputs.split(",") if s.strip()]
+    if not names:
+        raise ConfigError(f"{cfg.name}: stack_inputs is empty; name the experiments to stack, e.g. stack_inputs=exp000,exp001")
+    if cfg.name in names or len(set(names)) < len(names):
+        raise ConfigError(f"{cfg.name}: stack_inputs={cfg.stack_inputs!r} repeats an experiment or names the stacker itself")
+    return names
+
+
+def read_probs(path: Path, ids: pd.Series) -> np.ndarray:
+    """Probabilities (len(ids), 11) of ``path`` (lesion_id + CLASSES) in the order of ``ids``."""
+    try:
+        df = pd.read_csv(path, dtype={"lesion_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise StackError(f"{path}: cannot read the CSV ({err})") from None
+    if list(df.columns) != ["lesion_id", *CLASSES]:
+        raise StackError(f"{path}: line 1: columns must be lesion_id,{','.join(CLASSES)}, got {','.join(df.columns)}")
+    dup = np.flatnonzero(df["lesion_id"].duplicated().to_numpy())
+    if dup.size:
+        raise StackError(f"{path}: line {dup[0] + 2}, column lesion_id: {df['lesion_id'].iloc[dup[0]]!r} appears twice")
+    values = df[CLASSES].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    bad = np.argwhere(~((values >= 0) & (values <= 1)))
+    if bad.size:
+        r, c = bad[0]
+        raise StackError(f"{path}: line {r + 2}, column {CLASSES[c]}: {df.iat[r, c + 1]!r} is not a probability in [0, 1]")
+    missing = sorted(set(ids) - set(df["lesion_id"]))
+    if missing:
+        raise StackError(f"{path}: column lesion_id: {len(missing)} lesion(s) missing, e.g. {missing[0]!r}")
+    extra = np.flatnonzero(~df["lesion_id"].isin(set(ids)).to_numpy())
+    if extra.size:
+        raise StackError(f"{path}: line {extra[0] + 2}, column lesion_id: {df['lesion_id'].iloc[extra[0]]!r} "
+                         "is not an expected lesion")
+    return pd.DataFrame(values, index=df["lesion_id"]).loc[list(ids)].to_numpy()
+
+
+def _check_input(cfg: Config, name: str) -> Path:
+    """The folder of a complete input experiment built on the stacker's folds."""
+    folder = Path(cfg.output_dir) / name
+    lacking = [f"fold{k}/metrics.json" for k in range(cfg.n_folds) if not (folder / f"fold{k}" / "metrics.json").is_file()]
+    lacking += [f for f in ("oof.csv", "test.csv") if not (folder / f).is_file()]
+    if lacking:
+        raise StackError(f"stack input {name!r} is not complete: {folder} lacks {', '.join(lacking)}; "
+                         f"run experiment {name} (all {cfg.n_folds} folds) first")
+    saved = folder / "config.json"
+    if saved.is_file():
+        theirs = json.loads(saved.read_text(encoding="utf-8"))
+        for key in SAME_FOLDS:
+            if key in theirs and theirs[key] != getattr(cfg, key):
+                raise StackError(f"stack input {name!r}: {saved} has {key}={theirs[key]!r} but the stacker uses "
+                                 f"{getattr(cfg, key)!r}; stacked experiments must share one fold split")
+    return folder
+
+
+def load_inputs(cfg: Config, train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of every input's out-of-fold (train order) and test probabilities, inputs side by side."""
+    oof, tst = [], []
+    for name in input_names(cfg):
+        folder = _check_input(cfg, name)
+        oof.append(read_probs(folder / "oof.csv", train["lesion_id"]))
+        tst.append(read_probs(folder / "test.csv", test["lesion_id"]))
+
+    def logit(parts: list[np.ndarray]) -> np.ndarray:
+        p = np.clip(np.hstack(parts), LOGIT_CLIP, 1 - LOGIT_CLIP)
+        return np.log(p / (1 - p))
+
+    return logit(oof), logit(tst)
+
+
+def run_stack(cfg: Config) -> dict:
+    """Run the stacker ``cfg`` over ``cfg.stack_inputs`` (complete folds are kept); returns collect()'s metrics."""
+    train, test, folds = load_lesions(cfg)
+    z_train, z_test = load_inputs(cfg, train, test)
+
+    def build(rows: np.ndarray):
+        encoder = MetadataEncoder(extended=False).fit(train[rows])
+        return (encoder, np.hstack([z_train[rows], encoder.transform(train[rows])]),
+                np.hstack([z_train[~rows], encoder.transform(train[~rows])]),
+                np.hstack([z_test, encoder.transform(test)]))
+
+    return cross_fit(cfg, train, test, folds, build)

@@ -1,0 +1,118 @@
+"""Metadata-only experiment exp000: complete folds, coverage, a learned signal, determinism, rare classes.
+
+One test reads the real rows of tests/fixtures/milk10k_sample (MILK10k, "MILK study team", CC-BY-NC).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from src.config import ConfigError, load_config
+from src.data import CLASSES, load_test, load_train
+from src.meta_model import MODELS, fit_predict, parse_models, run_meta
+from src.outputs import fold_done
+
+FOLD_FILES = ("oof.csv", "test.csv", "encoder.json", "config.json", "metrics.json")
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+def exp000(data_dir: Path, output_dir: Path, *extra: str):
+    return load_config("exp000", [f"data_dir={data_dir}", f"output_dir={output_dir}", "wandb_mode=disabled", *extra])
+
+
+def check_outputs(cfg, data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    train, test = load_train(data_dir, check_images=False), load_test(data_dir, check_images=False)
+    for k in range(cfg.n_folds):
+        assert fold_done(cfg, k)
+        assert all((cfg.fold_dir(k) / f).is_file() for f in FOLD_FILES)
+    oof, tst = pd.read_csv(cfg.exp_dir() / "oof.csv"), pd.read_csv(cfg.exp_dir() / "test.csv")
+    assert oof["lesion_id"].tolist() == train["lesion_id"].tolist()
+    assert sorted(tst["lesion_id"]) == sorted(test["lesion_id"])
+    for frame in (oof, tst):
+        p = frame[CLASSES].to_numpy()
+        assert list(frame.columns) == ["lesion_id", *CLASSES]
+        assert np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()
+        np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-6)
+    return train, oof
+
+
+def best_constant_f1(y: np.ndarray) -> float:
+    """Macro F1 of the best prediction that ignores the lesion: per class, always or never positive."""
+    pos, n = y.sum(0), len(y)
+    return float(np.mean(np.maximum(2 * pos / (n + pos), pos == 0)))
+
+
+@pytest.fixture(scope="module")
+def mini_run(mini_data, tmp_path_factory):
+    """exp000 run once on the miniature data: (config, run_meta's result)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "disabled")
+        cfg = exp000(mini_data, tmp_path_factory.mktemp("exp000"))
+        return cfg, run_meta(cfg)
+
+
+def test_exp000_learns_the_metadata_signal(mini_data, mini_run):
+    cfg, result = mini_run
+    assert result["complete"] and cfg.model == "meta" and cfg.decision == "threshold"
+    train, oof = check_outputs(cfg, mini_data)
+    y = train[CLASSES].to_numpy(np.float64)
+    assert result["macro_f1_threshold"] > best_constant_f1(y) + 0.08
+    assert result["auc_macro"] > 0.65
+
+
+def test_deterministic(mini_data, mini_run, tmp_path):
+    cfg, _ = mini_run
+    again = exp000(mini_data, tmp_path, "folds=3")
+    assert not run_meta(again)["complete"]
+    for name in ("oof.csv", "test.csv", "encoder.json"):
+        assert (again.fold_dir(3) / name).read_bytes() == (cfg.fold_dir(3) / name).read_bytes()
+
+
+def test_resume_refits_only_unfinished_folds(mini_data, mini_run, tmp_path):
+    cfg, _ = mini_run
+    shutil.copytree(cfg.output_dir, tmp_path, dirs_exist_ok=True)
+    copy = cfg.replace(output_dir=str(tmp_path))
+    (copy.fold_dir(2) / "metrics.json").unlink()
+    (copy.fold_dir(2) / "oof.csv").write_text("garbage\n")
+    kept = (copy.fold_dir(0) / "metrics.json").stat().st_mtime_ns
+    assert run_meta(copy)["complete"]
+    assert (copy.fold_dir(0) / "metrics.json").stat().st_mtime_ns == kept
+    assert (copy.exp_dir() / "oof.csv").read_bytes() == (cfg.exp_dir() / "oof.csv").read_bytes()
+
+
+def test_real_sample_rows_complete(sample_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for csv in sample_dir.glob("*.csv"):
+        shutil.copy(csv, data / csv.name)
+    cfg = exp000(data, tmp_path / "out")
+    result = run_meta(cfg)
+    assert result["complete"] and result["n"] == 328
+    check_outputs(cfg, data)
+    assert len(pd.read_csv(cfg.exp_dir() / "test.csv")) == 479
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_rare_and_absent_classes(model):
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 3, 7], [40, 30, 1, 25])  # class 3 seen once; every other class absent
+    x = rng.normal(size=(len(y), 6)) + y[:, None] * 0.3
+    out, = fit_predict([model], 0, x, y, rng.normal(size=(20, 6)))
+    assert out.shape == (20, len(CLASSES))
+    np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-9)
+    absent = np.setdiff1d(np.arange(len(CLASSES)), y)
+    assert (out[:, absent] == 0).all() and (out[:, [0, 1, 7]] > 0).all()
+
+
+def test_unknown_model_is_refused():
+    assert parse_models(" hgb , logreg") == ["hgb", "logreg"]
+    with pytest.raises(ConfigError, match="xgb"):
+        parse_models("logreg,xgb")
