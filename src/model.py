@@ -52,6 +52,8 @@ class DualNet(nn.Module):
         super().__init__()
         self.clin = create_backbone(backbone, pretrained, pretrained_path)
         self.shared = shared_backbone
+        self.branch_streams = False  # set by build_model from the config; CUDA only
+        self._side = None
         self.derm = self.clin if shared_backbone else create_backbone(backbone, pretrained, pretrained_path)
         feat = self.clin.num_features
         if meta_mode == "mlp" and n_meta:
@@ -86,7 +88,26 @@ class DualNet(nn.Module):
         if self.shared:
             both = self.clin(torch.cat([clin, derm]))
             return torch.cat(both.split(clin.shape[0]), dim=1)
+        if self.branch_streams and clin.is_cuda:
+            return torch.cat(self._embed_two_streams(clin, derm), dim=1)
         return torch.cat([self.clin(clin), self.derm(derm)], dim=1)
+
+    def _embed_two_streams(self, clin: torch.Tensor, derm: torch.Tensor):
+        """Run the dermoscopic branch on a side CUDA stream while the clinical branch runs on the current one.
+        At batch 64 each branch alone leaves much of a large GPU idle; two streams let their kernels overlap
+        (autograd runs each backward op on its forward op's stream, so the backward overlaps too)."""
+        main = torch.cuda.current_stream(clin.device)
+        if self._side is None or self._side.device != clin.device:
+            self._side = torch.cuda.Stream(clin.device)
+        side = self._side
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            derm.record_stream(side)
+            f_derm = self.derm(derm)
+        f_clin = self.clin(clin)
+        main.wait_stream(side)
+        f_derm.record_stream(main)
+        return f_clin, f_derm
 
     def forward_head(self, emb: torch.Tensor, meta: torch.Tensor):
         parts = [emb.float()]
@@ -102,9 +123,11 @@ class DualNet(nn.Module):
 
 
 def build_model(cfg, n_meta: int, n_aux: int = 0) -> DualNet:
-    return DualNet(cfg.backbone, n_meta, n_aux=n_aux, shared_backbone=cfg.shared_backbone, meta_mode=cfg.meta_mode,
+    model = DualNet(cfg.backbone, n_meta, n_aux=n_aux, shared_backbone=cfg.shared_backbone, meta_mode=cfg.meta_mode,
                    meta_hidden=cfg.meta_hidden, meta_dropout=cfg.meta_dropout, head_dropout=cfg.head_dropout,
                    pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path)
+    model.branch_streams = cfg.branch_streams
+    return model
 
 
 def count_parameters(model: DualNet) -> dict[str, int]:
