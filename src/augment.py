@@ -40,16 +40,18 @@ class DeviceAugment:
         """Independent random augmentation of every image of every pair."""
         x = self.to_float(pairs)
         n, dev = x.shape[0], x.device
-
-        def rand(*shape):
-            return torch.rand(*shape, generator=gen).to(dev)
+        # every random number of the batch in one host-to-device copy: from pinned memory and non-blocking, so
+        # the host never waits for the GPU here and can queue the next kernels while the current ones run
+        r = torch.rand(n, 7, generator=gen)
+        r = r.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else r
+        r4 = r.view(n, 7, 1, 1)
 
         if self.flip:
-            x = torch.where(rand(n, 1, 1, 1) < 0.5, x.flip(-1), x)
-            x = torch.where(rand(n, 1, 1, 1) < 0.5, x.flip(-2), x)
+            x = torch.where(r4[:, 0:1] < 0.5, x.flip(-1), x)
+            x = torch.where(r4[:, 1:2] < 0.5, x.flip(-2), x)
         if self.rotate > 0 or self.scale > 0:
-            angle = (rand(n) * 2 - 1) * math.radians(self.rotate)
-            zoom = 1.0 + (rand(n) * 2 - 1) * self.scale
+            angle = (r[:, 2] * 2 - 1) * math.radians(self.rotate)
+            zoom = 1.0 + (r[:, 3] * 2 - 1) * self.scale
             cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
             zero = torch.zeros_like(cos)
             theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
@@ -57,9 +59,7 @@ class DeviceAugment:
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         if self.color > 0:
             s = self.color
-            bright = 1 + (rand(n, 1, 1, 1) * 2 - 1) * s
-            contrast = 1 + (rand(n, 1, 1, 1) * 2 - 1) * s
-            sat = 1 + (rand(n, 1, 1, 1) * 2 - 1) * s
+            bright, contrast, sat = (1 + (r4[:, i:i + 1] * 2 - 1) * s for i in (4, 5, 6))
             x = x * bright
             gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
             x = (x - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)

@@ -181,6 +181,39 @@ def autocast(cfg: Config, device: torch.device):
 # ----------------------------------------------------------------------------------------------------
 # one fold
 # ----------------------------------------------------------------------------------------------------
+def setup_model(cfg: Config, n_meta: int, n_aux: int, device: torch.device) -> tuple[nn.Module, DeviceAugment]:
+    """The network on its device (channels_last and cuDNN autotuning on CUDA) and its augmentation."""
+    model = build_model(cfg, n_meta, n_aux=n_aux).to(device)
+    channels_last = device.type == "cuda" and cfg.channels_last
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    augment = DeviceAugment(model.mean, model.std, flip=cfg.aug_flip, rotate=cfg.aug_rotate, scale=cfg.aug_scale,
+                            color=cfg.aug_color, channels_last=channels_last)
+    return model, augment
+
+
+def train_step(cfg: Config, runner: nn.Module, params: list, opt, sched, criterion, clin, derm, meta, y,
+               aux: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward, loss, backward, clip, optimiser and schedule step. Returns the loss as a device tensor: reading
+    it here would make the host wait for the GPU every step."""
+    with autocast(cfg, clin.device):
+        logits, aux_logits = runner(clin, derm, meta)
+        loss = criterion(logits.float(), y)  # soft (mixed) targets work for both losses
+        if aux_logits is not None and aux is not None:
+            valid = aux >= 0
+            aux_loss = F.cross_entropy(aux_logits.float(), aux.clamp(min=0), reduction="none")
+            loss = loss + cfg.aux_weight * (aux_loss * valid).sum() / valid.sum().clamp(min=1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    sched.step()
+    return loss.detach()
+
+
 def _save_torch(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
@@ -274,11 +307,7 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
         atomic_write_json(fdir / "aux_vocab.json", aux_vocab)
 
     torch.manual_seed(cfg.seed * 1000 + fold)
-    model = build_model(cfg, encoder.n_features, n_aux=len(aux_vocab)).to(device)
-    if device.type == "cuda" and cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    augment = DeviceAugment(model.mean, model.std, flip=cfg.aug_flip, rotate=cfg.aug_rotate, scale=cfg.aug_scale,
-                            color=cfg.aug_color, channels_last=device.type == "cuda" and cfg.channels_last)
+    model, augment = setup_model(cfg, encoder.n_features, len(aux_vocab), device)
     weights = class_weights(cfg, y_tr)
     criterion = make_criterion(cfg, weights)
 
@@ -345,35 +374,25 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
         sampler.set_order(epoch_order(cfg, len(tr_rows), targets[tr_rows], fold, epoch, cfg.batch_size))
         mixing = stage == 2 and epoch < total_epochs - cfg.mix_off_epochs
         _train_mode(model, stage)
-        t0, loss_sum, n_seen = time.time(), 0.0, 0
-        amp = autocast(cfg, device)
+        t0, n_seen = time.time(), 0
+        loss_acc = torch.zeros((), device=device)
+        params = [p for p in model.parameters() if p.requires_grad]
         batches = tqdm(loader, total=min(len(loader), steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False,
                        disable=None if dist.is_main else True)
         for step, (pairs, meta, y, aux) in enumerate(batches):
             if step >= steps_per_epoch:
                 break
             pairs = pairs.to(device, non_blocking=True)
-            meta, y, aux = meta.to(device), y.to(device), aux.to(device)
+            meta, y, aux = (t.to(device, non_blocking=True) for t in (meta, y, aux))
             clin, derm = augment.train(pairs, gen)
             if mixing:
                 clin, derm, meta, y = _mix(cfg, clin, derm, meta, y, gen)
-            with amp:
-                logits, aux_logits = runner(clin, derm, meta)
-                loss = criterion(logits.float(), y)  # soft (mixed) targets work for both losses
-                if aux_logits is not None:
-                    valid = aux >= 0
-                    aux_loss = F.cross_entropy(aux_logits.float(), aux.clamp(min=0), reduction="none")
-                    loss = loss + cfg.aux_weight * (aux_loss * valid).sum() / valid.sum().clamp(min=1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-            opt.step()
-            sched.step()
+            loss = train_step(cfg, runner, params, opt, sched, criterion, clin, derm, meta, y, aux)
             if ema is not None:
                 ema.update(model, step=(epoch - cfg.stage1_epochs) * steps_per_epoch + step)
-            loss_sum += float(loss.detach()) * y.shape[0]
+            loss_acc += loss * y.shape[0]
             n_seen += y.shape[0]
+        loss_sum = float(loss_acc)
         loss_sum, n_seen = dist.sum(loss_sum, n_seen)
         train_loss = loss_sum / max(1, n_seen)
         train_time = time.time() - t0

@@ -1,0 +1,573 @@
+"""Training and inference throughput of exp001 on one device, side by side with a reference and a naive pipeline.
+
+    python -m src.bench [--device auto|cpu|cuda] [--batch 64] [--img-size 256] [--steps 20] [--warmup 5]
+                        [--backbone NAME] [--n-lesions 256] [--workers -1] [--compile] [--out bench.json]
+                        [--only a,b,c,d,e] [--epochs-for-projection N] [--profile]
+
+Rows (pairs/s over the timed steps after the warm-up steps, and peak memory):
+  a   exp001's stage-2 training step (DeviceAugment train path, real loss, AdamW) on uint8 pairs already on the device
+  b   reference: one backbone of the same kind over both images batched together (shared_backbone=True)
+  c1  stage 1 (backbones frozen), end to end as in c
+  c   end to end: generated 600x450 JPEGs -> prepared image cache -> PairDataset/DataLoader -> DeviceAugment -> step
+  d   naive: PIL decode + torchvision transforms every step in a default DataLoader, fp32, same model and optimiser
+  e1  inference on the cache with src.train.predict, 1 view (the per-epoch validation)
+  e   the same with 8-view TTA (out-of-fold and test predictions)
+then the ratios c/a, a/b, c/d against their targets and the projected wall time of a full exp001 at the real data
+sizes. Timings synchronise CUDA before reading the clock. Weights are never downloaded (pretrained=False).
+Results: a printed table and ``<output_dir>/bench/bench_<device>.json``; ``--profile`` adds a torch.profiler table
+of row a (``profile_a_<device>.txt`` beside the JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import itertools
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import nn
+
+from .augment import DeviceAugment
+from .cache import build_cache
+from .config import Config, load_config
+from .data import CLASSES, load_train
+from .features import MetadataEncoder
+from .io_utils import atomic_write_json, atomic_write_text
+from .model import count_parameters
+from .synth import generate
+from .train import (EpochSampler, PairDataset, _make_optimizer, _set_stage, _train_mode, class_weights,
+                    epoch_order, make_criterion, predict, resolve_device, resolve_workers, setup_model, train_step)
+
+EXPERIMENT = "exp001"
+FULL_TRAIN, FULL_TEST = 5240, 479          # lesions of the official release
+RATIO_TARGETS = {"c/a": 0.9, "a/b": 0.9, "c/d": 2.0}
+MEMORY_TARGET_GIB = 16.0
+PROJECTION_TARGET_MIN = 20.0
+ROWS = {
+    "a": "exp001 step (stage 2), uint8 pairs on device",
+    "b": "reference: one backbone over 2B images",
+    "c1": "end to end, stage 1 (backbones frozen)",
+    "c": "end to end: JPEG > cache > loader > step",
+    "d": "naive: PIL + torchvision per step, fp32",
+    "e1": "inference on the cache, 1 view",
+    "e": "inference on the cache, 8-view TTA",
+}
+GROUPS = {"a": ("a",), "b": ("b",), "c": ("c1", "c"), "d": ("d",), "e": ("e1", "e")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# measurement helpers
+# ----------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        line = next(x for x in fh if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS (glibc), so a later block's resident-set growth is its own."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak allocated device memory (CUDA) or, on CPU, the growth of this process's peak resident set over the
+    block (Linux: the peak is reset through /proc/self/clear_refs); ``peak`` stays None where neither works."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._base = device, None, None
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _malloc_trim()
+            try:
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")  # resets VmHWM to the current resident set
+                self._base = _proc_status_bytes("VmRSS")
+            except (OSError, StopIteration):
+                self._base = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        elif self._base is not None:
+            self.peak = max(0, _proc_status_bytes("VmHWM") - self._base)
+
+
+def timed_steps(batches: Iterator, step: Callable, warmup: int, steps: int,
+                device: torch.device) -> tuple[float, float]:
+    """Seconds taken by ``steps`` steps after ``warmup`` untimed ones, and the share spent waiting for batches."""
+    for _ in range(warmup):
+        step(next(batches))
+    _sync(device)
+    wait, start = 0.0, time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t
+        step(batch)
+    _sync(device)
+    total = time.perf_counter() - start
+    return total, wait / total
+
+
+def _row(pairs: int, seconds: float, mem: PeakMemory, **extra) -> dict:
+    return {"pairs_per_s": pairs / seconds, "pairs": pairs, "seconds": seconds, "peak_mem_bytes": mem.peak, **extra}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the real training step
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Trainer:
+    cfg: Config
+    device: torch.device
+    model: nn.Module
+    runner: nn.Module
+    augment: DeviceAugment
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    criterion: Callable
+    gen: torch.Generator
+    params: list
+
+    def step(self, clin: torch.Tensor, derm: torch.Tensor, meta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """src.train.train_step, as train_fold calls it for exp001 (no mixing, EMA or aux head)."""
+        return train_step(self.cfg, self.runner, self.params, self.opt, self.sched, self.criterion,
+                          clin, derm, meta, y)
+
+    def pair_step(self, batch) -> float:
+        """One step from a PairDataset batch: to the device, DeviceAugment's train path, then ``step``."""
+        pairs, meta, y = batch[:3]
+        pairs = pairs.to(self.device, non_blocking=True)
+        meta, y = meta.to(self.device), y.to(self.device)
+        clin, derm = self.augment.train(pairs, self.gen)
+        return self.step(clin, derm, meta, y)
+
+
+def build(cfg: Config, device: torch.device, n_meta: int) -> tuple[nn.Module, DeviceAugment]:
+    """Model and augmentation exactly as src.train.train_fold sets them up."""
+    torch.manual_seed(cfg.seed)
+    return setup_model(cfg, n_meta, 0, device)
+
+
+def make_trainer(cfg: Config, device: torch.device, n_meta: int, y: np.ndarray, stage: int,
+                 steps_per_epoch: int) -> Trainer:
+    model, augment = build(cfg, device, n_meta)
+    _set_stage(model, stage)
+    opt, sched = _make_optimizer(cfg, model, stage, steps_per_epoch, device)
+    _train_mode(model, stage)
+    runner = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+    return Trainer(cfg, device, model, runner, augment, opt, sched, make_criterion(cfg, class_weights(cfg, y)),
+                   torch.Generator().manual_seed(cfg.seed), [p for p in model.parameters() if p.requires_grad])
+
+
+# ----------------------------------------------------------------------------------------------------
+# data: generated JPEGs in the official layout and their prepared cache
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class BenchData:
+    train: pd.DataFrame
+    cache: np.ndarray        # uint8 (n, 2, S, S, 3)
+    meta: np.ndarray         # float32 (n, n_meta)
+    y: np.ndarray            # float32 (n, 11)
+    targets: np.ndarray
+    cache_seconds: float
+    cache_workers: int
+
+    @property
+    def n(self) -> int:
+        return len(self.train)
+
+
+def prepare_data(cfg: Config, n_lesions: int, root: Path) -> BenchData:
+    data_dir = generate(root / "milk10k", n_train=n_lesions, n_test=0, seed=cfg.seed)
+    train = load_train(data_dir)
+    workers = max(1, os.cpu_count() or 1)  # as src.train.prepare builds the cache
+    start = time.perf_counter()
+    cache = build_cache(train, cfg.img_size, root / "cache", "train", num_workers=workers, progress=False)
+    seconds = time.perf_counter() - start
+    meta = MetadataEncoder().fit(train).transform(train)
+    return BenchData(train, cache, meta, train[CLASSES].to_numpy(np.float32), train["target"].to_numpy(),
+                     seconds, workers)
+
+
+def _order(cfg: Config, data: BenchData, batch: int, need: int) -> np.ndarray:
+    """Consecutive epoch orders of the training loop, long enough for ``need`` samples in one pass."""
+    parts, total, epoch = [], 0, 0
+    while total < need:
+        parts.append(epoch_order(cfg, data.n, data.targets, 0, epoch, batch))
+        total, epoch = total + len(parts[-1]), epoch + 1
+    return np.concatenate(parts)[:need]
+
+
+class NaiveDataset(torch.utils.data.Dataset):
+    """What a plain implementation does: decode both JPEGs with PIL and run torchvision transforms, every step."""
+
+    def __init__(self, train: pd.DataFrame, meta: np.ndarray, y: np.ndarray, transform: Callable):
+        self.clin, self.derm = train["clin_path"].tolist(), train["derm_path"].tolist()
+        self.meta, self.y, self.transform = meta, y, transform
+
+    def __len__(self) -> int:
+        return len(self.clin)
+
+    def _load(self, path: str) -> torch.Tensor:
+        with Image.open(path) as img:
+            return self.transform(img.convert("RGB"))
+
+    def __getitem__(self, i: int):
+        return self._load(self.clin[i]), self._load(self.derm[i]), self.meta[i], self.y[i]
+
+
+def naive_transform(cfg: Config, mean, std):
+    from torchvision import transforms as T
+
+    c = cfg.aug_color
+    return T.Compose([T.Resize((cfg.img_size, cfg.img_size)), T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
+                      T.RandomRotation(cfg.aug_rotate), T.ColorJitter(brightness=c, contrast=c, saturation=c),
+                      T.ToTensor(), T.Normalize(mean, std)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the rows
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    cfg: Config
+    device: torch.device
+    steps: int
+    warmup: int
+    workers: int
+    steps_per_epoch: int     # of a real fold, for the learning-rate schedule
+    out_dir: Path
+    profile: bool
+
+
+def bench_device_tensors(s: Settings, data: BenchData, shared: bool) -> dict:
+    """Rows a and b: the training step on uint8 pairs already on the device (no loader)."""
+    cfg, dev, b = s.cfg.replace(shared_backbone=shared), s.device, s.cfg.batch_size
+    rows = np.resize(np.arange(data.n), b)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batch = (torch.randint(0, 256, (b, 2, cfg.img_size, cfg.img_size, 3), generator=gen, dtype=torch.uint8).to(dev),
+             torch.from_numpy(data.meta[rows]).to(dev), torch.from_numpy(data.y[rows]).to(dev))
+    with PeakMemory(dev) as mem:
+        tr = make_trainer(cfg, dev, data.meta.shape[1], data.y, 2, s.steps_per_epoch)
+        seconds, _ = timed_steps(itertools.repeat(batch), tr.pair_step, s.warmup, s.steps, dev)
+    row = _row(s.steps * b, seconds, mem, params=count_parameters(tr.model))
+    if s.profile and not shared:
+        row["profile"] = write_profile(s, tr, batch, seconds / s.steps)
+    return row
+
+
+def bench_loader(s: Settings, data: BenchData, stage: int) -> dict:
+    """Rows c1 and c: the real PairDataset and DataLoader (as train_fold builds them) feeding the real step."""
+    cfg, dev, b = s.cfg, s.device, s.cfg.batch_size
+    sampler = EpochSampler(data.n)
+    sampler.set_order(_order(cfg, data, b, (s.warmup + s.steps) * b))
+    ds = PairDataset(data.cache, np.arange(data.n), data.meta, data.y, np.full(data.n, -100, np.int64))
+    loader = torch.utils.data.DataLoader(ds, batch_size=b, sampler=sampler, num_workers=s.workers,
+                                         pin_memory=dev.type == "cuda", drop_last=False,
+                                         persistent_workers=s.workers > 0)
+    with PeakMemory(dev) as mem:
+        tr = make_trainer(cfg, dev, data.meta.shape[1], data.y, stage, s.steps_per_epoch)
+        seconds, wait = timed_steps(iter(loader), tr.pair_step, s.warmup, s.steps, dev)
+    return _row(s.steps * b, seconds, mem, data_wait_frac=wait)
+
+
+def bench_naive(s: Settings, data: BenchData) -> dict:
+    """Row d: PIL + torchvision in a default DataLoader, fp32 without channels_last, same model and optimiser.
+    The sampler only draws enough samples for every step in one pass, so no worker restarts are timed."""
+    cfg, dev, b = s.cfg.replace(amp=False, channels_last=False), s.device, s.cfg.batch_size
+    with PeakMemory(dev) as mem:
+        tr = make_trainer(cfg, dev, data.meta.shape[1], data.y, 2, s.steps_per_epoch)
+        ds = NaiveDataset(data.train, data.meta, data.y, naive_transform(cfg, tr.model.mean, tr.model.std))
+        sampler = torch.utils.data.RandomSampler(ds, num_samples=(s.warmup + s.steps) * b,
+                                                 generator=torch.Generator().manual_seed(cfg.seed))
+        loader = torch.utils.data.DataLoader(ds, batch_size=b, sampler=sampler, num_workers=s.workers)
+
+        def step(batch) -> float:
+            clin, derm, meta, y = (t.to(dev) for t in batch)
+            return tr.step(clin, derm, meta, y)
+
+        seconds, wait = timed_steps(iter(loader), step, s.warmup, s.steps, dev)
+    return _row(s.steps * b, seconds, mem, data_wait_frac=wait)
+
+
+def bench_predict(s: Settings, data: BenchData, views: int) -> dict:
+    """Rows e1 and e: src.train.predict on the cache, over at least ``steps`` training batches' worth of pairs."""
+    cfg, dev = s.cfg, s.device
+    rows = np.resize(np.arange(data.n), max(data.n, s.steps * cfg.batch_size))
+    meta = data.meta[rows]
+    with PeakMemory(dev) as mem:
+        model, augment = build(cfg, dev, data.meta.shape[1])
+        warm = min(len(rows), cfg.eval_batch_size * max(1, s.warmup))
+        predict(model, cfg, data.cache, rows[:warm], meta[:warm], augment, dev, views, "warm-up")
+        _sync(dev)
+        start = time.perf_counter()
+        predict(model, cfg, data.cache, rows, meta, augment, dev, views, "bench")
+        _sync(dev)
+        seconds = time.perf_counter() - start
+    return _row(len(rows), seconds, mem, views=views)
+
+
+def write_profile(s: Settings, tr: Trainer, batch, step_seconds: float) -> dict:
+    """torch.profiler over a few more steps of row a: the 15 ops with the most self device (CPU on CPU) time, and
+    how busy that time keeps the device during a timed step (well under 100% means the host cannot keep up)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = s.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    n = max(1, min(s.steps, 5))
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            tr.pair_step(batch)
+        _sync(s.device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = prof.key_averages()
+    if cuda:  # kernels only: an op's self device time repeats its kernels' time
+        busy_us = sum(e.self_device_time_total for e in events
+                      if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    else:
+        busy_us = sum(e.self_cpu_time_total for e in events)
+    busy_ms = busy_us / 1e3 / n
+    info = {"path": str(s.out_dir / f"profile_a_{s.device.type}.txt"), "steps": n, "sorted_by": key,
+            "self_ms_per_step": busy_ms, "timed_ms_per_step": step_seconds * 1e3,
+            "busy_frac": busy_ms / (step_seconds * 1e3)}
+    text = (f"torch.profiler, row a ({ROWS['a']}), {n} steps of batch {s.cfg.batch_size}, {s.cfg.backbone}, "
+            f"{s.cfg.img_size} px, on {device_name(s.device)}; sorted by {key}\n"
+            f"{'device' if cuda else 'CPU'} self time {busy_ms:.1f} ms per step; a timed step (unprofiled) takes "
+            f"{step_seconds * 1e3:.1f} ms: busy {info['busy_frac']:.0%}\n\n"
+            + events.table(sort_by=key, row_limit=15) + "\n")
+    atomic_write_text(info["path"], text)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------
+# ratios, projection, report
+# ----------------------------------------------------------------------------------------------------
+def ratios(rows: dict) -> dict:
+    out = {}
+    for name, target in RATIO_TARGETS.items():
+        num, den = name.split("/")
+        if num in rows and den in rows:
+            value = rows[num]["pairs_per_s"] / rows[den]["pairs_per_s"]
+            out[name] = {"value": value, "target": target, "ok": value >= target}
+    return out
+
+
+def project(cfg: Config, rows: dict, data: BenchData, epochs: int) -> dict | None:
+    """Wall time of a full exp001 at the real sizes: n_folds x (stage-1 epochs at rate c1 + stage-2 epochs at rate
+    c + per-epoch validation at rate e1 + out-of-fold and test predictions at rate e), no early stopping."""
+    if not {"c1", "c", "e1", "e"} <= rows.keys():
+        return None
+    b, k = cfg.batch_size, cfg.n_folds
+    n_val = FULL_TRAIN // k
+    n_tr = FULL_TRAIN - n_val
+    pairs = (n_tr // b) * b if n_tr >= b else n_tr  # epoch_order drops the last partial batch
+    rate = {key: rows[key]["pairs_per_s"] for key in ("c1", "c", "e1", "e")}
+    per_fold = {
+        "stage1_s": cfg.stage1_epochs * pairs / rate["c1"],
+        "stage2_s": epochs * pairs / rate["c"],
+        "validation_s": (cfg.stage1_epochs + epochs) * n_val / rate["e1"],
+        "oof_test_s": (n_val + FULL_TEST) / rate["e" if cfg.tta else "e1"],
+    }
+    total = k * sum(per_fold.values())
+    return {"total_s": total, "minutes": total / 60, "target_min": PROJECTION_TARGET_MIN,
+            "ok": total / 60 < PROJECTION_TARGET_MIN, "per_fold": per_fold,
+            "cache_build_s": (FULL_TRAIN + FULL_TEST) * data.cache_seconds / data.n,
+            "assumptions": {"n_folds": k, "train_lesions": FULL_TRAIN, "test_lesions": FULL_TEST,
+                            "train_pairs_per_epoch": pairs, "val_pairs": n_val, "stage1_epochs": cfg.stage1_epochs,
+                            "stage2_epochs": epochs, "tta_views": 8 if cfg.tta else 1, "early_stopping": False}}
+
+
+def host_cpu() -> str:
+    """The host processor's model and core count: a launch-bound step runs at the host's single-thread speed."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def _mem(value: int | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+
+
+def format_table(result: dict) -> str:
+    st, rows = result["settings"], result["rows"]
+    cuda = result["device"] == "cuda"
+    lines = [
+        f"MILK10k throughput on {result['device_name']} ({result['device']}, torch {result['torch']}; host "
+        f"{result['host_cpu']})",
+        f"{st['backbone']}, {st['img_size']} px, batch {st['batch']}, {st['steps']} timed steps after {st['warmup']} "
+        f"warm-up, {st['workers']} loader workers, {st['n_lesions']} generated lesions, "
+        f"{'bf16 autocast' if st['amp'] else 'fp32'}, {'channels_last' if st['channels_last'] else 'NCHW'}, "
+        f"compile {'on' if st['compile'] else 'off'}",
+        "",
+        f"{'row':<4}{'path':<46}{'pairs/s':>10}  {'peak ' + ('device mem' if cuda else 'RSS growth'):>16}  data wait",
+    ]
+    for key, row in rows.items():
+        wait = f"{row['data_wait_frac']:>8.0%}" if "data_wait_frac" in row else ""
+        lines.append(f"{key:<4}{ROWS[key]:<46}{row['pairs_per_s']:>10.1f}  {_mem(row['peak_mem_bytes']):>16}  {wait}")
+    lines += ["", f"{'check':<28}{'value':>10}  {'target':<22}"]
+    for name, r in result["ratios"].items():
+        target = f">= {r['target']:g}"
+        lines.append(f"{name:<28}{r['value']:>10.3f}  {target:<22}{'ok' if r['ok'] else 'MISSED'}")
+    mem = result["memory"]
+    if mem is not None:
+        note = "" if st["batch"] == 64 else f" (measured at batch {st['batch']})"
+        lines.append(f"{'peak memory of a':<28}{_mem(mem['bytes']):>10}  {'<= 16 GiB at batch 64':<22}"
+                     f"{'ok' if mem['ok'] else 'MISSED'}{note}")
+    p = result["projection"]
+    if p is not None:
+        a = p["assumptions"]
+        note = "" if st["as_exp001"] else " (not exp001's model, size or batch)"
+        lines.append(f"{'projected full exp001':<28}{p['minutes']:>6.1f} min  {'< 20 min on one H100':<22}"
+                     f"{'ok' if p['ok'] else 'MISSED'}{note}")
+        f = p["per_fold"]
+        lines.append(f"  {a['n_folds']} folds x ({a['stage1_epochs']} stage-1 + {a['stage2_epochs']} stage-2 epochs of "
+                     f"{a['train_pairs_per_epoch']} pairs, {a['val_pairs']} val / {a['test_lesions']} test lesions); "
+                     f"per fold: stage 1 {f['stage1_s']:.0f} s, stage 2 {f['stage2_s']:.0f} s, validation "
+                     f"{f['validation_s']:.0f} s, oof+test TTA {f['oof_test_s']:.0f} s")
+        lines.append(f"  plus a one-time image cache build of {a['train_lesions'] + a['test_lesions']} lesions: "
+                     f"~{p['cache_build_s']:.0f} s ({st['cache_workers']} decode processes)")
+    if any(not r["ok"] for r in result["ratios"].values()) and not st["profile"]:
+        lines.append("a target is missed: rerun with --profile for the ops behind row a")
+    prof = rows.get("a", {}).get("profile")
+    if prof:
+        lines.append(f"profile of row a: {prof['path']} ({'device' if cuda else 'CPU'} self time "
+                     f"{prof['self_ms_per_step']:.1f} ms of a {prof['timed_ms_per_step']:.1f} ms step: "
+                     f"busy {prof['busy_frac']:.0%})")
+    lines.append(f"written: {result['out']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m src.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch", type=int, default=None, help=f"pairs per step (default: {EXPERIMENT}'s batch_size, 64)")
+    p.add_argument("--img-size", type=int, default=None, help=f"image size (default: {EXPERIMENT}'s img_size, 256)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
+    p.add_argument("--backbone", default="tf_efficientnetv2_s", help="timm model (random weights, never downloaded)")
+    p.add_argument("--n-lesions", type=int, default=256, help="generated 600x450 JPEG pairs for rows c, d, e")
+    p.add_argument("--workers", type=int, default=-1, help="loader workers of rows c and d (-1: as training does)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model of rows a, b, c (as compile=true)")
+    p.add_argument("--out", default=None, help="JSON path (default: <output_dir>/bench/bench_<device>.json)")
+    p.add_argument("--only", default="a,b,c,d,e", help="comma list of rows to run (c includes c1, e includes e1)")
+    p.add_argument("--epochs-for-projection", type=int, default=None,
+                   help=f"stage-2 epochs of the projection (default: {EXPERIMENT}'s epochs)")
+    p.add_argument("--profile", action="store_true", help="write a torch.profiler table of row a beside the JSON")
+    args = p.parse_args(argv)
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    bad = [x for x in only if x not in GROUPS]
+    if bad or not only:
+        p.error(f"--only {args.only!r}: rows are {', '.join(GROUPS)}")
+    for name in ("steps", "warmup", "n_lesions", "batch", "img_size"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    args.only = only
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    overrides: dict = {"backbone": args.backbone, "pretrained": False, "device": args.device,
+                       "num_workers": args.workers, "compile": args.compile}
+    if args.batch is not None:
+        overrides["batch_size"] = args.batch
+    if args.img_size is not None:
+        overrides["img_size"] = args.img_size
+    reference = load_config(EXPERIMENT)
+    cfg = load_config(EXPERIMENT, overrides)
+    device = resolve_device(cfg)
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / "bench" / f"bench_{device.type}.json"
+    n_tr = FULL_TRAIN - FULL_TRAIN // cfg.n_folds
+    s = Settings(cfg, device, args.steps, args.warmup, resolve_workers(cfg, device),
+                 max(1, n_tr // cfg.batch_size), out.parent, args.profile)
+    epochs = cfg.epochs if args.epochs_for_projection is None else args.epochs_for_projection
+
+    with tempfile.TemporaryDirectory(prefix="milk10k-bench-") as tmp:
+        print(f"[bench] generating {args.n_lesions} lesion pairs (600x450 JPEGs) and their {cfg.img_size} px cache "
+              f"on {device_name(device)}", flush=True)
+        data = prepare_data(cfg, args.n_lesions, Path(tmp))
+        jobs = {"a": lambda: bench_device_tensors(s, data, shared=False),
+                "b": lambda: bench_device_tensors(s, data, shared=True),
+                "c1": lambda: bench_loader(s, data, stage=1), "c": lambda: bench_loader(s, data, stage=2),
+                "d": lambda: bench_naive(s, data),
+                "e1": lambda: bench_predict(s, data, views=1), "e": lambda: bench_predict(s, data, views=8)}
+        rows: dict = {}
+        for key in ROWS:
+            if any(key in GROUPS[g] for g in args.only):
+                rows[key] = jobs[key]()
+                print(f"[bench] {key:<3}{ROWS[key]:<46}{rows[key]['pairs_per_s']:>10.1f} pairs/s", flush=True)
+                gc.collect()
+        projection = project(cfg, rows, data, epochs)
+        cache = {"seconds": data.cache_seconds, "lesions": data.n, "workers": data.cache_workers}
+
+    mem_row = rows.get("a") or rows.get("c")
+    memory = None
+    if mem_row is not None and mem_row["peak_mem_bytes"] is not None:
+        peak = mem_row["peak_mem_bytes"]
+        memory = {"bytes": peak, "gib": peak / 2**30, "target_gib": MEMORY_TARGET_GIB,
+                  "ok": peak / 2**30 <= MEMORY_TARGET_GIB, "batch": cfg.batch_size}
+    channels_last = device.type == "cuda" and cfg.channels_last
+    result = {
+        "device": device.type, "device_name": device_name(device), "host_cpu": host_cpu(), "torch": torch.__version__,
+        "settings": {"experiment": EXPERIMENT, "backbone": cfg.backbone, "img_size": cfg.img_size,
+                     "batch": cfg.batch_size, "steps": args.steps, "warmup": args.warmup, "workers": s.workers,
+                     "n_lesions": args.n_lesions, "amp": device.type == "cuda" and cfg.amp,
+                     "channels_last": channels_last, "compile": cfg.compile, "only": args.only,
+                     "profile": args.profile, "cache_workers": data.cache_workers,
+                     "as_exp001": (cfg.backbone.split(".")[0], cfg.img_size, cfg.batch_size)
+                     == (reference.backbone.split(".")[0], reference.img_size, reference.batch_size)},
+        "rows": rows, "ratios": ratios(rows), "memory": memory, "projection": projection, "cache_build": cache,
+        "out": str(out),
+    }
+    atomic_write_json(out, result)
+    print("\n" + format_table(result), flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

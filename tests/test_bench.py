@@ -1,0 +1,113 @@
+"""Throughput benchmark: a tiny CPU run in-process, its JSON, the ratios and the projection."""
+import json
+import math
+import tempfile
+import types
+
+import numpy as np
+import pytest
+
+from src import bench
+from src.config import load_config
+
+TINY = ["--device", "cpu", "--backbone", "test_efficientnet", "--img-size", "32", "--batch", "8", "--steps", "2",
+        "--warmup", "1", "--n-lesions", "16", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    saved, tempfile.tempdir = tempfile.tempdir, str(tmp)  # the generated JPEGs and cache stay under tmp
+    try:
+        result = bench.main([*TINY, "--profile", "--out", str(tmp / "out" / "bench.json")])
+    finally:
+        tempfile.tempdir = saved
+    return result, tmp / "out"
+
+
+def test_json_has_every_row_with_positive_rates(tiny_run):
+    result, out = tiny_run
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["device"] == "cpu" and saved["settings"]["batch"] == 8 and saved["settings"]["img_size"] == 32
+    assert saved["settings"]["as_exp001"] is False  # a tiny model: the projection is not exp001's
+    assert set("abcde") <= set(saved["rows"]) and {"c1", "e1"} <= set(saved["rows"])
+    for key, row in saved["rows"].items():
+        assert math.isfinite(row["pairs_per_s"]) and row["pairs_per_s"] > 0, key
+        assert row["pairs_per_s"] == pytest.approx(row["pairs"] / row["seconds"]), key
+    assert saved["rows"]["a"]["pairs"] == 2 * 8
+    assert saved["rows"]["e"]["views"] == 8 and saved["rows"]["e1"]["views"] == 1
+    assert 0 <= saved["rows"]["c"]["data_wait_frac"] <= 1
+    assert saved["rows"]["b"]["params"]["backbones"] * 2 == saved["rows"]["a"]["params"]["backbones"]
+
+
+def test_ratios_are_computed_from_the_rows(tiny_run):
+    saved = json.loads((tiny_run[1] / "bench.json").read_text())
+    rows, ratios = saved["rows"], saved["ratios"]
+    assert set(ratios) == {"c/a", "a/b", "c/d"}
+    for name, r in ratios.items():
+        num, den = name.split("/")
+        assert r["value"] == pytest.approx(rows[num]["pairs_per_s"] / rows[den]["pairs_per_s"])
+        assert r["ok"] == (r["value"] >= r["target"])
+    assert ratios["c/d"]["target"] == 2.0
+
+
+def test_projection_is_positive_and_follows_the_formula(tiny_run):
+    saved = json.loads((tiny_run[1] / "bench.json").read_text())
+    p, rate = saved["projection"], {k: v["pairs_per_s"] for k, v in saved["rows"].items()}
+    assert p["total_s"] > 0 and p["minutes"] == pytest.approx(p["total_s"] / 60)
+    a = p["assumptions"]
+    assert (a["n_folds"], a["stage1_epochs"], a["stage2_epochs"], a["val_pairs"]) == (5, 2, 15, 1048)
+    assert a["train_pairs_per_epoch"] == 4192  # 5240 - 1048 lesions, a multiple of batch 8
+    expected = 5 * (2 * 4192 / rate["c1"] + 15 * 4192 / rate["c"] + 17 * 1048 / rate["e1"] + (1048 + 479) / rate["e"])
+    assert p["total_s"] == pytest.approx(expected)
+    assert p["cache_build_s"] > 0
+
+
+def test_table_and_profile_are_written(tiny_run):
+    result, out = tiny_run
+    text = bench.format_table(result)
+    for key in ("a", "b", "c1", "c", "d", "e1", "e"):
+        assert any(line.startswith(f"{key} ") for line in text.splitlines()), key
+    assert "c/a" in text and "projected full exp001" in text
+    prof = (out / "profile_a_cpu.txt").read_text()
+    assert "Self CPU" in prof and prof.count("aten::") >= 5
+    assert result["rows"]["a"]["profile"]["self_ms_per_step"] > 0
+
+
+def test_projection_uses_the_batch_and_epoch_override():
+    cfg = load_config("exp001", {"batch_size": 64})
+    rows = {k: {"pairs_per_s": r} for k, r in {"c1": 400.0, "c": 100.0, "e1": 800.0, "e": 100.0}.items()}
+    data = types.SimpleNamespace(cache_seconds=2.0, n=100)
+    p = bench.project(cfg, rows, data, epochs=3)
+    pairs = (4192 // 64) * 64  # the last partial batch of an epoch is dropped
+    assert p["assumptions"]["train_pairs_per_epoch"] == pairs == 4160
+    f = p["per_fold"]
+    assert f["stage1_s"] == pytest.approx(2 * pairs / 400) and f["stage2_s"] == pytest.approx(3 * pairs / 100)
+    assert f["validation_s"] == pytest.approx(5 * 1048 / 800) and f["oof_test_s"] == pytest.approx(1527 / 100)
+    assert p["cache_build_s"] == pytest.approx(5719 * 2.0 / 100)
+    assert p["ok"] == (p["minutes"] < 20)
+    assert bench.project(cfg, {k: v for k, v in rows.items() if k != "e"}, data, 3) is None
+
+
+def test_ratios_skip_rows_not_run():
+    rows = {"a": {"pairs_per_s": 90.0}, "b": {"pairs_per_s": 100.0}}
+    r = bench.ratios(rows)
+    assert set(r) == {"a/b"} and r["a/b"]["value"] == pytest.approx(0.9) and r["a/b"]["ok"]
+
+
+def test_peak_memory_sees_an_allocation():
+    import torch
+
+    with bench.PeakMemory(torch.device("cpu")) as mem:
+        block = np.ones(64 * 2**20, np.uint8)  # 64 MiB, touched
+        del block
+    if mem.peak is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert mem.peak >= 48 * 2**20
+
+
+@pytest.mark.parametrize("argv", [["--only", "a,x"], ["--only", ""], ["--steps", "0"], ["--batch", "-1"]])
+def test_bad_arguments_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert "error" in capsys.readouterr().err
