@@ -36,6 +36,7 @@ from .config import Config, ConfigError, apply_overrides, load_config, parse_cli
 from .data import CLASSES, DataError, load_test, load_train
 from .decision import expected_f1_thresholds, fold_probabilities, honest_oof, tune_thresholds
 from .folds import load_or_make_folds
+from .outputs import probs_frame
 from .report import markdown_table, write_report
 from .scoring import SubmissionError, macro_f1, read_prediction_csv
 from .tracking import Tracker
@@ -233,12 +234,6 @@ def safe_name(name: str) -> str:
     return stem
 
 
-def probs_table(ids: Sequence[str], probs: np.ndarray) -> pd.DataFrame:
-    df = pd.DataFrame(np.asarray(probs, np.float64), columns=CLASSES)
-    df.insert(0, "lesion_id", list(ids))
-    return df
-
-
 def _checked_csv(df: pd.DataFrame, expected_ids: Sequence[str], final: Path) -> Callable[[str], None]:
     """Writer of ``df`` that re-reads the written bytes with the scorer's reader and refuses any difference.
 
@@ -325,7 +320,7 @@ def finalize(cfg: Config, experiments: Sequence[str | Config], name: str | None 
         thresholds = expected_f1_thresholds(blend_test)
     else:
         thresholds = np.full(len(CLASSES), 0.5)
-    submission = probs_table(test_ids, fold_probabilities(blend_test, thresholds))
+    submission = probs_frame(test_ids, fold_probabilities(blend_test, thresholds))
     honest, honest_info = blended.honest[rule]
     honest_cv = scores[BLEND][HONEST_KEY[rule]]
 
@@ -347,7 +342,7 @@ def finalize(cfg: Config, experiments: Sequence[str | Config], name: str | None 
     }
     write_all({
         paths["submission"]: _checked_csv(submission, expected_test, paths["submission"]),
-        paths["oof_honest"]: _checked_csv(probs_table(train["lesion_id"], honest), train["lesion_id"].tolist(),
+        paths["oof_honest"]: _checked_csv(probs_frame(train["lesion_id"], honest), train["lesion_id"].tolist(),
                                           paths["oof_honest"]),
         paths["sidecar"]: _json_writer(sidecar),
     })

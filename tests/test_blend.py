@@ -15,7 +15,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import src.blend as blend
-from src.blend import BlendError, finalize, fit_weights, log_loss, main, probs_table, safe_name
+from src.blend import BlendError, finalize, fit_weights, log_loss, main, safe_name
+from src.outputs import probs_frame
 from src.config import Config, load_config
 from src.data import CLASSES, load_test, load_train
 from src.decision import expected_f1_thresholds, tune_thresholds
@@ -45,12 +46,12 @@ def write_experiment(cfg: Config, data: Path, noise: float, seed: int, skip_fold
     for k in range(cfg.n_folds):
         held = folds == k
         tests.append(fake_probs(truth[CLASSES].to_numpy(float), noise, rng))
-        atomic_write_csv(cfg.fold_dir(k) / "oof.csv", probs_table(train.lesion_id[held], oof[held]))
-        atomic_write_csv(cfg.fold_dir(k) / "test.csv", probs_table(truth.lesion_id, tests[-1]))
+        atomic_write_csv(cfg.fold_dir(k) / "oof.csv", probs_frame(train.lesion_id[held], oof[held]))
+        atomic_write_csv(cfg.fold_dir(k) / "test.csv", probs_frame(truth.lesion_id, tests[-1]))
         if k != skip_fold:
             atomic_write_json(cfg.fold_dir(k) / "metrics.json", {"macro_f1": 0.0})
-    atomic_write_csv(cfg.exp_dir() / "oof.csv", probs_table(train.lesion_id, oof))
-    atomic_write_csv(cfg.exp_dir() / "test.csv", probs_table(truth.lesion_id, np.mean(tests, axis=0)))
+    atomic_write_csv(cfg.exp_dir() / "oof.csv", probs_frame(train.lesion_id, oof))
+    atomic_write_csv(cfg.exp_dir() / "test.csv", probs_frame(truth.lesion_id, np.mean(tests, axis=0)))
 
 
 @pytest.fixture(scope="module")
