@@ -41,7 +41,7 @@ def open_storage(url: str):
     """SQLite / PostgreSQL / MySQL URLs go to RDBStorage with heartbeats (a crashed trial is retried);
     ``journal:/path/file.log`` is a journal file that several processes can append to."""
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
@@ -53,7 +53,7 @@ def open_storage(url: str):
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120,
-                      heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=2))
+                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
 
 
 def suggest(trial) -> dict:
