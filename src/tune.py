@@ -56,6 +56,25 @@ def open_storage(url: str):
                       heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
 
 
+def join_study(url: str, name: str, sampler, attempts: int = 8):
+    """Create or load the study. Processes started together race to create the storage's tables; the loser
+    of that race gets a database error and simply tries again once the tables exist."""
+    import random
+    import time
+
+    import optuna
+
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(storage=open_storage(url), study_name=name, direction="maximize",
+                                       load_if_exists=True, sampler=sampler)
+        except Exception:  # noqa: BLE001 - sqlalchemy/optuna errors of several kinds during the race
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random())
+    raise AssertionError("unreachable")
+
+
 def suggest(trial) -> dict:
     """The searched keys, as config overrides."""
     power = trial.suggest_float("pos_weight_power", 0.0, 1.0)
@@ -120,8 +139,7 @@ def run_tune(cfg: Config, data=None) -> "object":
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage_url(cfg)
     seed = int(np.random.SeedSequence([cfg.seed, os.getpid()]).generate_state(1)[0])
-    study = optuna.create_study(storage=open_storage(url), study_name=f"{cfg.name}-tune", direction="maximize",
-                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed))
+    study = join_study(url, f"{cfg.name}-tune", optuna.samplers.TPESampler(seed=seed))
     data = data if data is not None else prepare(cfg)
 
     blocked = False
