@@ -81,6 +81,21 @@ def _fill(tmp: str, jobs: list[tuple[int, str, str, str, int]], shape: tuple[int
     del arr
 
 
+def _remove_abandoned_builds(cache_dir: Path, split: str, size: int, idle_s: float = 600.0) -> None:
+    """Delete temp files of builds of this split and size that were killed (untouched for ``idle_s``); a build
+    in progress keeps writing its temp file, so it is left alone."""
+    if not cache_dir.is_dir():
+        return
+    temp = re.compile(rf"\.{re.escape(split)}_{size}_[0-9a-f]{{16}}\.npy\..*\.tmp")
+    now = time.time()
+    for f in cache_dir.iterdir():
+        try:
+            if temp.fullmatch(f.name) and now - f.stat().st_mtime > idle_s:
+                f.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def build_cache(lesions: pd.DataFrame, size: int, cache_dir: str | os.PathLike, split: str,
                 num_workers: int = 0, progress: bool = True) -> np.memmap:
     """Return the read-only cache of ``lesions`` at ``size`` px, building it if needed.
@@ -106,6 +121,7 @@ def build_cache(lesions: pd.DataFrame, size: int, cache_dir: str | os.PathLike, 
             return arr
         del arr
 
+    _remove_abandoned_builds(cache_dir, split, size)
     jobs = [(i, str(lid), str(c), str(d), size)
             for i, (lid, c, d) in enumerate(zip(lesions["lesion_id"], lesions["clin_path"], lesions["derm_path"]))]
     start = time.time()

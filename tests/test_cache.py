@@ -127,3 +127,22 @@ def test_decode_image_downscales_a_full_size_frame(tmp_path):
     out = decode_image(path, 64)
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
     np.testing.assert_allclose(out[:, :28].reshape(-1, 3).mean(0), (10, 120, 200), atol=4)
+
+
+def test_abandoned_temp_files_of_killed_builds_are_removed(tmp_path):
+    import os
+    import time
+
+    from src.cache import _remove_abandoned_builds
+
+    old = tmp_path / ".train_32_0123456789abcdef.npy.abc123.tmp"
+    fresh = tmp_path / ".train_32_fedcba9876543210.npy.def456.tmp"
+    other = tmp_path / ".test_32_0123456789abcdef.npy.abc123.tmp"
+    for f in (old, fresh, other):
+        f.write_bytes(b"partial")
+    past = time.time() - 3600
+    os.utime(old, (past, past))
+    os.utime(other, (past, past))
+    _remove_abandoned_builds(tmp_path, "train", 32)
+    assert not old.exists()
+    assert fresh.exists() and other.exists()
