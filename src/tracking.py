@@ -1,8 +1,9 @@
 """Weights & Biases, used so that it can never stop a training run.
 
 One group per experiment, one run per fold. Mode: the config's ``wandb_mode``, else env WANDB_MODE, else
-'offline' (runs land in <output_dir>/<exp>/wandb/ and `wandb sync` uploads them later). Any exception from
-wandb is reported once and the tracker turns itself off.
+'online' when the user has logged in (`wandb login` or WANDB_API_KEY), else 'offline' (runs land in
+<output_dir>/<exp>/wandb/ and `wandb sync` uploads them later). Any exception from wandb is reported once
+and the tracker turns itself off.
 """
 from __future__ import annotations
 
@@ -11,8 +12,21 @@ import sys
 from typing import Any
 
 
+def logged_in() -> bool:
+    """An API key in the environment, or the entry `wandb login` writes to ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def resolve_mode(cfg) -> str:
-    return cfg.wandb_mode or os.environ.get("WANDB_MODE", "") or "offline"
+    return cfg.wandb_mode or os.environ.get("WANDB_MODE", "") or ("online" if logged_in() else "offline")
 
 
 class Tracker:

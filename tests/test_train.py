@@ -160,3 +160,19 @@ def test_local_weights_file_and_clear_error_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsUnavailable, match="pretrained_path="):
         create_backbone("test_efficientnet", pretrained=True)
+
+
+def test_wandb_mode_offline_by_default_online_when_logged_in(tmp_path, monkeypatch):
+    from src.tracking import resolve_mode
+
+    cfg = load_config("exp001")
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert resolve_mode(cfg) == "offline"
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    (tmp_path / "netrc").chmod(0o600)
+    assert resolve_mode(cfg) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode(cfg) == "disabled"
+    assert resolve_mode(cfg.replace(wandb_mode="offline")) == "offline"
