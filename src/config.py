@@ -95,7 +95,8 @@ class Config:
     num_workers: int = _f(-1, "data loader workers; -1 = min(8, cpu count)")
     amp: bool = _f(True, "bf16 autocast on CUDA")
     channels_last: bool = _f(True, "channels_last memory format on CUDA")
-    branch_streams: bool = _f(True, "on CUDA, run the two backbones on two CUDA streams so their kernels overlap")
+    branch_streams: bool = _f(False, "on CUDA, run the two backbones on two CUDA streams so their kernels overlap "
+                              "(single-process, uncompiled runs only)")
     compile: bool = _f(False, "torch.compile the model")
     compile_mode: str = _f("default", "torch.compile mode, e.g. 'max-autotune-no-cudagraphs', 'reduce-overhead'")
     tta: bool = _f(True, "8-view flip/transpose test-time augmentation for out-of-fold and test predictions")

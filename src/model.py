@@ -126,7 +126,7 @@ def build_model(cfg, n_meta: int, n_aux: int = 0) -> DualNet:
     model = DualNet(cfg.backbone, n_meta, n_aux=n_aux, shared_backbone=cfg.shared_backbone, meta_mode=cfg.meta_mode,
                    meta_hidden=cfg.meta_hidden, meta_dropout=cfg.meta_dropout, head_dropout=cfg.head_dropout,
                    pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path)
-    model.branch_streams = cfg.branch_streams
+    model.branch_streams = cfg.branch_streams and not cfg.compile
     return model
 
 

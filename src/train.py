@@ -308,6 +308,7 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
 
     torch.manual_seed(cfg.seed * 1000 + fold)
     model, augment = setup_model(cfg, encoder.n_features, len(aux_vocab), device)
+    model.branch_streams = model.branch_streams and dist.world == 1  # DDP's reducer expects one stream
     weights = class_weights(cfg, y_tr)
     criterion = make_criterion(cfg, weights)
 
