@@ -265,7 +265,8 @@ def _mix(cfg: Config, clin, derm, meta, y, gen: torch.Generator):
     cut = use_cut and (not use_mix or torch.rand(1, generator=gen).item() < 0.5)
     alpha = cfg.cutmix_alpha if cut else cfg.mixup_alpha
     lam = float(np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=gen))).beta(alpha, alpha))
-    perm = torch.randperm(y.shape[0], generator=gen).to(y.device)
+    perm = torch.randperm(y.shape[0], generator=gen)
+    perm = perm.pin_memory().to(y.device, non_blocking=True) if y.is_cuda else perm
     if cut:
         s = clin.shape[-1]
         cut_w = int(s * math.sqrt(1 - lam))
