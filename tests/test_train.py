@@ -176,3 +176,21 @@ def test_wandb_mode_offline_by_default_online_when_logged_in(tmp_path, monkeypat
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_mode(cfg) == "disabled"
     assert resolve_mode(cfg.replace(wandb_mode="offline")) == "offline"
+
+
+def test_exp002_switches_train_together(mini_data, tmp_path):
+    """CE + label smoothing, balanced sampling, mixup/cutmix with the off-switch, EMA, meta MLP, aux head."""
+    from src.train import prepare, train_fold
+
+    args = tiny(mini_data, tmp_path, epochs=3, mix_off_epochs=1, tta="false")
+    cfg = load_config("exp002", args)
+    assert (cfg.loss, cfg.meta_mode, cfg.aux_weight > 0, cfg.ema_decay > 0, cfg.sampler_power > 0) == \
+        ("ce", "mlp", True, True, True)
+    m = train_fold(cfg, 0, prepare(cfg))
+    oof = pd.read_csv(cfg.fold_dir(0) / "oof.csv")
+    np.testing.assert_allclose(oof[CLASSES].sum(1), 1.0, atol=1e-5)  # softmax probabilities
+    hist = pd.read_csv(cfg.fold_dir(0) / "history.csv")
+    assert len(hist) == 4 and np.isfinite(hist.train_loss).all()
+    assert m["epochs_run"] == 4 and 0 <= m["macro_f1"] <= 1
+    vocab = __import__("json").loads((cfg.fold_dir(0) / "aux_vocab.json").read_text())
+    assert len(vocab) > 3
