@@ -36,6 +36,7 @@ from .config import Config, ConfigError, apply_overrides, load_config, parse_cli
 from .data import CLASSES, DataError, load_test, load_train
 from .decision import expected_f1_thresholds, fold_probabilities, honest_oof, tune_thresholds
 from .folds import load_or_make_folds
+from .io_utils import new_file_mode
 from .outputs import probs_frame
 from .report import markdown_table, write_report
 from .scoring import SubmissionError, macro_f1, read_prediction_csv
@@ -266,6 +267,7 @@ def write_all(files: dict[Path, Callable[[str], None]]) -> None:
             os.close(fd)
             staged.append((tmp, path))
             write(tmp)
+            os.chmod(tmp, new_file_mode())
         for tmp, path in staged:
             os.replace(tmp, path)
     finally:

@@ -65,7 +65,7 @@ def _cache_key(lesions: pd.DataFrame, size: int) -> str:
 def _fill(tmp: str, jobs: list[tuple[int, str, str, str, int]], shape: tuple[int, ...], num_workers: int,
           desc: str, progress: bool) -> None:
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-    with tqdm(total=len(jobs), desc=desc, unit="lesion", disable=not progress) as bar:
+    with tqdm(total=len(jobs), desc=desc, unit="lesion", disable=None if progress else True) as bar:
         if num_workers > 1:
             chunk = max(1, min(64, len(jobs) // (num_workers * 8)))
             with multiprocessing.Pool(num_workers) as pool:
@@ -126,6 +126,9 @@ def build_cache(lesions: pd.DataFrame, size: int, cache_dir: str | os.PathLike, 
             for i, (lid, c, d) in enumerate(zip(lesions["lesion_id"], lesions["clin_path"], lesions["derm_path"]))]
     start = time.time()
     atomic_write(path, lambda tmp: _fill(tmp, jobs, shape, num_workers, f"cache {split} {size}px", progress))
+    if progress:
+        print(f"[cache] {split} {size}px: {len(jobs)} lesions decoded in {time.time() - start:.0f}s -> {path}",
+              flush=True)
     atomic_write_json(cache_dir / f"{stem}.json", {
         "version": CACHE_VERSION, "key": key, "split": split, "size": size, "shape": list(shape),
         "dtype": "uint8", "views": list(VIEWS), "build_seconds": round(time.time() - start, 1),

@@ -8,6 +8,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def new_file_mode() -> int:
+    """The permissions an ordinary new file gets under the current umask (temp files start at 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` in one rename."""
     path = Path(path)
@@ -18,6 +25,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

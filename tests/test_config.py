@@ -74,3 +74,17 @@ def test_help_lists_every_key():
     text = describe(load_config("exp001"))
     for key in ("data_dir", "pos_weight_power", "backbone", "tta", "decision"):
         assert f"  {key} " in text
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from src.io_utils import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "f.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
