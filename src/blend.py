@@ -37,7 +37,7 @@ from .data import CLASSES, DataError, load_test, load_train
 from .decision import expected_f1_thresholds, fold_probabilities, honest_oof, tune_thresholds
 from .folds import load_or_make_folds
 from .io_utils import new_file_mode
-from .outputs import probs_frame
+from .outputs import log_loss, missing_outputs, probs_frame
 from .report import markdown_table, write_report
 from .scoring import SubmissionError, macro_f1, read_prediction_csv
 from .tracking import Tracker
@@ -93,14 +93,14 @@ def _require_complete(cfg: Config) -> None:
     exp, fix = cfg.exp_dir(), f"run `bash run.sh {cfg.name}` to finish it"
     if not exp.is_dir():
         raise BlendError(f"experiment {cfg.name} is not complete: no outputs at {exp}; {fix}")
-    missing = [k for k in range(cfg.n_folds) if not (cfg.fold_dir(k) / "metrics.json").is_file()]
-    if missing:
-        raise BlendError(f"experiment {cfg.name} is not complete: fold(s) {missing} of {cfg.n_folds} have no "
+    lacking = missing_outputs(cfg)
+    folds = [int(f[4:f.index("/")]) for f in lacking if f.startswith("fold")]
+    if folds:
+        raise BlendError(f"experiment {cfg.name} is not complete: fold(s) {folds} of {cfg.n_folds} have no "
                          f"metrics.json under {exp}; {fix}")
-    absent = [f for f in ("oof.csv", "test.csv") if not (exp / f).is_file()]
-    if absent:
+    if lacking:
         raise BlendError(f"experiment {cfg.name} is not complete: every fold is done but {exp} has no "
-                         f"{' or '.join(absent)}; {fix} (it joins the folds)")
+                         f"{' or '.join(lacking)}; {fix} (it joins the folds)")
 
 
 def _read_probs(cfg: Config, file: str, expected_ids: Sequence[str] | None) -> pd.DataFrame:
@@ -144,12 +144,6 @@ def load_members(cfgs: list[Config], train: pd.DataFrame) -> tuple[list[Member],
 # ----------------------------------------------------------------------------------------------------
 # weights and scores
 # ----------------------------------------------------------------------------------------------------
-def log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    """Mean binary log-loss over every row and class."""
-    q = np.clip(p, EPS, 1 - EPS)
-    return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
-
-
 def fit_weights(y: np.ndarray, probs: list[np.ndarray]) -> np.ndarray:
     """Non-negative weights summing to 1 minimising ``log_loss(y, sum_k w_k probs_k)``.
 

@@ -23,9 +23,17 @@ def fold_done(cfg: Config, fold: int) -> bool:
     return (cfg.fold_dir(fold) / "metrics.json").is_file()
 
 
-def mean_bce(y: np.ndarray, probs: np.ndarray) -> float:
-    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
-    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+def log_loss(y: np.ndarray, probs: np.ndarray) -> float:
+    """Mean binary log-loss over every row and class."""
+    q = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+
+
+def missing_outputs(cfg: Config) -> list[str]:
+    """What an experiment still lacks to be blended or stacked: each fold's metrics.json, then the joined
+    oof.csv and test.csv (paths relative to its folder); empty when complete."""
+    lacking = [f"fold{k}/metrics.json" for k in range(cfg.n_folds) if not fold_done(cfg, k)]
+    return lacking + [f for f in ("oof.csv", "test.csv") if not (cfg.exp_dir() / f).is_file()]
 
 
 def fold_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
@@ -38,7 +46,7 @@ def fold_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
             aucs[c] = float(roc_auc_score(y[:, i], probs[:, i]))
     return {"macro_f1": float(per_class.mean()), "f1": dict(zip(CLASSES, map(float, per_class))),
             "auc": aucs, "auc_macro": float(np.mean(list(aucs.values()))) if aucs else None,
-            "accuracy": float((probs.argmax(1) == y.argmax(1)).mean()), "loss": mean_bce(y, probs),
+            "accuracy": float((probs.argmax(1) == y.argmax(1)).mean()), "loss": log_loss(y, probs),
             "n": int(len(y))}
 
 

@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 
 from .config import Config, ConfigError
-from .data import CLASSES
 from .features import MetadataEncoder
 from .meta_model import cross_fit, load_lesions
+from .outputs import missing_outputs
+from .scoring import SubmissionError, read_prediction_csv
 
 LOGIT_CLIP = 1e-6
 SAME_FOLDS = ("n_folds", "fold_seed", "folds_csv")
@@ -38,36 +39,19 @@ def input_names(cfg: Config) -> list[str]:
 
 
 def read_probs(path: Path, ids: pd.Series) -> np.ndarray:
-    """Probabilities (len(ids), 11) of ``path`` (lesion_id + CLASSES) in the order of ``ids``."""
+    """Probabilities (len(ids), 11) of ``path`` (lesion_id + CLASSES) in the order of ``ids``, read and checked
+    by the scorer's own reader (header, duplicates, values in [0, 1], missing or extra ids)."""
     try:
-        df = pd.read_csv(path, dtype={"lesion_id": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise StackError(f"{path}: cannot read the CSV ({err})") from None
-    if list(df.columns) != ["lesion_id", *CLASSES]:
-        raise StackError(f"{path}: line 1: columns must be lesion_id,{','.join(CLASSES)}, got {','.join(df.columns)}")
-    dup = np.flatnonzero(df["lesion_id"].duplicated().to_numpy())
-    if dup.size:
-        raise StackError(f"{path}: line {dup[0] + 2}, column lesion_id: {df['lesion_id'].iloc[dup[0]]!r} appears twice")
-    values = df[CLASSES].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
-    bad = np.argwhere(~((values >= 0) & (values <= 1)))
-    if bad.size:
-        r, c = bad[0]
-        raise StackError(f"{path}: line {r + 2}, column {CLASSES[c]}: {df.iat[r, c + 1]!r} is not a probability in [0, 1]")
-    missing = sorted(set(ids) - set(df["lesion_id"]))
-    if missing:
-        raise StackError(f"{path}: column lesion_id: {len(missing)} lesion(s) missing, e.g. {missing[0]!r}")
-    extra = np.flatnonzero(~df["lesion_id"].isin(set(ids)).to_numpy())
-    if extra.size:
-        raise StackError(f"{path}: line {extra[0] + 2}, column lesion_id: {df['lesion_id'].iloc[extra[0]]!r} "
-                         "is not an expected lesion")
-    return pd.DataFrame(values, index=df["lesion_id"]).loc[list(ids)].to_numpy()
+        frame = read_prediction_csv(path, expected_ids=list(ids))
+    except SubmissionError as err:
+        raise StackError(str(err)) from None
+    return frame.loc[list(ids)].to_numpy()
 
 
 def _check_input(cfg: Config, name: str) -> Path:
     """The folder of a complete input experiment built on the stacker's folds."""
     folder = Path(cfg.output_dir) / name
-    lacking = [f"fold{k}/metrics.json" for k in range(cfg.n_folds) if not (folder / f"fold{k}" / "metrics.json").is_file()]
-    lacking += [f for f in ("oof.csv", "test.csv") if not (folder / f).is_file()]
+    lacking = missing_outputs(cfg.replace(name=name))
     if lacking:
         raise StackError(f"stack input {name!r} is not complete: {folder} lacks {', '.join(lacking)}; "
                          f"run experiment {name} (all {cfg.n_folds} folds) first")

@@ -32,7 +32,7 @@ from .features import MetadataEncoder
 from .folds import load_or_make_folds
 from .io_utils import atomic_write, atomic_write_csv, atomic_write_json
 from .model import build_model, count_parameters
-from .outputs import collect, fold_done, fold_metrics, probs_frame
+from .outputs import collect, fold_done, fold_metrics, log_loss, probs_frame
 from .scoring import f1_per_class
 from .tracking import Tracker
 
@@ -401,8 +401,7 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
 
         eval_model = ema.module if ema is not None else model
         val_probs = predict(eval_model, cfg, data.train_cache, va_rows, meta_va, augment, device, 1, "validate")
-        val_loss = float(F.binary_cross_entropy(torch.from_numpy(val_probs).clamp(1e-7, 1 - 1e-7),
-                                                torch.from_numpy(y_va)))
+        val_loss = log_loss(y_va, val_probs)
         per_class = f1_per_class(y_va, val_probs)
         score = selection_score(cfg.early_stop_metric, y_va, val_probs, per_class)
         improved = score > state["best_score"]

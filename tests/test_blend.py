@@ -15,8 +15,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import src.blend as blend
-from src.blend import BlendError, finalize, fit_weights, log_loss, main, safe_name
-from src.outputs import probs_frame
+from src.blend import BlendError, finalize, fit_weights, main, safe_name
+from src.outputs import log_loss, probs_frame
 from src.config import Config, load_config
 from src.data import CLASSES, load_test, load_train
 from src.decision import expected_f1_thresholds, tune_thresholds
