@@ -2,10 +2,12 @@
 
     python -m src.bench [--device auto|cpu|cuda] [--batch 64] [--img-size 256] [--steps 20] [--warmup 5]
                         [--backbone NAME] [--n-lesions 256] [--workers -1] [--compile] [--out bench.json]
-                        [--only a,b,c,d,e] [--epochs-for-projection N] [--profile]
+                        [--only a,b,c,d,e] [--epochs-for-projection N] [--profile] [--fuse]
 
 Rows (pairs/s over the timed steps after the warm-up steps, and peak memory):
   a   exp001's stage-2 training step (DeviceAugment train path, real loss, AdamW) on uint8 pairs already on the device
+  a2  the same step with the two backbones fused into one network of twice the width (fuse_backbones=true);
+      skipped where row a already fuses them (--fuse) or the backbone cannot be fused
   b   reference: one backbone of the same kind over both images batched together (shared_backbone=True)
   c1  stage 1 (backbones frozen), end to end as in c
   c   end to end: generated 600x450 JPEGs -> prepared image cache -> PairDataset/DataLoader -> DeviceAugment -> step
@@ -15,7 +17,8 @@ Rows (pairs/s over the timed steps after the warm-up steps, and peak memory):
 then the ratios c/a, a/b, c/d against their targets and the projected wall time of a full exp001 at the real data
 sizes. Timings synchronise CUDA before reading the clock. Weights are never downloaded (pretrained=False).
 Results: a printed table and ``<output_dir>/bench/bench_<device>.json``; ``--profile`` adds a torch.profiler table
-of row a (``profile_a_<device>.txt`` beside the JSON).
+of rows a and a2 (``profile_a_<device>.txt``, ``profile_a2_<device>.txt`` beside the JSON), with the device kernels
+(CUDA) or aten ops (CPU) each step launches.
 """
 from __future__ import annotations
 
@@ -43,18 +46,19 @@ from .config import Config, load_config
 from .data import CLASSES, load_train
 from .features import MetadataEncoder
 from .io_utils import atomic_write_json, atomic_write_text
-from .model import count_parameters
+from .model import FusionUnsupported, count_parameters
 from .synth import generate
 from .train import (EpochSampler, PairDataset, _make_optimizer, _set_stage, _train_mode, class_weights,
                     epoch_order, make_criterion, predict, resolve_device, resolve_workers, setup_model, train_step)
 
 EXPERIMENT = "exp001"
 FULL_TRAIN, FULL_TEST = 5240, 479          # lesions of the official release
-RATIO_TARGETS = {"c/a": 0.9, "a/b": 0.9, "c/d": 2.0}
+RATIO_TARGETS = {"c/a": 0.9, "a/b": 0.9, "a2/b": 0.9, "c/d": 2.0}
 MEMORY_TARGET_GIB = 16.0
 PROJECTION_TARGET_MIN = 20.0
 ROWS = {
     "a": "exp001 step (stage 2), uint8 pairs on device",
+    "a2": "the same, backbones fused (grouped convs)",
     "b": "reference: one backbone over 2B images",
     "c1": "end to end, stage 1 (backbones frozen)",
     "c": "end to end: JPEG > cache > loader > step",
@@ -62,7 +66,7 @@ ROWS = {
     "e1": "inference on the cache, 1 view",
     "e": "inference on the cache, 8-view TTA",
 }
-GROUPS = {"a": ("a",), "b": ("b",), "c": ("c1", "c"), "d": ("d",), "e": ("e1", "e")}
+GROUPS = {"a": ("a", "a2"), "b": ("b",), "c": ("c1", "c"), "d": ("d",), "e": ("e1", "e")}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,9 +269,11 @@ class Settings:
     profile: bool
 
 
-def bench_device_tensors(s: Settings, data: BenchData, shared: bool) -> dict:
-    """Rows a and b: the training step on uint8 pairs already on the device (no loader)."""
+def bench_device_tensors(s: Settings, data: BenchData, shared: bool, tag: str, fuse: bool | None = None) -> dict:
+    """Rows a, a2 and b: the training step on uint8 pairs already on the device (no loader)."""
     cfg, dev, b = s.cfg.replace(shared_backbone=shared), s.device, s.cfg.batch_size
+    if fuse is not None:
+        cfg = cfg.replace(fuse_backbones=fuse)
     rows = np.resize(np.arange(data.n), b)
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = (torch.randint(0, 256, (b, 2, cfg.img_size, cfg.img_size, 3), generator=gen, dtype=torch.uint8).to(dev),
@@ -275,9 +281,9 @@ def bench_device_tensors(s: Settings, data: BenchData, shared: bool) -> dict:
     with PeakMemory(dev) as mem:
         tr = make_trainer(cfg, dev, data.meta.shape[1], data.y, 2, s.steps_per_epoch)
         seconds, _ = timed_steps(itertools.repeat(batch), tr.pair_step, s.warmup, s.steps, dev)
-    row = _row(s.steps * b, seconds, mem, params=count_parameters(tr.model))
+    row = _row(s.steps * b, seconds, mem, params=count_parameters(tr.model), fused=tr.model.fused)
     if s.profile and not shared:
-        row["profile"] = write_profile(s, tr, batch, seconds / s.steps)
+        row["profile"] = write_profile(s, tr, batch, seconds / s.steps, tag)
     return row
 
 
@@ -332,9 +338,10 @@ def bench_predict(s: Settings, data: BenchData, views: int) -> dict:
     return _row(len(rows), seconds, mem, views=views)
 
 
-def write_profile(s: Settings, tr: Trainer, batch, step_seconds: float) -> dict:
-    """torch.profiler over a few more steps of row a: the 15 ops with the most self device (CPU on CPU) time, and
-    how busy that time keeps the device during a timed step (well under 100% means the host cannot keep up)."""
+def write_profile(s: Settings, tr: Trainer, batch, step_seconds: float, tag: str = "a") -> dict:
+    """torch.profiler over a few more steps of row ``tag``: the 15 ops with the most self device (CPU on CPU)
+    time, how busy that time keeps the device during a timed step (well under 100% means the host cannot keep up),
+    and how many device kernels (CUDA) or aten ops (CPU) one step launches."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -348,18 +355,22 @@ def write_profile(s: Settings, tr: Trainer, batch, step_seconds: float) -> dict:
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = prof.key_averages()
     if cuda:  # kernels only: an op's self device time repeats its kernels' time
-        busy_us = sum(e.self_device_time_total for e in events
-                      if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+        kernels = [e for e in events
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+        busy_us = sum(e.self_device_time_total for e in kernels)
+        launches = sum(e.count for e in kernels)
     else:
         busy_us = sum(e.self_cpu_time_total for e in events)
+        launches = sum(e.count for e in events if e.key.startswith("aten::"))
     busy_ms = busy_us / 1e3 / n
-    info = {"path": str(s.out_dir / f"profile_a_{s.device.type}.txt"), "steps": n, "sorted_by": key,
+    unit = "device kernels" if cuda else "aten ops"
+    info = {"path": str(s.out_dir / f"profile_{tag}_{s.device.type}.txt"), "steps": n, "sorted_by": key,
             "self_ms_per_step": busy_ms, "timed_ms_per_step": step_seconds * 1e3,
-            "busy_frac": busy_ms / (step_seconds * 1e3)}
-    text = (f"torch.profiler, row a ({ROWS['a']}), {n} steps of batch {s.cfg.batch_size}, {s.cfg.backbone}, "
+            "busy_frac": busy_ms / (step_seconds * 1e3), "launches_per_step": launches / n, "launch_unit": unit}
+    text = (f"torch.profiler, row {tag} ({ROWS[tag]}), {n} steps of batch {s.cfg.batch_size}, {s.cfg.backbone}, "
             f"{s.cfg.img_size} px, on {device_name(s.device)}; sorted by {key}\n"
             f"{'device' if cuda else 'CPU'} self time {busy_ms:.1f} ms per step; a timed step (unprofiled) takes "
-            f"{step_seconds * 1e3:.1f} ms: busy {info['busy_frac']:.0%}\n\n"
+            f"{step_seconds * 1e3:.1f} ms: busy {info['busy_frac']:.0%}; {launches / n:.0f} {unit} per step\n\n"
             + events.table(sort_by=key, row_limit=15) + "\n")
     atomic_write_text(info["path"], text)
     return info
@@ -434,7 +445,7 @@ def format_table(result: dict) -> str:
         f"{st['backbone']}, {st['img_size']} px, batch {st['batch']}, {st['steps']} timed steps after {st['warmup']} "
         f"warm-up, {st['workers']} loader workers, {st['n_lesions']} generated lesions, "
         f"{'bf16 autocast' if st['amp'] else 'fp32'}, {'channels_last' if st['channels_last'] else 'NCHW'}, "
-        f"compile {'on' if st['compile'] else 'off'}",
+        f"compile {'on' if st['compile'] else 'off'}, fused backbones {'on' if st.get('fuse') else 'off'}",
         "",
         f"{'row':<4}{'path':<46}{'pairs/s':>10}  {'peak ' + ('device mem' if cuda else 'RSS growth'):>16}  data wait",
     ]
@@ -465,11 +476,13 @@ def format_table(result: dict) -> str:
                      f"~{p['cache_build_s']:.0f} s ({st['cache_workers']} decode processes)")
     if any(not r["ok"] for r in result["ratios"].values()) and not st["profile"]:
         lines.append("a target is missed: rerun with --profile for the ops behind row a")
-    prof = rows.get("a", {}).get("profile")
-    if prof:
-        lines.append(f"profile of row a: {prof['path']} ({'device' if cuda else 'CPU'} self time "
-                     f"{prof['self_ms_per_step']:.1f} ms of a {prof['timed_ms_per_step']:.1f} ms step: "
-                     f"busy {prof['busy_frac']:.0%})")
+    for key in ("a", "a2"):
+        prof = rows.get(key, {}).get("profile")
+        if prof:
+            lines.append(f"profile of row {key}: {prof['path']} ({'device' if cuda else 'CPU'} self time "
+                         f"{prof['self_ms_per_step']:.1f} ms of a {prof['timed_ms_per_step']:.1f} ms step: "
+                         f"busy {prof['busy_frac']:.0%}; {prof['launches_per_step']:.0f} {prof['launch_unit']} "
+                         "per step)")
     lines.append(f"written: {result['out']}")
     return "\n".join(lines)
 
@@ -493,7 +506,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="a,b,c,d,e", help="comma list of rows to run (c includes c1, e includes e1)")
     p.add_argument("--epochs-for-projection", type=int, default=None,
                    help=f"stage-2 epochs of the projection (default: {EXPERIMENT}'s epochs)")
-    p.add_argument("--profile", action="store_true", help="write a torch.profiler table of row a beside the JSON")
+    p.add_argument("--profile", action="store_true", help="write torch.profiler tables of rows a, a2 beside the JSON")
+    p.add_argument("--fuse", action="store_true",
+                   help="fuse the two backbones in every row but b (as fuse_backbones=true); row a2 is then skipped")
     args = p.parse_args(argv)
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in only if x not in GROUPS]
@@ -510,6 +525,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     overrides: dict = {"backbone": args.backbone, "pretrained": False, "device": args.device,
                        "num_workers": args.workers, "compile": args.compile}
+    if args.fuse:
+        overrides["fuse_backbones"] = True
     if args.batch is not None:
         overrides["batch_size"] = args.batch
     if args.img_size is not None:
@@ -527,15 +544,22 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[bench] generating {args.n_lesions} lesion pairs (600x450 JPEGs) and their {cfg.img_size} px cache "
               f"on {device_name(device)}", flush=True)
         data = prepare_data(cfg, args.n_lesions, Path(tmp))
-        jobs = {"a": lambda: bench_device_tensors(s, data, shared=False),
-                "b": lambda: bench_device_tensors(s, data, shared=True),
+        jobs = {"a": lambda: bench_device_tensors(s, data, shared=False, tag="a"),
+                "a2": lambda: bench_device_tensors(s, data, shared=False, tag="a2", fuse=True),
+                "b": lambda: bench_device_tensors(s, data, shared=True, tag="b"),
                 "c1": lambda: bench_loader(s, data, stage=1), "c": lambda: bench_loader(s, data, stage=2),
                 "d": lambda: bench_naive(s, data),
                 "e1": lambda: bench_predict(s, data, views=1), "e": lambda: bench_predict(s, data, views=8)}
         rows: dict = {}
         for key in ROWS:
             if any(key in GROUPS[g] for g in args.only):
-                rows[key] = jobs[key]()
+                if key == "a2" and cfg.fuse_backbones:
+                    continue
+                try:
+                    rows[key] = jobs[key]()
+                except FusionUnsupported as exc:
+                    print(f"[bench] {key:<3}skipped: {exc}", flush=True)
+                    continue
                 print(f"[bench] {key:<3}{ROWS[key]:<46}{rows[key]['pairs_per_s']:>10.1f} pairs/s", flush=True)
                 gc.collect()
         projection = project(cfg, rows, data, epochs)
@@ -553,7 +577,8 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {"experiment": EXPERIMENT, "backbone": cfg.backbone, "img_size": cfg.img_size,
                      "batch": cfg.batch_size, "steps": args.steps, "warmup": args.warmup, "workers": s.workers,
                      "n_lesions": args.n_lesions, "amp": device.type == "cuda" and cfg.amp,
-                     "channels_last": channels_last, "compile": cfg.compile, "only": args.only,
+                     "channels_last": channels_last, "compile": cfg.compile, "fuse": cfg.fuse_backbones,
+                     "only": args.only,
                      "profile": args.profile, "cache_workers": data.cache_workers,
                      "as_exp001": (cfg.backbone.split(".")[0], cfg.img_size, cfg.batch_size)
                      == (reference.backbone.split(".")[0], reference.img_size, reference.batch_size)},

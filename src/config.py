@@ -50,6 +50,9 @@ class Config:
     pretrained: bool = _f(True, "start from ImageNet weights")
     pretrained_path: str = _f("", "local weights file for the backbone (also env MILK10K_WEIGHTS); used instead of downloading")
     shared_backbone: bool = _f(False, "one backbone for both images instead of one per image")
+    fuse_backbones: bool = _f(False, "run the two backbones as one network of twice the width (grouped "
+                              "convolutions): same results, half the kernel launches; convolution + BatchNorm "
+                              "backbones only")
     meta_mode: str = _f("concat", "metadata fusion: 'concat' (raw features), 'mlp' (small MLP), 'none'")
     meta_hidden: int = _f(128, "hidden width of the metadata MLP")
     meta_dropout: float = _f(0.3, "dropout inside the metadata MLP")

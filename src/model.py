@@ -3,9 +3,13 @@ r"""The dual-image metadata-fusion network.
 clinical image -> backbone A -> pooled embedding --\
 dermoscopic    -> backbone B -> pooled embedding ---+--> [concat] -> dropout -> linear -> 11 logits
 metadata features -> (identity | small MLP) -------/                                 \-> aux logits (optional)
+
+With ``fuse_backbones`` the two backbones become one network of twice the width (see ``fuse_pair``): the same
+arithmetic and the same results, in half the kernel launches.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -44,18 +48,148 @@ def create_backbone(name: str, pretrained: bool, pretrained_path: str = "") -> n
         ) from None
 
 
+class FusionUnsupported(ValueError):
+    pass
+
+
+class PairDropPath(nn.Module):
+    """Stochastic depth of a fused pair: each sample drops the clinical and the dermoscopic path independently,
+    as two separate backbones would."""
+
+    def __init__(self, drop_prob: float, scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob, self.scale_by_keep = drop_prob, scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        mask = x.new_empty((x.shape[0], 2) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        if keep > 0 and self.scale_by_keep:
+            mask.div_(keep)
+        return (x.unflatten(1, (2, -1)) * mask).flatten(1, 2)
+
+
+def _direct_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {**{k: v for k, v in m._parameters.items() if v is not None},
+            **{k: v for k, v in m._buffers.items() if v is not None}}
+
+
+def fuse_pair(a: nn.Module, b: nn.Module, check_size: int = 64) -> nn.Module:
+    """One network computing ``cat([a(x1), b(x2)], dim=1)`` from ``cat([x1, x2], dim=1)``, for two backbones of
+    the same architecture (separate weights).
+
+    Every convolution becomes one with twice the channels and twice the groups, its weight the two weights stacked
+    along the output channels; every BatchNorm holds both sets of per-channel statistics; activations and pooling
+    act per channel anyway. So each layer is one kernel for both images instead of two: at batch 64 a dual-backbone
+    step is bound by kernel launches, and this halves them while doing the same arithmetic. Parameter i of
+    ``a`` is the first half of the fused parameter, ``b``'s the second (``split_fused_state`` / ``fuse_state``).
+
+    Only layers that act per channel or per group can be fused; others (LayerNorm over channels, attention,
+    linear layers) raise FusionUnsupported, and so does a network whose fused output does not match the two
+    networks' on a random check input, e.g. one that mixes channels in its forward code.
+    """
+    names_a = [(n, type(m)) for n, m in a.named_modules()]
+    if names_a != [(n, type(m)) for n, m in b.named_modules()]:
+        raise FusionUnsupported("fuse_backbones needs two backbones of the same architecture")
+    mods_b = dict(b.named_modules())
+    fused = copy.deepcopy(a)
+    for name, m in list(fused.named_modules()):
+        where = f"{name or 'the backbone'} ({type(m).__name__})"
+        tensors = _direct_tensors(m)
+        if isinstance(m, timm.layers.DropPath):
+            parent, _, leaf = name.rpartition(".")
+            setattr(fused.get_submodule(parent) if parent else fused, leaf, PairDropPath(m.drop_prob, m.scale_by_keep))
+            continue
+        if not tensors:
+            continue
+        if isinstance(m, nn.Conv2d):
+            m.in_channels, m.out_channels, m.groups = 2 * m.in_channels, 2 * m.out_channels, 2 * m.groups
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.num_features = 2 * m.num_features
+        else:
+            raise FusionUnsupported(f"fuse_backbones cannot fuse {where}: only convolutions and BatchNorm layers "
+                                    "hold weights in a fusable backbone; use fuse_backbones=false")
+        other = _direct_tensors(mods_b[name])
+        for key, t in tensors.items():
+            if t.ndim == 0:   # e.g. BatchNorm's num_batches_tracked: one counter serves both halves
+                continue
+            both = torch.cat([t.detach(), other[key].detach()])
+            if key in m._parameters:
+                m._parameters[key] = nn.Parameter(both, requires_grad=t.requires_grad)
+            else:
+                m._buffers[key] = both
+    if hasattr(fused, "num_features"):
+        fused.num_features = 2 * a.num_features
+    _check_fused(fused, a, b, check_size)
+    return fused
+
+
+@torch.no_grad()
+def _check_fused(fused: nn.Module, a: nn.Module, b: nn.Module, size: int) -> None:
+    modes = {m: m.training for m in (fused, a, b)}
+    for m in modes:
+        m.eval()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x1, x2 = (torch.randn(2, 3, size, size, generator=gen) for _ in range(2))
+        want = torch.cat([a(x1), b(x2)], dim=1)
+        got = fused(torch.cat([x1, x2], dim=1))
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6):
+        raise FusionUnsupported("fuse_backbones: the fused backbone does not reproduce the two separate ones on a "
+                                "check input (the architecture mixes channels somewhere); use fuse_backbones=false")
+
+
+def fuse_state(state: dict, prefix: str = "") -> dict:
+    """``<prefix>clin.*`` and ``<prefix>derm.*`` entries of a state dict as the ``<prefix>pair.*`` entries of a
+    fused model; everything else unchanged."""
+    out, pa, pb = {}, prefix + "clin.", prefix + "derm."
+    for key, t in state.items():
+        if key.startswith(pa):
+            rest = key[len(pa):]
+            other = state[pb + rest]
+            out[prefix + "pair." + rest] = t if t.ndim == 0 else torch.cat([t, other])
+        elif not key.startswith(pb):
+            out[key] = t
+    return out
+
+
+def split_fused_state(state: dict, prefix: str = "") -> dict:
+    """The inverse of ``fuse_state``: a fused model's state dict as a two-backbone model's."""
+    out, pf = {}, prefix + "pair."
+    for key, t in state.items():
+        if not key.startswith(pf):
+            out[key] = t
+            continue
+        rest = key[len(pf):]
+        halves = (t, t) if t.ndim == 0 else t.chunk(2)
+        out[prefix + "clin." + rest], out[prefix + "derm." + rest] = (h.clone() for h in halves)
+    return out
+
+
 class DualNet(nn.Module):
     def __init__(self, backbone: str, n_meta: int, n_classes: int = 11, n_aux: int = 0, *,
                  shared_backbone: bool = False, meta_mode: str = "concat", meta_hidden: int = 128,
                  meta_dropout: float = 0.3, head_dropout: float = 0.0, pretrained: bool = True,
-                 pretrained_path: str = ""):
+                 pretrained_path: str = "", fuse_backbones: bool = False):
         super().__init__()
-        self.clin = create_backbone(backbone, pretrained, pretrained_path)
+        clin = create_backbone(backbone, pretrained, pretrained_path)
         self.shared = shared_backbone
+        self.fused = fuse_backbones and not shared_backbone
         self.branch_streams = False  # set by build_model from the config; CUDA only
         self._side = None
-        self.derm = self.clin if shared_backbone else create_backbone(backbone, pretrained, pretrained_path)
-        feat = self.clin.num_features
+        cfg = clin.pretrained_cfg or {}
+        self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        feat = clin.num_features
+        if self.fused:
+            self.pair = fuse_pair(clin, create_backbone(backbone, pretrained, pretrained_path))
+        else:
+            self.clin = clin
+            self.derm = clin if shared_backbone else create_backbone(backbone, pretrained, pretrained_path)
         if meta_mode == "mlp" and n_meta:
             self.meta = nn.Sequential(
                 nn.Linear(n_meta, meta_hidden), nn.BatchNorm1d(meta_hidden), nn.SiLU(), nn.Dropout(meta_dropout),
@@ -69,11 +203,10 @@ class DualNet(nn.Module):
         self.dropout = nn.Dropout(head_dropout)
         self.head = nn.Linear(2 * feat + meta_dim, n_classes)
         self.aux_head = nn.Linear(2 * feat + meta_dim, n_aux) if n_aux else None
-        cfg = self.clin.pretrained_cfg or {}
-        self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
 
     def backbones(self) -> list[nn.Module]:
+        if self.fused:
+            return [self.pair]
         return [self.clin] if self.shared else [self.clin, self.derm]
 
     def backbone_parameters(self):
@@ -84,7 +217,18 @@ class DualNet(nn.Module):
         backbone_ids = {id(p) for p in self.backbone_parameters()}
         return [p for p in self.parameters() if id(p) not in backbone_ids]
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Checkpoints load whichever way either model holds its backbones (fused or two separate ones)."""
+        has_pair = any(k.startswith("pair.") for k in state_dict)
+        if self.fused and not has_pair:
+            state_dict = fuse_state(state_dict)
+        elif not self.fused and has_pair:
+            state_dict = split_fused_state(state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def embed(self, clin: torch.Tensor, derm: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.pair(torch.cat([clin, derm], dim=1))
         if self.shared:
             both = self.clin(torch.cat([clin, derm]))
             return torch.cat(both.split(clin.shape[0]), dim=1)
@@ -125,8 +269,9 @@ class DualNet(nn.Module):
 def build_model(cfg, n_meta: int, n_aux: int = 0) -> DualNet:
     model = DualNet(cfg.backbone, n_meta, n_aux=n_aux, shared_backbone=cfg.shared_backbone, meta_mode=cfg.meta_mode,
                    meta_hidden=cfg.meta_hidden, meta_dropout=cfg.meta_dropout, head_dropout=cfg.head_dropout,
-                   pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path)
-    model.branch_streams = cfg.branch_streams and not cfg.compile
+                   pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path,
+                   fuse_backbones=cfg.fuse_backbones)
+    model.branch_streams = cfg.branch_streams and not cfg.compile and not model.fused
     return model
 
 

@@ -38,12 +38,14 @@ def test_json_has_every_row_with_positive_rates(tiny_run):
     assert saved["rows"]["e"]["views"] == 8 and saved["rows"]["e1"]["views"] == 1
     assert 0 <= saved["rows"]["c"]["data_wait_frac"] <= 1
     assert saved["rows"]["b"]["params"]["backbones"] * 2 == saved["rows"]["a"]["params"]["backbones"]
+    assert saved["rows"]["a2"]["params"] == saved["rows"]["a"]["params"]  # fused: the same weights, one network
+    assert (saved["rows"]["a"]["fused"], saved["rows"]["a2"]["fused"]) == (False, True)
 
 
 def test_ratios_are_computed_from_the_rows(tiny_run):
     saved = json.loads((tiny_run[1] / "bench.json").read_text())
     rows, ratios = saved["rows"], saved["ratios"]
-    assert set(ratios) == {"c/a", "a/b", "c/d"}
+    assert set(ratios) == {"c/a", "a/b", "a2/b", "c/d"}
     for name, r in ratios.items():
         num, den = name.split("/")
         assert r["value"] == pytest.approx(rows[num]["pairs_per_s"] / rows[den]["pairs_per_s"])
@@ -66,12 +68,24 @@ def test_projection_is_positive_and_follows_the_formula(tiny_run):
 def test_table_and_profile_are_written(tiny_run):
     result, out = tiny_run
     text = bench.format_table(result)
-    for key in ("a", "b", "c1", "c", "d", "e1", "e"):
+    for key in ("a", "a2", "b", "c1", "c", "d", "e1", "e"):
         assert any(line.startswith(f"{key} ") for line in text.splitlines()), key
     assert "c/a" in text and "projected full exp001" in text
     prof = (out / "profile_a_cpu.txt").read_text()
     assert "Self CPU" in prof and prof.count("aten::") >= 5
     assert result["rows"]["a"]["profile"]["self_ms_per_step"] > 0
+    # the fused step launches fewer ops: one per layer for both images instead of one per image
+    ops = {k: result["rows"][k]["profile"]["launches_per_step"] for k in ("a", "a2")}
+    assert (out / "profile_a2_cpu.txt").exists() and ops["a2"] < 0.75 * ops["a"], ops
+
+
+def test_fuse_flag_fuses_row_a_and_skips_a2(tmp_path):
+    saved, tempfile.tempdir = tempfile.tempdir, str(tmp_path)
+    try:
+        result = bench.main([*TINY, "--only", "a", "--steps", "1", "--fuse", "--out", str(tmp_path / "b.json")])
+    finally:
+        tempfile.tempdir = saved
+    assert result["settings"]["fuse"] is True and set(result["rows"]) == {"a"} and result["rows"]["a"]["fused"]
 
 
 def test_projection_uses_the_batch_and_epoch_override():

@@ -1,0 +1,170 @@
+"""fuse_backbones: two backbones run as one grouped network give the results of two separate ones."""
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from torch import nn
+
+from src.config import load_config
+from src.model import (DualNet, FusionUnsupported, PairDropPath, count_parameters, fuse_pair, fuse_state,
+                       split_fused_state)
+
+from .test_train import tiny
+
+
+def _pair(name: str, n_meta: int = 5, **kw):
+    torch.manual_seed(0)
+    two = DualNet(name, n_meta, n_aux=3, pretrained=False, **kw)
+    fused = DualNet(name, n_meta, n_aux=3, pretrained=False, fuse_backbones=True, **kw)
+    fused.load_state_dict(two.state_dict())
+    return two, fused
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4):
+    a, b = a.detach(), b.detach()
+    scale = float(a.abs().max()) + 1e-12
+    assert float((a - b).abs().max()) <= rel * scale, (float((a - b).abs().max()), scale)
+
+
+def _run(model, *x, seed=3):
+    torch.manual_seed(seed)  # the same dropout masks in the metadata MLP
+    return model(*x)
+
+
+# tf_efficientnet_lite0 uses TF "same" padding (timm's Conv2dSame), test_efficientnet squeeze-excite blocks.
+# In float64 the two agree to rounding; in float32, ReLU6 kinks let rounding flip a few gradient elements.
+@pytest.mark.parametrize("name", ["test_efficientnet", "tf_efficientnet_lite0"])
+def test_forward_backward_and_statistics_match_two_backbones(name):
+    two, fused = _pair(name, meta_mode="mlp")
+    assert count_parameters(two) == count_parameters(fused)
+    assert len(list(fused.backbone_parameters())) * 2 == len(list(two.backbone_parameters()))
+    two, fused = two.double(), fused.double()
+    gen = torch.Generator().manual_seed(1)
+    clin, derm, meta = (torch.randn(6, 3, 64, 64, generator=gen, dtype=torch.float64),
+                        torch.randn(6, 3, 64, 64, generator=gen, dtype=torch.float64),
+                        torch.randn(6, 5, generator=gen, dtype=torch.float64))
+    for training in (True, False):
+        two.train(training), fused.train(training)
+        (l2, a2), (lf, af) = _run(two, clin, derm, meta), _run(fused, clin, derm, meta)
+        _close(l2, lf, rel=1e-10), _close(a2, af, rel=1e-10)
+    two.train(), fused.train()
+    (l2, a2), (lf, af) = _run(two, clin, derm, meta), _run(fused, clin, derm, meta)
+    (l2.square().mean() + a2.mean()).backward()
+    (lf.square().mean() + af.mean()).backward()
+    grads = split_fused_state({k: p.grad for k, p in fused.named_parameters()})
+    names = [k for k, _ in two.named_parameters()]
+    _close(torch.cat([p.grad.flatten() for _, p in two.named_parameters()]),
+           torch.cat([grads[k].flatten() for k in names]), rel=1e-10)
+    # BatchNorm running statistics (two train-mode forwards) are the two backbones' own
+    state = split_fused_state(fused.state_dict())
+    assert state.keys() == two.state_dict().keys()
+    running = [k for k in state if "running" in k]
+    assert running
+    _close(torch.cat([two.state_dict()[k].flatten() for k in running]), torch.cat([state[k].flatten() for k in running]),
+           rel=1e-10)
+    for k, t in two.state_dict().items():
+        if "num_batches_tracked" in k:
+            assert int(t) == int(state[k]) == 2
+
+
+def test_float32_forward_matches():
+    two, fused = _pair("test_efficientnet")
+    x = [torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64), torch.randn(4, 5)]
+    for training in (True, False):
+        two.train(training), fused.train(training)
+        _close(_run(two, *x)[0], _run(fused, *x)[0], rel=1e-4)
+
+
+def test_clinical_and_dermoscopic_halves_stay_apart():
+    """Changing only the dermoscopic image leaves the clinical half of the embedding unchanged."""
+    _, fused = _pair("test_efficientnet")
+    fused.eval()
+    gen = torch.Generator().manual_seed(2)
+    clin, derm = torch.randn(3, 3, 64, 64, generator=gen), torch.randn(3, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        e1, e2 = fused.embed(clin, derm), fused.embed(clin, derm + 1)
+    half = e1.shape[1] // 2
+    torch.testing.assert_close(e1[:, :half], e2[:, :half])
+    assert float((e1[:, half:] - e2[:, half:]).abs().max()) > 1e-3
+
+
+def test_checkpoints_load_either_way():
+    two, fused = _pair("test_efficientnet")
+    with torch.no_grad():  # the fused model moves away from the two-backbone one
+        for p in fused.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    back = DualNet("test_efficientnet", 5, n_aux=3, pretrained=False)
+    back.load_state_dict(fused.state_dict())
+    again = DualNet("test_efficientnet", 5, n_aux=3, pretrained=False, fuse_backbones=True)
+    again.load_state_dict(back.state_dict())
+    for k, t in fused.state_dict().items():
+        torch.testing.assert_close(t, again.state_dict()[k])
+    x = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 5)]
+    back.eval(), fused.eval()
+    _close(back(*x)[0], fused(*x)[0])
+    # split halves are saved as their own tensors, not as views of the whole fused weight
+    one = split_fused_state(fused.state_dict())["clin.conv_stem.weight"]
+    assert one.untyped_storage().nbytes() == one.numel() * one.element_size()
+    assert fuse_state(split_fused_state(fused.state_dict())).keys() == fused.state_dict().keys()
+
+
+def test_pair_drop_path_drops_each_image_on_its_own():
+    torch.manual_seed(0)
+    drop = PairDropPath(0.5).train()
+    out = drop(torch.ones(4000, 8, 2, 2))
+    kept = out.flatten(2).amax(2)          # (4000, 8): 0 where dropped, 2 where kept and rescaled
+    clin, derm = kept[:, :4], kept[:, 4:]
+    for half in (clin, derm):              # one decision per sample and image, shared by its channels
+        assert bool(((half == 0) | (half == 2)).all()) and bool((half == half[:, :1]).all())
+    both = ((clin[:, 0] > 0) & (derm[:, 0] > 0)).float().mean()
+    assert 0.2 < float(both) < 0.3          # independent halves: 0.5 x 0.5
+    assert torch.equal(drop.eval()(out), out)
+
+
+def test_drop_path_backbones_are_fused_with_pair_drop_path():
+    a = timm.create_model("test_efficientnet", pretrained=False, num_classes=0, drop_path_rate=0.2)
+    b = timm.create_model("test_efficientnet", pretrained=False, num_classes=0, drop_path_rate=0.2)
+    fused = fuse_pair(a, b)
+    assert any(isinstance(m, PairDropPath) for m in fused.modules())
+    assert not any(isinstance(m, timm.layers.DropPath) for m in fused.modules())
+
+
+class _Mixer(nn.Module):
+    """A network whose forward code mixes channels without any weights of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (y + y.mean(1, keepdim=True)).mean((2, 3))
+
+
+def test_networks_that_cannot_be_fused_are_refused():
+    with pytest.raises(FusionUnsupported, match="LayerNorm"):
+        fuse_pair(nn.Sequential(nn.Conv2d(3, 4, 1), nn.LayerNorm(4)), nn.Sequential(nn.Conv2d(3, 4, 1), nn.LayerNorm(4)))
+    with pytest.raises(FusionUnsupported, match="same architecture"):
+        fuse_pair(nn.Sequential(nn.Conv2d(3, 4, 1)), nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))
+    with pytest.raises(FusionUnsupported, match="does not reproduce"):
+        fuse_pair(_Mixer(), _Mixer())
+
+
+def test_a_fused_fold_trains_like_a_two_backbone_fold(mini_data, tmp_path):
+    from src.train import prepare, train_fold
+
+    oof = {}
+    for fuse in (False, True):
+        cfg = load_config("exp001", tiny(mini_data, tmp_path / str(fuse), epochs=2, fuse_backbones=fuse))
+        train_fold(cfg, 0, prepare(cfg))
+        oof[fuse] = pd.read_csv(cfg.fold_dir(0) / "oof.csv")
+    np.testing.assert_array_equal(oof[False]["lesion_id"], oof[True]["lesion_id"])
+    probs = [oof[f].drop(columns="lesion_id").to_numpy() for f in (False, True)]
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-4)  # 6e-6 seen: float rounding only
+    assert float(np.abs(probs[0] - probs[0].mean(0)).max()) > 1e-2  # the predictions are not constant
+    # the fused fold's best checkpoint serves a two-backbone model
+    ckpt = torch.load(tmp_path / "True" / "exp001" / "fold0" / "best.pt", weights_only=False)
+    assert any(k.startswith("pair.") for k in ckpt["model"])
+    n_meta = ckpt["model"]["head.weight"].shape[1] - 2 * 256  # test_efficientnet: 256 features per image
+    DualNet("test_efficientnet", n_meta, pretrained=False).load_state_dict(ckpt["model"])
