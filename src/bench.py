@@ -3,6 +3,7 @@
     python -m src.bench [--device auto|cpu|cuda] [--batch 64] [--img-size 256] [--steps 20] [--warmup 5]
                         [--backbone NAME] [--n-lesions 256] [--workers -1] [--compile] [--out bench.json]
                         [--only a,b,c,d,e] [--epochs-for-projection N] [--profile] [--fuse]
+                        [--variants fuse,compile,fuse+compile:reduce-overhead,streams]
 
 Rows (pairs/s over the timed steps after the warm-up steps, and peak memory):
   a   exp001's stage-2 training step (DeviceAugment train path, real loss, AdamW) on uint8 pairs already on the device
@@ -14,6 +15,7 @@ Rows (pairs/s over the timed steps after the warm-up steps, and peak memory):
   d   naive: PIL decode + torchvision transforms every step in a default DataLoader, fp32, same model and optimiser
   e1  inference on the cache with src.train.predict, 1 view (the per-epoch validation)
   e   the same with 8-view TTA (out-of-fold and test predictions)
+``--variants`` adds row a under other speed switches (each also against row b), to pick the switches for a GPU;
 then the ratios c/a, a/b, c/d against their targets and the projected wall time of a full exp001 at the real data
 sizes. Timings synchronise CUDA before reading the clock. Weights are never downloaded (pretrained=False).
 Results: a printed table and ``<output_dir>/bench/bench_<device>.json``; ``--profile`` adds a torch.profiler table
@@ -269,11 +271,10 @@ class Settings:
     profile: bool
 
 
-def bench_device_tensors(s: Settings, data: BenchData, shared: bool, tag: str, fuse: bool | None = None) -> dict:
-    """Rows a, a2 and b: the training step on uint8 pairs already on the device (no loader)."""
-    cfg, dev, b = s.cfg.replace(shared_backbone=shared), s.device, s.cfg.batch_size
-    if fuse is not None:
-        cfg = cfg.replace(fuse_backbones=fuse)
+def bench_device_tensors(s: Settings, data: BenchData, tag: str, **overrides) -> dict:
+    """Rows a, a2, b and the variants of a: the training step on uint8 pairs already on the device (no loader)."""
+    cfg, dev, b = s.cfg.replace(**overrides), s.device, s.cfg.batch_size
+    shared = cfg.shared_backbone
     rows = np.resize(np.arange(data.n), b)
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = (torch.randint(0, 256, (b, 2, cfg.img_size, cfg.img_size, 3), generator=gen, dtype=torch.uint8).to(dev),
@@ -452,6 +453,11 @@ def format_table(result: dict) -> str:
     for key, row in rows.items():
         wait = f"{row['data_wait_frac']:>8.0%}" if "data_wait_frac" in row else ""
         lines.append(f"{key:<4}{ROWS[key]:<46}{row['pairs_per_s']:>10.1f}  {_mem(row['peak_mem_bytes']):>16}  {wait}")
+    if result.get("variants"):
+        lines += ["", f"row a under other switches {'pairs/s':>29}  {'peak mem':>16}  vs row b"]
+        for name, row in result["variants"].items():
+            vs = f"{row['vs_b']:>8.3f}" if "vs_b" in row else ""
+            lines.append(f"  {name:<48}{row['pairs_per_s']:>10.1f}  {_mem(row['peak_mem_bytes']):>16}  {vs}")
     lines += ["", f"{'check':<28}{'value':>10}  {'target':<22}"]
     for name, r in result["ratios"].items():
         target = f">= {r['target']:g}"
@@ -509,7 +515,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="write torch.profiler tables of rows a, a2 beside the JSON")
     p.add_argument("--fuse", action="store_true",
                    help="fuse the two backbones in every row but b (as fuse_backbones=true); row a2 is then skipped")
+    p.add_argument("--variants", default="",
+                   help="comma list of extra row-a measurements, each a '+'-joined set of switches: fuse "
+                        "(fuse_backbones), compile or compile:MODE (torch.compile, e.g. compile:reduce-overhead), "
+                        "streams (branch_streams), eager (none)")
     args = p.parse_args(argv)
+    try:
+        args.variants = parse_variants(args.variants)
+    except ValueError as exc:
+        p.error(str(exc))
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in only if x not in GROUPS]
     if bad or not only:
@@ -520,6 +534,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     args.only = only
     return args
+
+
+def parse_variants(text: str) -> dict[str, dict]:
+    """``"fuse,fuse+compile:reduce-overhead"`` -> {name: config overrides}."""
+    out = {}
+    for name in (x.strip() for x in text.split(",")):
+        if not name:
+            continue
+        over: dict = {"fuse_backbones": False, "compile": False, "branch_streams": False}
+        for part in name.split("+"):
+            key, _, mode = part.partition(":")
+            if key == "fuse" and not mode:
+                over["fuse_backbones"] = True
+            elif key == "compile":
+                over["compile"] = True
+                over["compile_mode"] = mode or "default"
+            elif key == "streams" and not mode:
+                over["branch_streams"] = True
+            elif key != "eager" or mode:
+                raise ValueError(f"--variants: {part!r} in {name!r} is not one of fuse, compile, compile:MODE, "
+                                 "streams, eager")
+        out[name] = over
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -544,9 +581,9 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[bench] generating {args.n_lesions} lesion pairs (600x450 JPEGs) and their {cfg.img_size} px cache "
               f"on {device_name(device)}", flush=True)
         data = prepare_data(cfg, args.n_lesions, Path(tmp))
-        jobs = {"a": lambda: bench_device_tensors(s, data, shared=False, tag="a"),
-                "a2": lambda: bench_device_tensors(s, data, shared=False, tag="a2", fuse=True),
-                "b": lambda: bench_device_tensors(s, data, shared=True, tag="b"),
+        jobs = {"a": lambda: bench_device_tensors(s, data, "a"),
+                "a2": lambda: bench_device_tensors(s, data, "a2", fuse_backbones=True),
+                "b": lambda: bench_device_tensors(s, data, "b", shared_backbone=True),
                 "c1": lambda: bench_loader(s, data, stage=1), "c": lambda: bench_loader(s, data, stage=2),
                 "d": lambda: bench_naive(s, data),
                 "e1": lambda: bench_predict(s, data, views=1), "e": lambda: bench_predict(s, data, views=8)}
@@ -562,6 +599,18 @@ def run(args: argparse.Namespace) -> dict:
                     continue
                 print(f"[bench] {key:<3}{ROWS[key]:<46}{rows[key]['pairs_per_s']:>10.1f} pairs/s", flush=True)
                 gc.collect()
+        variants: dict = {}
+        for name, over in args.variants.items():
+            try:
+                variants[name] = bench_device_tensors(s, data, "variant", **over)
+            except FusionUnsupported as exc:
+                print(f"[bench] variant {name}: skipped: {exc}", flush=True)
+                continue
+            variants[name]["switches"] = over
+            if "b" in rows:
+                variants[name]["vs_b"] = variants[name]["pairs_per_s"] / rows["b"]["pairs_per_s"]
+            print(f"[bench] variant {name:<38}{variants[name]['pairs_per_s']:>10.1f} pairs/s", flush=True)
+            gc.collect()
         projection = project(cfg, rows, data, epochs)
         cache = {"seconds": data.cache_seconds, "lesions": data.n, "workers": data.cache_workers}
 
@@ -582,7 +631,7 @@ def run(args: argparse.Namespace) -> dict:
                      "profile": args.profile, "cache_workers": data.cache_workers,
                      "as_exp001": (cfg.backbone.split(".")[0], cfg.img_size, cfg.batch_size)
                      == (reference.backbone.split(".")[0], reference.img_size, reference.batch_size)},
-        "rows": rows, "ratios": ratios(rows), "memory": memory, "projection": projection, "cache_build": cache,
+        "rows": rows, "variants": variants, "ratios": ratios(rows), "memory": memory, "projection": projection, "cache_build": cache,
         "out": str(out),
     }
     atomic_write_json(out, result)

@@ -120,7 +120,30 @@ def test_peak_memory_sees_an_allocation():
     assert mem.peak >= 48 * 2**20
 
 
-@pytest.mark.parametrize("argv", [["--only", "a,x"], ["--only", ""], ["--steps", "0"], ["--batch", "-1"]])
+def test_variants_measure_row_a_under_other_switches(tmp_path):
+    saved, tempfile.tempdir = tempfile.tempdir, str(tmp_path)
+    try:
+        result = bench.main([*TINY, "--only", "a", "--steps", "1", "--variants", "eager, fuse",
+                             "--out", str(tmp_path / "b.json")])
+    finally:
+        tempfile.tempdir = saved
+    v = result["variants"]
+    assert list(v) == ["eager", "fuse"] and (v["eager"]["fused"], v["fuse"]["fused"]) == (False, True)
+    assert all(row["pairs_per_s"] > 0 and "vs_b" not in row for row in v.values())  # row b was not run
+    assert "row a under other switches" in bench.format_table(result)
+
+
+def test_variant_names_parse_into_config_switches():
+    v = bench.parse_variants("fuse+compile:reduce-overhead,streams,eager")
+    assert v["fuse+compile:reduce-overhead"] == {"fuse_backbones": True, "compile": True,
+                                                 "compile_mode": "reduce-overhead", "branch_streams": False}
+    assert v["streams"]["branch_streams"] and not any(v["eager"].values())
+    with pytest.raises(ValueError, match="'fast'"):
+        bench.parse_variants("fuse+fast")
+
+
+@pytest.mark.parametrize("argv", [["--only", "a,x"], ["--only", ""], ["--steps", "0"], ["--batch", "-1"],
+                                  ["--variants", "fuse:x"]])
 def test_bad_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
