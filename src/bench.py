@@ -4,6 +4,7 @@
                         [--backbone NAME] [--n-lesions 256] [--workers -1] [--compile] [--out bench.json]
                         [--only a,b,c,d,e] [--epochs-for-projection N] [--profile] [--fuse]
                         [--variants fuse,compile,fuse+compile:reduce-overhead,streams]
+                        [--cache-on-device auto|yes|no]
 
 Rows (pairs/s over the timed steps after the warm-up steps, and peak memory):
   a   exp001's stage-2 training step (DeviceAugment train path, real loss, AdamW) on uint8 pairs already on the device
@@ -11,7 +12,9 @@ Rows (pairs/s over the timed steps after the warm-up steps, and peak memory):
       skipped where row a already fuses them (--fuse) or the backbone cannot be fused
   b   reference: one backbone of the same kind over both images batched together (shared_backbone=True)
   c1  stage 1 (backbones frozen), end to end as in c
-  c   end to end: generated 600x450 JPEGs -> prepared image cache -> PairDataset/DataLoader -> DeviceAugment -> step
+  c   end to end: generated 600x450 JPEGs -> prepared image cache -> the training loop's batches (a DataLoader
+      over the memory-mapped cache, or gathered from the cache in device memory, as cache_on_device resolves)
+      -> DeviceAugment -> step
   d   naive: PIL decode + torchvision transforms every step in a default DataLoader, fp32, same model and optimiser
   e1  inference on the cache with src.train.predict, 1 view (the per-epoch validation)
   e   the same with 8-view TTA (out-of-fold and test predictions)
@@ -50,8 +53,9 @@ from .features import MetadataEncoder
 from .io_utils import atomic_write_json, atomic_write_text
 from .model import FusionUnsupported, count_parameters
 from .synth import generate
-from .train import (EpochSampler, PairDataset, _make_optimizer, _set_stage, _train_mode, class_weights,
-                    epoch_order, make_criterion, predict, resolve_device, resolve_workers, setup_model, train_step)
+from .train import (DeviceBatches, EpochSampler, PairDataset, _make_optimizer, _set_stage, _train_mode,
+                    cache_to_device, class_weights, epoch_order, make_criterion, predict, resolve_cache_on_device,
+                    resolve_device, resolve_workers, setup_model, train_step)
 
 EXPERIMENT = "exp001"
 FULL_TRAIN, FULL_TEST = 5240, 479          # lesions of the official release
@@ -269,6 +273,7 @@ class Settings:
     steps_per_epoch: int     # of a real fold, for the learning-rate schedule
     out_dir: Path
     profile: bool
+    on_device: bool = False  # rows c1, c, e1, e gather from the image cache in device memory
 
 
 def bench_device_tensors(s: Settings, data: BenchData, tag: str, **overrides) -> dict:
@@ -289,18 +294,25 @@ def bench_device_tensors(s: Settings, data: BenchData, tag: str, **overrides) ->
 
 
 def bench_loader(s: Settings, data: BenchData, stage: int) -> dict:
-    """Rows c1 and c: the real PairDataset and DataLoader (as train_fold builds them) feeding the real step."""
+    """Rows c1 and c: the training loop's batches (the DataLoader over the memory-mapped cache, or DeviceBatches
+    over its copy in device memory, as train_fold builds them) feeding the real step."""
     cfg, dev, b = s.cfg, s.device, s.cfg.batch_size
-    sampler = EpochSampler(data.n)
-    sampler.set_order(_order(cfg, data, b, (s.warmup + s.steps) * b))
-    ds = PairDataset(data.cache, np.arange(data.n), data.meta, data.y, np.full(data.n, -100, np.int64))
-    loader = torch.utils.data.DataLoader(ds, batch_size=b, sampler=sampler, num_workers=s.workers,
-                                         pin_memory=dev.type == "cuda", drop_last=False,
-                                         persistent_workers=s.workers > 0)
+    order = _order(cfg, data, b, (s.warmup + s.steps) * b)
+    aux = np.full(data.n, -100, np.int64)
     with PeakMemory(dev) as mem:
+        if s.on_device:
+            sampler = loader = DeviceBatches(cache_to_device(data.cache, dev), np.arange(data.n), data.meta, data.y,
+                                             aux, b)
+        else:
+            sampler = EpochSampler(data.n)
+            loader = torch.utils.data.DataLoader(PairDataset(data.cache, np.arange(data.n), data.meta, data.y, aux),
+                                                 batch_size=b, sampler=sampler, num_workers=s.workers,
+                                                 pin_memory=dev.type == "cuda", drop_last=False,
+                                                 persistent_workers=s.workers > 0)
+        sampler.set_order(order)
         tr = make_trainer(cfg, dev, data.meta.shape[1], data.y, stage, s.steps_per_epoch)
         seconds, wait = timed_steps(iter(loader), tr.pair_step, s.warmup, s.steps, dev)
-    return _row(s.steps * b, seconds, mem, data_wait_frac=wait)
+    return _row(s.steps * b, seconds, mem, data_wait_frac=wait, cache_on_device=s.on_device)
 
 
 def bench_naive(s: Settings, data: BenchData) -> dict:
@@ -329,11 +341,12 @@ def bench_predict(s: Settings, data: BenchData, views: int) -> dict:
     meta = data.meta[rows]
     with PeakMemory(dev) as mem:
         model, augment = build(cfg, dev, data.meta.shape[1])
+        images = cache_to_device(data.cache, dev) if s.on_device else data.cache
         warm = min(len(rows), cfg.eval_batch_size * max(1, s.warmup))
-        predict(model, cfg, data.cache, rows[:warm], meta[:warm], augment, dev, views, "warm-up")
+        predict(model, cfg, images, rows[:warm], meta[:warm], augment, dev, views, "warm-up")
         _sync(dev)
         start = time.perf_counter()
-        predict(model, cfg, data.cache, rows, meta, augment, dev, views, "bench")
+        predict(model, cfg, images, rows, meta, augment, dev, views, "bench")
         _sync(dev)
         seconds = time.perf_counter() - start
     return _row(len(rows), seconds, mem, views=views)
@@ -446,7 +459,8 @@ def format_table(result: dict) -> str:
         f"{st['backbone']}, {st['img_size']} px, batch {st['batch']}, {st['steps']} timed steps after {st['warmup']} "
         f"warm-up, {st['workers']} loader workers, {st['n_lesions']} generated lesions, "
         f"{'bf16 autocast' if st['amp'] else 'fp32'}, {'channels_last' if st['channels_last'] else 'NCHW'}, "
-        f"compile {'on' if st['compile'] else 'off'}, fused backbones {'on' if st.get('fuse') else 'off'}",
+        f"compile {'on' if st['compile'] else 'off'}, fused backbones {'on' if st.get('fuse') else 'off'}, image "
+        f"cache in {'device' if st.get('cache_on_device') else 'host'} memory",
         "",
         f"{'row':<4}{'path':<46}{'pairs/s':>10}  {'peak ' + ('device mem' if cuda else 'RSS growth'):>16}  data wait",
     ]
@@ -465,7 +479,8 @@ def format_table(result: dict) -> str:
     mem = result["memory"]
     if mem is not None:
         note = "" if st["batch"] == 64 else f" (measured at batch {st['batch']})"
-        lines.append(f"{'peak memory of a':<28}{_mem(mem['bytes']):>10}  {'<= 16 GiB at batch 64':<22}"
+        label = "peak memory of a + cache" if mem.get("cache_bytes") else "peak memory of a"
+        lines.append(f"{label:<28}{_mem(mem['bytes']):>10}  {'<= 16 GiB at batch 64':<22}"
                      f"{'ok' if mem['ok'] else 'MISSED'}{note}")
     p = result["projection"]
     if p is not None:
@@ -515,6 +530,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="write torch.profiler tables of rows a, a2 beside the JSON")
     p.add_argument("--fuse", action="store_true",
                    help="fuse the two backbones in every row but b (as fuse_backbones=true); row a2 is then skipped")
+    p.add_argument("--cache-on-device", default="auto", choices=["auto", "yes", "no"],
+                   help="rows c1, c, e1, e: image cache in device memory, as cache_on_device (auto: as training "
+                        "decides for the full release's caches)")
     p.add_argument("--variants", default="",
                    help="comma list of extra row-a measurements, each a '+'-joined set of switches: fuse "
                         "(fuse_backbones), compile or compile:MODE (torch.compile, e.g. compile:reduce-overhead), "
@@ -561,7 +579,8 @@ def parse_variants(text: str) -> dict[str, dict]:
 
 def run(args: argparse.Namespace) -> dict:
     overrides: dict = {"backbone": args.backbone, "pretrained": False, "device": args.device,
-                       "num_workers": args.workers, "compile": args.compile}
+                       "num_workers": args.workers, "compile": args.compile,
+                       "cache_on_device": args.cache_on_device}
     if args.fuse:
         overrides["fuse_backbones"] = True
     if args.batch is not None:
@@ -573,8 +592,10 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(cfg)
     out = Path(args.out) if args.out else Path(cfg.output_dir) / "bench" / f"bench_{device.type}.json"
     n_tr = FULL_TRAIN - FULL_TRAIN // cfg.n_folds
+    full_cache_bytes = (FULL_TRAIN + FULL_TEST) * 2 * cfg.img_size ** 2 * 3  # as training would hold it
     s = Settings(cfg, device, args.steps, args.warmup, resolve_workers(cfg, device),
-                 max(1, n_tr // cfg.batch_size), out.parent, args.profile)
+                 max(1, n_tr // cfg.batch_size), out.parent, args.profile,
+                 resolve_cache_on_device(cfg, device, full_cache_bytes))
     epochs = cfg.epochs if args.epochs_for_projection is None else args.epochs_for_projection
 
     with tempfile.TemporaryDirectory(prefix="milk10k-bench-") as tmp:
@@ -617,9 +638,11 @@ def run(args: argparse.Namespace) -> dict:
     mem_row = rows.get("a") or rows.get("c")
     memory = None
     if mem_row is not None and mem_row["peak_mem_bytes"] is not None:
-        peak = mem_row["peak_mem_bytes"]
+        # training also holds the full release's image cache when it lives in device memory
+        peak = mem_row["peak_mem_bytes"] + (full_cache_bytes if s.on_device else 0)
         memory = {"bytes": peak, "gib": peak / 2**30, "target_gib": MEMORY_TARGET_GIB,
-                  "ok": peak / 2**30 <= MEMORY_TARGET_GIB, "batch": cfg.batch_size}
+                  "ok": peak / 2**30 <= MEMORY_TARGET_GIB, "batch": cfg.batch_size,
+                  "cache_bytes": full_cache_bytes if s.on_device else 0}
     channels_last = device.type == "cuda" and cfg.channels_last
     result = {
         "device": device.type, "device_name": device_name(device), "host_cpu": host_cpu(), "torch": torch.__version__,
@@ -627,6 +650,7 @@ def run(args: argparse.Namespace) -> dict:
                      "batch": cfg.batch_size, "steps": args.steps, "warmup": args.warmup, "workers": s.workers,
                      "n_lesions": args.n_lesions, "amp": device.type == "cuda" and cfg.amp,
                      "channels_last": channels_last, "compile": cfg.compile, "fuse": cfg.fuse_backbones,
+                     "cache_on_device": s.on_device,
                      "only": args.only,
                      "profile": args.profile, "cache_workers": data.cache_workers,
                      "as_exp001": (cfg.backbone.split(".")[0], cfg.img_size, cfg.batch_size)

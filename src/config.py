@@ -96,6 +96,9 @@ class Config:
     # --- runtime -------------------------------------------------------------------------------
     device: str = _f("auto", "'auto', 'cpu', 'cuda', 'cuda:1'")
     num_workers: int = _f(-1, "data loader workers; -1 = min(8, cpu count)")
+    cache_on_device: str = _f("auto", "hold the prepared image cache in device memory and gather batches there (no "
+                              "loader processes, no host copies of images): 'yes', 'no', or 'auto' = yes on CUDA "
+                              "when train + test caches take at most 10% of the GPU's memory and half its free memory")
     amp: bool = _f(True, "bf16 autocast on CUDA")
     channels_last: bool = _f(True, "channels_last memory format on CUDA")
     branch_streams: bool = _f(False, "on CUDA, run the two backbones on two CUDA streams so their kernels overlap "
@@ -174,6 +177,7 @@ _CHOICES = {
     "decision": {"threshold", "expected_f1", "none"},
     "threshold_method": {"exact", "optuna"},
     "wandb_mode": {"", "offline", "online", "disabled"},
+    "cache_on_device": {"auto", "yes", "no"},
 }
 
 

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,18 @@ class Prepared:
     folds: np.ndarray          # fold index per train lesion
     train_cache: np.ndarray    # uint8 (n, 2, S, S, 3)
     test_cache: np.ndarray
+    _on_device: dict = field(default_factory=dict, repr=False)
+
+    def images(self, split: str, device: torch.device, on_device: bool) -> np.ndarray | torch.Tensor:
+        """The ``split`` image cache: the memory-mapped array, or (``on_device``) its copy in device memory, made
+        once per process and device and shared by every fold."""
+        cache = self.train_cache if split == "train" else self.test_cache
+        if not on_device:
+            return cache
+        key = (split, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = cache_to_device(cache, device)
+        return self._on_device[key]
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -73,6 +85,25 @@ def prepare(cfg: Config, with_images: bool = True) -> Prepared:
     else:
         train_cache = test_cache = np.zeros((0,), np.uint8)
     return Prepared(train, test, fold_of.astype(int), train_cache, test_cache)
+
+
+def resolve_cache_on_device(cfg: Config, device: torch.device, nbytes: int) -> bool:
+    """Config.cache_on_device: 'yes', 'no', or 'auto' (CUDA, and the caches take <= 10% of the GPU's memory and
+    <= half its free memory, leaving training its room on a 24 GB card)."""
+    if cfg.cache_on_device != "auto":
+        return cfg.cache_on_device == "yes"
+    if device.type != "cuda":
+        return False
+    free, total = torch.cuda.mem_get_info(device)
+    return nbytes <= 0.1 * total and nbytes <= 0.5 * free
+
+
+def cache_to_device(cache: np.ndarray, device: torch.device, chunk: int = 256) -> torch.Tensor:
+    """A copy of a (memory-mapped) uint8 cache in device memory, read in chunks so the host never holds it whole."""
+    out = torch.empty(cache.shape, dtype=torch.uint8, device=device)
+    for start in range(0, len(cache), chunk):
+        out[start:start + chunk].copy_(torch.from_numpy(np.array(cache[start:start + chunk])))
+    return out
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -104,6 +135,35 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.order[self.rank::self.world])
+
+
+class DeviceBatches:
+    """The batches PairDataset + EpochSampler + DataLoader give (same items, order, sharding over ranks and batch
+    size), gathered from an image cache held in device memory: one index copy per epoch, then per step a gather of
+    the images, metadata and labels on the device. No loader processes, no host copies of images."""
+
+    def __init__(self, images: torch.Tensor, rows: np.ndarray, meta: np.ndarray, y: np.ndarray, aux: np.ndarray,
+                 batch_size: int, rank: int = 0, world: int = 1):
+        dev = images.device
+        self.images, self.batch_size, self.rank, self.world = images, batch_size, rank, world
+        self.rows = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=dev)
+        self.meta, self.y = torch.as_tensor(meta, device=dev), torch.as_tensor(y, device=dev)
+        self.aux = torch.as_tensor(aux, device=dev)
+        self.order = np.arange(len(rows))
+
+    def set_order(self, order: np.ndarray) -> None:
+        self.order = order
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order[self.rank::self.world]) / self.batch_size)
+
+    def __iter__(self):
+        idx = torch.from_numpy(np.ascontiguousarray(self.order[self.rank::self.world], dtype=np.int64))
+        dev = self.images.device
+        idx = idx.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else idx
+        for start in range(0, len(idx), self.batch_size):
+            i = idx[start:start + self.batch_size]
+            yield self.images[self.rows[i]], self.meta[i], self.y[i], self.aux[i]
 
 
 def epoch_seed(cfg: Config, fold: int, epoch: int) -> int:
@@ -152,15 +212,22 @@ def to_probs(cfg: Config, logits: torch.Tensor) -> torch.Tensor:
 # inference
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def predict(model: nn.Module, cfg: Config, cache: np.ndarray, rows: np.ndarray, meta: np.ndarray,
+def predict(model: nn.Module, cfg: Config, cache: np.ndarray | torch.Tensor, rows: np.ndarray, meta: np.ndarray,
             augment: DeviceAugment, device: torch.device, views: int = 1, desc: str = "predict") -> np.ndarray:
-    """Probabilities (n, 11), averaged over the first ``views`` of the 8 flip/transpose views."""
+    """Probabilities (n, 11), averaged over the first ``views`` of the 8 flip/transpose views. ``cache`` is the
+    memory-mapped image cache or its copy in device memory (``Prepared.images``)."""
     model.eval()
     out = []
     amp = autocast(cfg, device)
+    on_device = isinstance(cache, torch.Tensor)
+    if on_device:
+        rows_t = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=cache.device)
     for start in tqdm(range(0, len(rows), cfg.eval_batch_size), desc=desc, leave=False, disable=None):
         sl = slice(start, start + cfg.eval_batch_size)
-        pairs = torch.from_numpy(np.ascontiguousarray(cache[rows[sl]])).to(device, non_blocking=True)
+        if on_device:
+            pairs = cache[rows_t[sl]].to(device)
+        else:
+            pairs = torch.from_numpy(np.ascontiguousarray(cache[rows[sl]])).to(device, non_blocking=True)
         m = torch.from_numpy(meta[sl]).to(device)
         acc = 0
         for v in range(views):
@@ -316,12 +383,22 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
     local_batch = cfg.batch_size // dist.world
     if local_batch * dist.world != cfg.batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {dist.world} processes")
-    sampler = EpochSampler(len(tr_rows), dist.rank, dist.world)
-    ds = PairDataset(data.train_cache, tr_rows, meta_tr, y_tr, aux_all[tr_rows])
-    workers = resolve_workers(cfg, device)
-    loader = torch.utils.data.DataLoader(ds, batch_size=local_batch, sampler=sampler, num_workers=workers,
-                                         pin_memory=device.type == "cuda", drop_last=False,
-                                         persistent_workers=workers > 0)
+    on_device = resolve_cache_on_device(cfg, device, data.train_cache.nbytes + data.test_cache.nbytes)
+    train_images = data.images("train", device, on_device)
+    test_images = data.images("test", device, on_device)
+    if on_device:  # batches gathered in device memory; the same batches as the loader below gives
+        sampler = loader = DeviceBatches(train_images, tr_rows, meta_tr, y_tr, aux_all[tr_rows], local_batch,
+                                         dist.rank, dist.world)
+    else:
+        sampler = EpochSampler(len(tr_rows), dist.rank, dist.world)
+        ds = PairDataset(data.train_cache, tr_rows, meta_tr, y_tr, aux_all[tr_rows])
+        workers = resolve_workers(cfg, device)
+        loader = torch.utils.data.DataLoader(ds, batch_size=local_batch, sampler=sampler, num_workers=workers,
+                                             pin_memory=device.type == "cuda", drop_last=False,
+                                             persistent_workers=workers > 0)
+    if dist.is_main and on_device:
+        print(f"[{cfg.name} fold {fold}] image cache held in {device} memory "
+              f"({(train_images.nbytes + test_images.nbytes) / 2**30:.2f} GiB)", flush=True)
     n_global = len(tr_rows) if len(tr_rows) < cfg.batch_size else (len(tr_rows) // cfg.batch_size) * cfg.batch_size
     steps_per_epoch = math.ceil(n_global / cfg.batch_size)
     if cfg.max_steps_per_epoch:
@@ -400,7 +477,7 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
         train_time = time.time() - t0
 
         eval_model = ema.module if ema is not None else model
-        val_probs = predict(eval_model, cfg, data.train_cache, va_rows, meta_va, augment, device, 1, "validate")
+        val_probs = predict(eval_model, cfg, train_images, va_rows, meta_va, augment, device, 1, "validate")
         val_loss = log_loss(y_va, val_probs)
         per_class = f1_per_class(y_va, val_probs)
         score = selection_score(cfg.early_stop_metric, y_va, val_probs, per_class)
@@ -440,12 +517,12 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
         best = torch.load(fdir / "best.pt", map_location=device, weights_only=False)
         model.load_state_dict(best["model"])
         views = 8 if cfg.tta else 1
-        oof = predict(model, cfg, data.train_cache, va_rows, meta_va, augment, device, views, "oof")
+        oof = predict(model, cfg, train_images, va_rows, meta_va, augment, device, views, "oof")
         metrics = fold_metrics(y_va, oof)
         metrics.update(fold=fold, best_epoch=state["best_epoch"] + 1, epochs_run=len(state["history"]),
                        wall_time_s=sum(h["epoch_time_s"] for h in state["history"]) + time.time() - t_pred,
                        tta_views=views, params=count_parameters(model))
-        test = predict(model, cfg, data.test_cache, np.arange(len(data.test)), meta_te, augment, device, views, "test")
+        test = predict(model, cfg, test_images, np.arange(len(data.test)), meta_te, augment, device, views, "test")
         atomic_write_csv(fdir / "oof.csv", probs_frame(val_df["lesion_id"], oof))
         atomic_write_csv(fdir / "test.csv", probs_frame(data.test["lesion_id"], test))
         atomic_write_csv(fdir / "history.csv", pd.DataFrame(state["history"]))

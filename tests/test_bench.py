@@ -29,6 +29,7 @@ def test_json_has_every_row_with_positive_rates(tiny_run):
     result, out = tiny_run
     saved = json.loads((out / "bench.json").read_text())
     assert saved["device"] == "cpu" and saved["settings"]["batch"] == 8 and saved["settings"]["img_size"] == 32
+    assert saved["settings"]["cache_on_device"] is False  # auto: host memory without CUDA
     assert saved["settings"]["as_exp001"] is False  # a tiny model: the projection is not exp001's
     assert set("abcde") <= set(saved["rows"]) and {"c1", "e1"} <= set(saved["rows"])
     for key, row in saved["rows"].items():
@@ -131,6 +132,19 @@ def test_variants_measure_row_a_under_other_switches(tmp_path):
     assert list(v) == ["eager", "fuse"] and (v["eager"]["fused"], v["fuse"]["fused"]) == (False, True)
     assert all(row["pairs_per_s"] > 0 and "vs_b" not in row for row in v.values())  # row b was not run
     assert "row a under other switches" in bench.format_table(result)
+
+
+def test_rows_c_and_e_from_the_cache_in_device_memory(tmp_path):
+    saved, tempfile.tempdir = tempfile.tempdir, str(tmp_path)
+    try:
+        result = bench.main([*TINY, "--only", "c,e", "--cache-on-device", "yes", "--out", str(tmp_path / "b.json")])
+    finally:
+        tempfile.tempdir = saved
+    assert result["settings"]["cache_on_device"] is True and result["rows"]["c"]["cache_on_device"] is True
+    assert all(result["rows"][k]["pairs_per_s"] > 0 for k in ("c1", "c", "e1", "e"))
+    # the memory check adds the full release's 32 px caches: (5240 + 479) lesions x 2 images x 32 x 32 x 3 bytes
+    assert result["memory"]["cache_bytes"] == 5719 * 2 * 32 * 32 * 3
+    assert "image cache in device memory" in bench.format_table(result)
 
 
 def test_variant_names_parse_into_config_switches():
