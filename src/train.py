@@ -448,7 +448,6 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
         ckpt = None
 
         seed = epoch_seed(cfg, fold, epoch)
-        torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         sampler.set_order(epoch_order(cfg, len(tr_rows), targets[tr_rows], fold, epoch, cfg.batch_size))
         mixing = stage == 2 and epoch < total_epochs - cfg.mix_off_epochs
@@ -456,8 +455,10 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
         t0, n_seen = time.time(), 0
         loss_acc = torch.zeros((), device=device)
         params = [p for p in model.parameters() if p.requires_grad]
-        batches = tqdm(loader, total=min(len(loader), steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False,
-                       disable=None if dist.is_main else True)
+        epoch_batches = iter(loader)  # a DataLoader draws its workers' base seed from the global generator here,
+        torch.manual_seed(seed)       # so seeding after it gives dropout the same masks whichever way batches come
+        batches = tqdm(epoch_batches, total=min(len(loader), steps_per_epoch), desc=f"epoch {epoch + 1}",
+                       leave=False, disable=None if dist.is_main else True)
         for step, (pairs, meta, y, aux) in enumerate(batches):
             if step >= steps_per_epoch:
                 break

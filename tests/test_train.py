@@ -194,3 +194,17 @@ def test_exp002_switches_train_together(mini_data, tmp_path):
     assert m["epochs_run"] == 4 and 0 <= m["macro_f1"] <= 1
     vocab = __import__("json").loads((cfg.fold_dir(0) / "aux_vocab.json").read_text())
     assert len(vocab) > 3
+
+
+def test_exp002_with_fused_backbones_and_the_cache_in_memory_gives_the_same_fold(mini_data, tmp_path):
+    """The speed switches change no result: EMA, aux head, mixing and the meta MLP over a fused pair of backbones
+    fed from the in-memory cache give the plain run's predictions."""
+    from src.train import prepare, train_fold
+
+    oof = []
+    for extra in ({}, {"fuse_backbones": "true", "cache_on_device": "yes"}):
+        cfg = load_config("exp002", tiny(mini_data, tmp_path / str(len(extra)), epochs=2, mix_off_epochs=1,
+                                         tta="false", **extra))
+        train_fold(cfg, 0, prepare(cfg))
+        oof.append(pd.read_csv(cfg.fold_dir(0) / "oof.csv"))
+    pd.testing.assert_frame_equal(oof[0], oof[1], check_exact=False, rtol=0, atol=1e-4)
