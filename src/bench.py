@@ -472,6 +472,10 @@ def format_table(result: dict) -> str:
         for name, row in result["variants"].items():
             vs = f"{row['vs_b']:>8.3f}" if "vs_b" in row else ""
             lines.append(f"  {name:<48}{row['pairs_per_s']:>10.1f}  {_mem(row['peak_mem_bytes']):>16}  {vs}")
+        best = max(result["variants"], key=lambda k: result["variants"][k]["pairs_per_s"])
+        sw = result["variants"][best]["switches"]
+        keys = ["fuse_backbones", "compile", "branch_streams"] + (["compile_mode"] if sw.get("compile") else [])
+        lines.append(f"  fastest: {best}, i.e. " + " ".join(f"{k}={str(sw[k]).lower()}" for k in keys))
     lines += ["", f"{'check':<28}{'value':>10}  {'target':<22}"]
     for name, r in result["ratios"].items():
         target = f">= {r['target']:g}"

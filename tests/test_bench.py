@@ -131,7 +131,10 @@ def test_variants_measure_row_a_under_other_switches(tmp_path):
     v = result["variants"]
     assert list(v) == ["eager", "fuse"] and (v["eager"]["fused"], v["fuse"]["fused"]) == (False, True)
     assert all(row["pairs_per_s"] > 0 and "vs_b" not in row for row in v.values())  # row b was not run
-    assert "row a under other switches" in bench.format_table(result)
+    table = bench.format_table(result)
+    assert "row a under other switches" in table
+    best = max(v, key=lambda k: v[k]["pairs_per_s"])
+    assert f"fastest: {best}, i.e. fuse_backbones={'true' if best == 'fuse' else 'false'} compile=false" in table
 
 
 def test_rows_c_and_e_from_the_cache_in_device_memory(tmp_path):
