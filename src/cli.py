@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # a user-facing error from the data layer etc. gets no traceback
         from .data import DataError
-        from .model import WeightsUnavailable
+        from .model import FusionUnsupported, WeightsUnavailable
 
-        if isinstance(exc, (DataError, WeightsUnavailable)):
+        if isinstance(exc, (DataError, WeightsUnavailable, FusionUnsupported)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -134,7 +134,11 @@ def _check_fused(fused: nn.Module, a: nn.Module, b: nn.Module, size: int) -> Non
         gen = torch.Generator().manual_seed(0)
         x1, x2 = (torch.randn(2, 3, size, size, generator=gen) for _ in range(2))
         want = torch.cat([a(x1), b(x2)], dim=1)
-        got = fused(torch.cat([x1, x2], dim=1))
+        try:
+            got = fused(torch.cat([x1, x2], dim=1))
+        except RuntimeError as exc:  # e.g. channel counts written into the forward code
+            raise FusionUnsupported(f"fuse_backbones: the fused backbone fails on a check input ({exc}); use "
+                                    "fuse_backbones=false") from None
     finally:
         for m, mode in modes.items():
             m.train(mode)

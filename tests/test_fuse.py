@@ -142,6 +142,18 @@ class _Mixer(nn.Module):
         return (y + y.mean(1, keepdim=True)).mean((2, 3))
 
 
+class _Slicer(nn.Module):
+    """A network whose forward code splits channels at fixed counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (y[:, :2] * y[:, 2:]).mean((2, 3))
+
+
 def test_networks_that_cannot_be_fused_are_refused():
     with pytest.raises(FusionUnsupported, match="LayerNorm"):
         fuse_pair(nn.Sequential(nn.Conv2d(3, 4, 1), nn.LayerNorm(4)), nn.Sequential(nn.Conv2d(3, 4, 1), nn.LayerNorm(4)))
@@ -149,6 +161,8 @@ def test_networks_that_cannot_be_fused_are_refused():
         fuse_pair(nn.Sequential(nn.Conv2d(3, 4, 1)), nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))
     with pytest.raises(FusionUnsupported, match="does not reproduce"):
         fuse_pair(_Mixer(), _Mixer())
+    with pytest.raises(FusionUnsupported, match="fails on a check input"):
+        fuse_pair(_Slicer(), _Slicer())
 
 
 def test_a_fused_fold_trains_like_a_two_backbone_fold(mini_data, tmp_path):
