@@ -130,28 +130,23 @@ def test_drop_path_backbones_are_fused_with_pair_drop_path():
     assert not any(isinstance(m, timm.layers.DropPath) for m in fused.modules())
 
 
-class _Mixer(nn.Module):
-    """A network whose forward code mixes channels without any weights of its own."""
+class _OddForward(nn.Module):
+    """A convolution followed by forward code that treats channels in ways fusion cannot see."""
 
-    def __init__(self):
+    def __init__(self, tail):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
+        self.conv, self.tail = nn.Conv2d(3, 4, 3), tail
 
     def forward(self, x):
-        y = self.conv(x)
-        return (y + y.mean(1, keepdim=True)).mean((2, 3))
+        return self.tail(self.conv(x)).mean((2, 3))
 
 
-class _Slicer(nn.Module):
-    """A network whose forward code splits channels at fixed counts."""
+def _mixes(y):    # every channel gets the mean over all channels: the fused mean mixes the two images
+    return y + y.mean(1, keepdim=True)
 
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
 
-    def forward(self, x):
-        y = self.conv(x)
-        return (y[:, :2] * y[:, 2:]).mean((2, 3))
+def _slices(y):   # fixed channel counts: the fused tensor has twice as many
+    return y[:, :2] * y[:, 2:]
 
 
 def test_networks_that_cannot_be_fused_are_refused():
@@ -160,9 +155,9 @@ def test_networks_that_cannot_be_fused_are_refused():
     with pytest.raises(FusionUnsupported, match="same architecture"):
         fuse_pair(nn.Sequential(nn.Conv2d(3, 4, 1)), nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))
     with pytest.raises(FusionUnsupported, match="does not reproduce"):
-        fuse_pair(_Mixer(), _Mixer())
+        fuse_pair(_OddForward(_mixes), _OddForward(_mixes))
     with pytest.raises(FusionUnsupported, match="fails on a check input"):
-        fuse_pair(_Slicer(), _Slicer())
+        fuse_pair(_OddForward(_slices), _OddForward(_slices))
 
 
 def test_a_fused_fold_trains_like_a_two_backbone_fold(mini_data, tmp_path):
