@@ -279,7 +279,6 @@ class Settings:
 def bench_device_tensors(s: Settings, data: BenchData, tag: str, **overrides) -> dict:
     """Rows a, a2, b and the variants of a: the training step on uint8 pairs already on the device (no loader)."""
     cfg, dev, b = s.cfg.replace(**overrides), s.device, s.cfg.batch_size
-    shared = cfg.shared_backbone
     rows = np.resize(np.arange(data.n), b)
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = (torch.randint(0, 256, (b, 2, cfg.img_size, cfg.img_size, 3), generator=gen, dtype=torch.uint8).to(dev),
@@ -288,7 +287,7 @@ def bench_device_tensors(s: Settings, data: BenchData, tag: str, **overrides) ->
         tr = make_trainer(cfg, dev, data.meta.shape[1], data.y, 2, s.steps_per_epoch)
         seconds, _ = timed_steps(itertools.repeat(batch), tr.pair_step, s.warmup, s.steps, dev)
     row = _row(s.steps * b, seconds, mem, params=count_parameters(tr.model), fused=tr.model.fused)
-    if s.profile and not shared:
+    if s.profile and tag in ("a", "a2"):
         row["profile"] = write_profile(s, tr, batch, seconds / s.steps, tag)
     return row
 
@@ -654,13 +653,12 @@ def run(args: argparse.Namespace) -> dict:
                      "batch": cfg.batch_size, "steps": args.steps, "warmup": args.warmup, "workers": s.workers,
                      "n_lesions": args.n_lesions, "amp": device.type == "cuda" and cfg.amp,
                      "channels_last": channels_last, "compile": cfg.compile, "fuse": cfg.fuse_backbones,
-                     "cache_on_device": s.on_device,
-                     "only": args.only,
+                     "cache_on_device": s.on_device, "only": args.only,
                      "profile": args.profile, "cache_workers": data.cache_workers,
                      "as_exp001": (cfg.backbone.split(".")[0], cfg.img_size, cfg.batch_size)
                      == (reference.backbone.split(".")[0], reference.img_size, reference.batch_size)},
-        "rows": rows, "variants": variants, "ratios": ratios(rows), "memory": memory, "projection": projection, "cache_build": cache,
-        "out": str(out),
+        "rows": rows, "variants": variants, "ratios": ratios(rows), "memory": memory, "projection": projection,
+        "cache_build": cache, "out": str(out),
     }
     atomic_write_json(out, result)
     print("\n" + format_table(result), flush=True)

@@ -124,13 +124,14 @@ def test_peak_memory_sees_an_allocation():
 def test_variants_measure_row_a_under_other_switches(tmp_path):
     saved, tempfile.tempdir = tempfile.tempdir, str(tmp_path)
     try:
-        result = bench.main([*TINY, "--only", "a", "--steps", "1", "--variants", "eager, fuse",
+        result = bench.main([*TINY, "--only", "a", "--steps", "1", "--variants", "eager, fuse", "--profile",
                              "--out", str(tmp_path / "b.json")])
     finally:
         tempfile.tempdir = saved
     v = result["variants"]
     assert list(v) == ["eager", "fuse"] and (v["eager"]["fused"], v["fuse"]["fused"]) == (False, True)
     assert all(row["pairs_per_s"] > 0 and "vs_b" not in row for row in v.values())  # row b was not run
+    assert "profile" in result["rows"]["a2"] and not any("profile" in row for row in v.values())
     table = bench.format_table(result)
     assert "row a under other switches" in table
     best = max(v, key=lambda k: v[k]["pairs_per_s"])
