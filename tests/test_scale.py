@@ -92,6 +92,14 @@ def test_one_fold_on_two_processes_matches_single_process(mini_data, tmp_path):
     hb = pd.read_csv(tmp_path / "two" / "exp001" / "fold0" / "history.csv")
     np.testing.assert_allclose(ha.train_loss, hb.train_loss, rtol=1e-4)
 
+    # the same with batches gathered from the image cache in memory and the backbones fused: each rank gathers
+    # exactly its shard of the global batch
+    _run_ddp(tiny(mini_data, tmp_path / "two_mem", cache_on_device="yes", fuse_backbones="true", **common), 2)
+    c = pd.read_csv(tmp_path / "two_mem" / "exp001" / "fold0" / "oof.csv")
+    np.testing.assert_allclose(a.iloc[:, 1:].to_numpy(), c.iloc[:, 1:].to_numpy(), atol=1e-4)
+    hc = pd.read_csv(tmp_path / "two_mem" / "exp001" / "fold0" / "history.csv")
+    np.testing.assert_allclose(ha.train_loss, hc.train_loss, rtol=1e-4)
+
     # fine-tuning everything: BatchNorm statistics are per process, so the runs agree within a tolerance
     full = dict(common, epochs=2, stage1_epochs=1)
     _run_ddp(tiny(mini_data, tmp_path / "ddp2", **full), 2)
