@@ -75,6 +75,12 @@ def _direct_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
             **{k: v for k, v in m._buffers.items() if v is not None}}
 
 
+def _stack(t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The fused layout of one tensor: ``a``'s half then ``b``'s along dim 0; a scalar (BatchNorm's
+    num_batches_tracked) is one value that serves both halves."""
+    return t if t.ndim == 0 else torch.cat([t, u])
+
+
 def fuse_pair(a: nn.Module, b: nn.Module, check_size: int = 64) -> nn.Module:
     """One network computing ``cat([a(x1), b(x2)], dim=1)`` from ``cat([x1, x2], dim=1)``, for two backbones of
     the same architecture (separate weights).
@@ -112,9 +118,7 @@ def fuse_pair(a: nn.Module, b: nn.Module, check_size: int = 64) -> nn.Module:
                                     "hold weights in a fusable backbone; use fuse_backbones=false")
         other = _direct_tensors(mods_b[name])
         for key, t in tensors.items():
-            if t.ndim == 0:   # e.g. BatchNorm's num_batches_tracked: one counter serves both halves
-                continue
-            both = torch.cat([t.detach(), other[key].detach()])
+            both = _stack(t.detach(), other[key].detach())
             if key in m._parameters:
                 m._parameters[key] = nn.Parameter(both, requires_grad=t.requires_grad)
             else:
@@ -154,8 +158,7 @@ def fuse_state(state: dict, prefix: str = "") -> dict:
     for key, t in state.items():
         if key.startswith(pa):
             rest = key[len(pa):]
-            other = state[pb + rest]
-            out[prefix + "pair." + rest] = t if t.ndim == 0 else torch.cat([t, other])
+            out[prefix + "pair." + rest] = _stack(t, state[pb + rest])
         elif not key.startswith(pb):
             out[key] = t
     return out

@@ -49,16 +49,21 @@ class Prepared:
     test_cache: np.ndarray
     _on_device: dict = field(default_factory=dict, repr=False)
 
-    def images(self, split: str, device: torch.device, on_device: bool) -> np.ndarray | torch.Tensor:
-        """The ``split`` image cache: the memory-mapped array, or (``on_device``) its copy in device memory, made
-        once per process and device and shared by every fold."""
-        cache = self.train_cache if split == "train" else self.test_cache
-        if not on_device:
-            return cache
-        key = (split, str(device))
+    def images(self, cfg: Config, device: torch.device) -> tuple:
+        """(train images, test images, on_device): the memory-mapped caches, or their copies in device memory as
+        Config.cache_on_device decides. The copies are made once per process and device and every later fold
+        reuses them (an 'auto' decision is not re-taken once the copies themselves fill part of the memory)."""
+        key = str(device)
+        if cfg.cache_on_device == "no":
+            on = False
+        else:
+            on = key in self._on_device or resolve_cache_on_device(
+                cfg, device, self.train_cache.nbytes + self.test_cache.nbytes)
+        if not on:
+            return self.train_cache, self.test_cache, False
         if key not in self._on_device:
-            self._on_device[key] = cache_to_device(cache, device)
-        return self._on_device[key]
+            self._on_device[key] = (cache_to_device(self.train_cache, device), cache_to_device(self.test_cache, device))
+        return (*self._on_device[key], True)
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -383,9 +388,7 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
     local_batch = cfg.batch_size // dist.world
     if local_batch * dist.world != cfg.batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {dist.world} processes")
-    on_device = resolve_cache_on_device(cfg, device, data.train_cache.nbytes + data.test_cache.nbytes)
-    train_images = data.images("train", device, on_device)
-    test_images = data.images("test", device, on_device)
+    train_images, test_images, on_device = data.images(cfg, device)
     if on_device:  # batches gathered in device memory; the same batches as the loader below gives
         sampler = loader = DeviceBatches(train_images, tr_rows, meta_tr, y_tr, aux_all[tr_rows], local_batch,
                                          dist.rank, dist.world)

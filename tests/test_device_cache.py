@@ -67,3 +67,18 @@ def test_a_fold_trained_from_device_memory_equals_the_loader_fold(mini_data, tmp
         pd.testing.assert_frame_equal(out["no"][f], out["yes"][f], check_exact=False, rtol=0, atol=1e-6)
     cols = ["train_loss", "val_loss", "val_macro_f1"]
     np.testing.assert_allclose(out["no"]["history.csv"][cols], out["yes"]["history.csv"][cols], atol=1e-6)
+
+
+def test_the_device_copy_is_made_once_and_reused_by_later_folds(mini_data, tmp_path):
+    from src.train import prepare
+
+    data = prepare(load_config("exp001", tiny(mini_data, tmp_path)))
+    cpu = torch.device("cpu")
+    auto, yes, no = (load_config("exp001", tiny(mini_data, tmp_path, cache_on_device=m)) for m in ("auto", "yes", "no"))
+    assert data.images(auto, cpu)[2] is False and not data._on_device   # auto without CUDA: the memory map
+    tr, te, on = data.images(yes, cpu)
+    assert on and torch.equal(tr, torch.from_numpy(np.array(data.train_cache)))
+    assert te.shape == data.test_cache.shape
+    again = data.images(auto, cpu)   # once the copy exists, 'auto' uses it rather than deciding anew
+    assert again[2] and again[0] is tr and again[1] is te
+    assert data.images(no, cpu)[0] is data.train_cache   # an explicit 'no' is honoured
