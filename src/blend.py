@@ -1,30 +1,13 @@
-"""Blend complete experiments, apply the decision rule and write a validated submission.
+"""Blend complete experiments and score every input and the blend side by side on the out-of-fold rows.
 
 Blend weights (non-negative, summing to 1) minimise the mean binary log-loss of the out-of-fold
-probabilities over the 11 classes; the test probabilities are blended with the same weights.  Every
-input and the blend are scored side by side on the out-of-fold rows; the decision rule of the first
-experiment is folded into the blended test probabilities, and the submission is validated with the
-scorer's own reader before anything is moved into place.
-
-    python -m src.blend EXP [EXP ...] [--name NAME] [key=value ...]
-
-Writes <submission_dir>/<name>.csv (upload this), <name>.json (weights, rule, thresholds, CV scores)
-and <name>_oof_honest.csv (training lesions, decided without their own labels; score it with
-``python -m src.scoring``), plus a report in <output_dir>/blends/<name>/.
+probabilities over the 11 classes; the test probabilities are blended with the same weights.  The
+decision rule, the submission and the report are the next steps (src/submission.py, ``bash run.sh blend``).
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import os
-import re
-import sys
-import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,18 +15,14 @@ from scipy.optimize import minimize
 from scipy.special import softmax
 from sklearn.metrics import roc_auc_score
 
-from .config import Config, ConfigError, apply_overrides, load_config, parse_cli_overrides
-from .data import CLASSES, DataError, load_test, load_train
-from .decision import expected_f1_thresholds, fold_probabilities, honest_oof, tune_thresholds
+from .config import Config, apply_overrides, load_config, parse_cli_overrides
+from .data import CLASSES
+from .decision import fold_probabilities, honest_oof, tune_thresholds
+from .experiment import ExperimentDir
 from .folds import load_or_make_folds
-from .io_utils import new_file_mode
-from .outputs import log_loss, missing_outputs, probs_frame
-from .report import markdown_table, write_report
-from .scoring import SubmissionError, macro_f1, read_prediction_csv
-from .tracking import Tracker
+from .scoring import SubmissionError, log_loss, macro_f1
 
 EPS = 1e-7
-HEADER = ["lesion_id", *CLASSES]
 # Out-of-fold scores reported for every input and the blend: key -> (short label, meaning).
 SCORES = {
     "log_loss": ("logloss", "mean binary log-loss over the 11 classes"),
@@ -88,27 +67,15 @@ def resolve_configs(experiments: Sequence[str | Config], overrides: list[str] | 
     return cfgs
 
 
-def _require_complete(cfg: Config) -> None:
-    """Every fold has its metrics.json (written last) and the folds are joined into oof.csv and test.csv."""
-    exp, fix = cfg.exp_dir(), f"run `bash run.sh {cfg.name}` to finish it"
-    if not exp.is_dir():
-        raise BlendError(f"experiment {cfg.name} is not complete: no outputs at {exp}; {fix}")
-    lacking = missing_outputs(cfg)
-    folds = [int(f[4:f.index("/")]) for f in lacking if f.startswith("fold")]
-    if folds:
-        raise BlendError(f"experiment {cfg.name} is not complete: fold(s) {folds} of {cfg.n_folds} have no "
-                         f"metrics.json under {exp}; {fix}")
-    if lacking:
-        raise BlendError(f"experiment {cfg.name} is not complete: every fold is done but {exp} has no "
-                         f"{' or '.join(lacking)}; {fix} (it joins the folds)")
-
-
-def _read_probs(cfg: Config, file: str, expected_ids: Sequence[str] | None) -> pd.DataFrame:
+def _read_probs(cfg: Config, file: str, expected_ids: Sequence[str] | None):
+    exp = ExperimentDir(cfg)
+    reason = exp.incomplete_reason()
+    if reason:
+        raise BlendError(reason)
     try:
-        frame = read_prediction_csv(cfg.exp_dir() / file, expected_ids=expected_ids)
+        return exp.read_probs(file, expected_ids)
     except SubmissionError as e:
         raise BlendError(f"experiment {cfg.name}: {e}; rerun `bash run.sh {cfg.name}`") from None
-    return frame if expected_ids is None else frame.loc[list(expected_ids)]
 
 
 def shared_folds(cfgs: list[Config], train: pd.DataFrame) -> np.ndarray:
@@ -132,7 +99,6 @@ def load_members(cfgs: list[Config], train: pd.DataFrame) -> tuple[list[Member],
     members: list[Member] = []
     test_ids: list[str] | None = None
     for cfg in cfgs:
-        _require_complete(cfg)
         oof = _read_probs(cfg, "oof.csv", train_ids)
         test = _read_probs(cfg, "test.csv", test_ids)
         test_ids = test_ids or test.index.tolist()
@@ -216,177 +182,34 @@ def format_scores(scores: dict[str, dict[str, float]], weights: dict[str, float]
     return f"{table}\n{score_legend(rule)}"
 
 
-# ----------------------------------------------------------------------------------------------------
-# writing
-# ----------------------------------------------------------------------------------------------------
-def safe_name(name: str) -> str:
-    """A file-name stem: characters outside [A-Za-z0-9._+-] become '_'; very long names are hashed."""
-    stem = re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".")
-    if not stem.strip("_"):
-        raise BlendError(f"submission name {name!r} has no usable characters")
-    if len(stem) > 120:
-        stem = f"{stem[:80]}_{hashlib.sha1(stem.encode()).hexdigest()[:10]}"
-    return stem
+@dataclass(frozen=True)
+class Blend:
+    """The experiments, their blend weights and blended probabilities, and every row's scores."""
+
+    cfgs: list[Config]
+    weights: dict[str, float]
+    oof: np.ndarray
+    test: np.ndarray
+    test_ids: list[str]
+    folds: np.ndarray
+    evals: dict[str, Evaluation]  # each input's and BLEND's
+
+    @property
+    def scores(self) -> dict[str, dict[str, float]]:
+        return {k: e.scores for k, e in self.evals.items()}
 
 
-def _checked_csv(df: pd.DataFrame, expected_ids: Sequence[str], final: Path) -> Callable[[str], None]:
-    """Writer of ``df`` that re-reads the written bytes with the scorer's reader and refuses any difference.
-
-    Every float is written with ``repr`` (shortest exact form, always with '.' or an exponent), so the
-    values round-trip and no column reads as integers.
-    """
-    def write(tmp: str) -> None:
-        df.to_csv(tmp, index=False, float_format=lambda v: repr(float(v)))
-        try:
-            with open(tmp, encoding="utf-8") as fh:
-                header = fh.readline().rstrip("\r\n").split(",")
-            if header != HEADER:
-                raise SubmissionError(f"{tmp}: line 1: columns must be {HEADER} in this order, got {header}")
-            back = read_prediction_csv(tmp, expected_ids=expected_ids)
-            if not np.array_equal(back.to_numpy(), df[CLASSES].to_numpy(np.float64)):
-                raise SubmissionError(f"{tmp}: the values read back differ from the values written")
-        except SubmissionError as e:
-            raise SubmissionError(f"{final} not written: {str(e).replace(tmp, str(final))}") from None
-
-    return write
-
-
-def write_all(files: dict[Path, Callable[[str], None]]) -> None:
-    """Write every file to a temporary sibling, then rename them all; any failure leaves the old files."""
-    staged: list[tuple[str, Path]] = []
-    try:
-        for path, write in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            staged.append((tmp, path))
-            write(tmp)
-            os.chmod(tmp, new_file_mode())
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def _json_writer(obj: dict) -> Callable[[str], None]:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-
-    return write
-
-
-# ----------------------------------------------------------------------------------------------------
-# the whole step
-# ----------------------------------------------------------------------------------------------------
-def finalize(cfg: Config, experiments: Sequence[str | Config], name: str | None = None,
-             overrides: list[str] | None = None) -> dict:
-    """Blend ``experiments`` (names or Configs), score them, write the submission, sidecar, honest OOF and report.
-
-    ``cfg`` supplies the data, submission and output locations and the W&B settings; the decision rule
-    and threshold search come from the first experiment.  Returns scores, weights, thresholds and paths.
-    """
-    cfgs = resolve_configs(experiments, overrides)
-    first = cfgs[0]
-    rule, kw = first.decision, rule_kwargs(first)
-    name = safe_name(name or "+".join(c.name for c in cfgs))
-
-    train = load_train(cfg.data_dir, check_images=False)
+def blend_experiments(cfgs: list[Config], train: pd.DataFrame) -> Blend:
+    """Weights fitted on the out-of-fold rows, the blended probabilities, and every input's and the blend's
+    scores under the first experiment's threshold search."""
     y = train[CLASSES].to_numpy(np.float64)
     members, test_ids = load_members(cfgs, train)
     folds = shared_folds(cfgs, train)
-
+    kw = rule_kwargs(cfgs[0])
     weights = fit_weights(y, [m.oof for m in members])
     blend_oof = np.tensordot(weights, np.stack([m.oof for m in members]), axes=1)
     blend_test = np.tensordot(weights, np.stack([m.test for m in members]), axes=1)
-    weight_of = {c.name: float(w) for c, w in zip(cfgs, weights)}
-
     evals = {m.cfg.name: evaluate(y, m.oof, folds, kw) for m in members}
-    evals[BLEND] = blended = evaluate(y, blend_oof, folds, kw)
-    scores = {k: e.scores for k, e in evals.items()}
-    print(f"[blend] out-of-fold scores on {len(y)} training lesions, {len(np.unique(folds))} folds:")
-    print(format_scores(scores, weight_of, rule), flush=True)
-
-    if rule == "threshold":
-        thresholds = blended.thresholds
-    elif rule == "expected_f1":
-        thresholds = expected_f1_thresholds(blend_test)
-    else:
-        thresholds = np.full(len(CLASSES), 0.5)
-    submission = probs_frame(test_ids, fold_probabilities(blend_test, thresholds))
-    honest, honest_info = blended.honest[rule]
-    honest_cv = scores[BLEND][HONEST_KEY[rule]]
-
-    expected_test = load_test(cfg.data_dir, check_images=False)["lesion_id"].tolist()
-    out = Path(cfg.submission_dir)
-    paths = {"submission": out / f"{name}.csv", "sidecar": out / f"{name}.json",
-             "oof_honest": out / f"{name}_oof_honest.csv"}
-    sidecar = {
-        "name": name, "experiments": [c.name for c in cfgs], "weights": weight_of, "decision": rule,
-        "threshold_method": kw["method"] if rule == "threshold" else None,
-        "thresholds": dict(zip(CLASSES, map(float, thresholds))),
-        "thresholds_from": {"threshold": "all blended out-of-fold rows", "expected_f1": "the blended test batch",
-                            "none": "the plain 0.5 cut"}[rule],
-        "cv_macro_f1_honest": honest_cv, "cv_scores": scores, "score_meanings": {k: v[1] for k, v in SCORES.items()},
-        "honest_per_fold_thresholds": honest_info["per_fold_thresholds"],
-        "n_train": len(y), "n_test": len(test_ids), "data_dir": str(cfg.data_dir),
-        "folds_csv": str(first.resolved_folds_csv()), "files": {k: str(p) for k, p in paths.items()},
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_all({
-        paths["submission"]: _checked_csv(submission, expected_test, paths["submission"]),
-        paths["oof_honest"]: _checked_csv(probs_frame(train["lesion_id"], honest), train["lesion_id"].tolist(),
-                                          paths["oof_honest"]),
-        paths["sidecar"]: _json_writer(sidecar),
-    })
-
-    preamble = "\n\n".join([
-        f"Experiments {', '.join(weight_of)}; decision rule **{rule}** (thresholds from {sidecar['thresholds_from']}); "
-        f"honest CV macro F1 of the blend **{honest_cv:.4f}**. Submission: `{paths['submission']}`.",
-        "## Out-of-fold scores", markdown_table(score_frame(scores, weight_of, rule)), score_legend(rule)])
-    report = write_report(Path(cfg.output_dir) / "blends" / name, name=name, train=train, blend_oof=blend_oof,
-                          honest=honest, thresholds=thresholds, preamble=preamble)
-    paths.update(report)
-
-    tracker = Tracker(cfg, job=f"blend/{name}", job_type="blend")
-    flat = {f"cv/{member}/{k}": v for member, row in scores.items() for k, v in row.items()}
-    flat.update({f"weight/{k}": v for k, v in weight_of.items()})
-    flat.update({f"threshold/{c}": float(t) for c, t in zip(CLASSES, thresholds)})
-    tracker.log(flat)
-    tracker.log_images({"confusion": str(report["confusion_png"]), "threshold_curves": str(report["thresholds_png"])})
-    tracker.summary({"cv_macro_f1_honest": honest_cv, "decision": rule, **flat})
-    tracker.finish()
-
-    print(f"[blend] weights: {', '.join(f'{k}={v:.4f}' for k, v in weight_of.items())}; rule '{rule}'; "
-          f"honest CV macro F1 {honest_cv:.4f}")
-    for key, path in paths.items():
-        print(f"[blend] {key:<14} {path}")
-    return {"name": name, "experiments": [c.name for c in cfgs], "weights": weight_of, "decision": rule,
-            "thresholds": dict(zip(CLASSES, map(float, thresholds))), "scores": scores,
-            "cv_macro_f1_honest": honest_cv, "paths": paths}
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m src.blend", description=__doc__.split("\n\n")[0])
-    ap.add_argument("args", nargs="+", metavar="EXP|key=value",
-                    help="experiments to blend (names under exp/), then config overrides such as data_dir=...")
-    ap.add_argument("--name", default=None, help="submission name (default: the experiment names joined by '+')")
-    ns = ap.parse_intermixed_args(argv)
-    experiments = [a for a in ns.args if "=" not in a]
-    overrides = [a for a in ns.args if "=" in a]
-    try:
-        if not experiments:
-            raise BlendError("name at least one experiment to blend")
-        cfg = load_config(experiments[0], overrides)
-        finalize(cfg, experiments, name=ns.name, overrides=overrides)
-    except (BlendError, SubmissionError, ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    evals[BLEND] = evaluate(y, blend_oof, folds, kw)
+    return Blend(cfgs, {c.name: float(w) for c, w in zip(cfgs, weights)}, blend_oof, blend_test, test_ids, folds,
+                 evals)

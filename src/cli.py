@@ -8,44 +8,25 @@ from pathlib import Path
 
 from .config import ConfigError, describe, load_config
 
-DEMO_ROOT = Path("output/demo")
-DEMO_OVERRIDES = {
-    "data_dir": str(DEMO_ROOT / "input"),
-    "output_dir": str(DEMO_ROOT),
-    "submission_dir": str(DEMO_ROOT / "submissions"),
-    "backbone": "test_efficientnet",
-    "pretrained": "false",
-    "img_size": "64",
-    "batch_size": "32",
-    "stage1_epochs": "1",
-    "stage1_lr": "3e-3",
-    "epochs": "10",
-    "lr": "3e-3",
-    "backbone_lr": "2e-3",
-    "warmup_epochs": "0",
-    "patience": "4",
-    "num_workers": "0",
-    "eval_batch_size": "128",
-}
-DEMO_SIZES = {"n_train": 400, "n_test": 80}
+DEMO = "demo"  # exp/demo/config.py: the demo's settings, applied on top of any experiment
 
 
 def train_experiment(cfg) -> dict:
     """All missing folds of one experiment, in whatever execution mode the environment asks for."""
-    if cfg.model == "meta":
-        from .meta_model import run_meta
+    if cfg.model == "tabular":
+        from .tabular import run_tabular
 
-        return run_meta(cfg)
+        return run_tabular(cfg)
     if cfg.model == "stack":
         from .stacker import run_stack
 
         return run_stack(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .schedule import run_distributed
+        from .parallel_folds import run_distributed
 
         return run_distributed(cfg)
     if os.environ.get("GPUS", "").strip():
-        from .schedule import run_parallel
+        from .parallel_folds import run_parallel
 
         return run_parallel(cfg, os.environ["GPUS"])
     from .train import run_folds
@@ -71,7 +52,7 @@ def cmd_run(name: str, args: list[str]) -> int:
         return 0 if cfg.folds else 1
     print(f"[{cfg.name}] out-of-fold macro F1 (raw, > 0.5): {result['macro_f1']:.4f}  "
           f"({time.time() - t0:.0f}s)", flush=True)
-    from .blend import finalize
+    from .submission import finalize
 
     finalize(cfg, [cfg])
     return 0
@@ -89,30 +70,43 @@ def best_constant_macro_f1(y) -> float:
 
 
 def cmd_demo(args: list[str]) -> int:
+    """``demo [EXP] [key=value ...]``: EXP (default exp001) with the demo's settings on the generated data;
+    ``demo blend EXP ... [--name N]`` blends demo experiments."""
+    from .config import experiment_module, parse_cli_overrides
     from .synth import generate
 
-    overrides = dict(DEMO_OVERRIDES)
-    overrides.update(dict(a.split("=", 1) for a in args if "=" in a))
-    data_dir = Path(overrides["data_dir"])
+    if args and args[0] == "blend":
+        from .submission import main as blend_main
+
+        demo = experiment_module(DEMO).OVERRIDES
+        return blend_main(args[1:] + [f"{k}={demo[k]}" for k in ("data_dir", "output_dir", "submission_dir")])
+    name = args.pop(0) if args and "=" not in args[0] else "exp001"
+    cfg = load_config(name, parse_cli_overrides(args), preset=DEMO)
+    data_dir = Path(cfg.data_dir)
     t0 = time.time()
     if not (data_dir / "MILK10k_Training_Metadata.csv").is_file():
         print(f"[demo] generating a miniature MILK10k in {data_dir}", flush=True)
-        generate(data_dir, seed=0, **DEMO_SIZES)
-    cfg = load_config("exp001", overrides)
+        generate(data_dir, **experiment_module(DEMO).SYNTH)
     result = train_experiment(cfg)
     if not result.get("complete"):
         print(f"[demo] folds missing: {result.get('missing_folds')}")
         return 1
-    from .blend import finalize
+    from .submission import finalize
 
-    summary = finalize(cfg, [cfg], name="demo_exp001")
+    summary = finalize(cfg, [cfg], name=f"demo_{cfg.name}")
+    print_demo_summary(cfg, summary)
+    print(f"demo wall time: {time.time() - t0:.0f}s")
+    return 0
+
+
+def print_demo_summary(cfg, summary: dict) -> None:
+    """The out-of-fold scores, the best constant prediction's, and the submission against the hidden labels."""
     import numpy as np
 
     from .data import CLASSES, load_train
     from .scoring import read_prediction_csv, read_truth_csv, score
 
     y = load_train(cfg.data_dir, check_images=False)[CLASSES].to_numpy(np.float32)
-    const = best_constant_macro_f1(y)
     blend = summary.get("scores", {}).get("blend", {})
     print("\n=== demo summary (out-of-fold macro F1, leaderboard rules) ===")
     for key, label in (("f1_raw", "raw probabilities at 0.5"), ("f1_argmax", "argmax (one positive per row)"),
@@ -121,19 +115,17 @@ def cmd_demo(args: list[str]) -> int:
                        ("f1_expected_f1_honest", "expected-F1 rule, honest")):
         if isinstance(blend.get(key), (int, float)):
             print(f"{label:<40}: {blend[key]:.4f}")
-    print(f"{'best constant prediction, same labels':<40}: {const:.4f}")
-    hidden = data_dir / "hidden" / "MILK10k_Test_GroundTruth.csv"
+    print(f"{'best constant prediction, same labels':<40}: {best_constant_macro_f1(y):.4f}")
+    hidden = Path(cfg.data_dir) / "hidden" / "MILK10k_Test_GroundTruth.csv"
     sub = summary.get("paths", {}).get("submission")
     if hidden.is_file() and sub:
         res = score(read_truth_csv(hidden), read_prediction_csv(sub))
         print(f"submission scored against the generator's hidden test labels: {res['macro_f1']:.4f}")
     print(f"outputs: {cfg.exp_dir()}  submission: {sub}")
-    print(f"demo wall time: {time.time() - t0:.0f}s")
-    return 0
 
 
 def cmd_blend(args: list[str]) -> int:
-    from .blend import main
+    from .submission import main
 
     return main(args)
 
@@ -147,7 +139,7 @@ def cmd_tune(args: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        print("usage: python -m src.cli {run EXP|demo|blend|tune} ...", file=sys.stderr)
+        print("usage: python -m src.cli {run EXP|demo [EXP|blend ...]|blend|tune} ...", file=sys.stderr)
         return 2
     cmd, rest = argv[0], argv[1:]
     try:
@@ -162,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "tune":
             return cmd_tune(rest)
         if cmd == "fold":  # worker of GPUS=... parallel folds: CONFIG_JSON FOLD
-            from .schedule import run_one_fold
+            from .parallel_folds import run_one_fold
 
             return run_one_fold(rest[0], int(rest[1]))
     except ConfigError as exc:

@@ -45,7 +45,8 @@ class Config:
     seed: int = _f(42, "training seed")
 
     # --- model --------------------------------------------------------------------------------
-    model: str = _f("image", "'image' (dual-backbone network) or 'meta' (metadata-only scikit-learn models)")
+    model: str = _f("image", "'image' (dual-backbone network), 'tabular' (metadata-only scikit-learn models) or "
+                    "'stack' (a stacker over other experiments' out-of-fold predictions)")
     backbone: str = _f("tf_efficientnetv2_s", "timm model name of each image branch")
     pretrained: bool = _f(True, "start from ImageNet weights")
     pretrained_path: str = _f("", "local weights file for the backbone (also env MILK10K_WEIGHTS); used instead of downloading")
@@ -119,8 +120,8 @@ class Config:
     tune_epochs: int = _f(3, "stage-2 epochs of each trial")
     tune_storage: str = _f("", "Optuna storage URL; empty = sqlite:///<output_dir>/<name>/tune/optuna.db")
 
-    # --- metadata-only and stacking models ------------------------------------------------------
-    meta_models: str = _f("logreg,hgb,mlp", "scikit-learn models averaged by model=meta")
+    # --- tabular (metadata-only) and stacking models ------------------------------------------
+    tabular_models: str = _f("logreg,hgb,mlp", "scikit-learn models averaged by model=tabular and model=stack")
     stack_inputs: str = _f("", "comma list of experiments whose OOF/test probabilities a stacker uses")
 
     # --- tracking ------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ class Config:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 _CHOICES = {
-    "model": {"image", "meta", "stack"},
+    "model": {"image", "tabular", "stack"},
     "meta_mode": {"concat", "mlp", "none"},
     "loss": {"bce", "ce"},
     "early_stop_metric": {"f1", "f1_tuned", "auc"},
@@ -283,15 +284,26 @@ def parse_cli_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def _load_exp_module(name: str) -> tuple[str | None, dict[str, Any], str]:
+def experiment_names() -> list[str]:
+    """Every experiment under exp/ (a folder holding a config.py)."""
+    return sorted(p.name for p in EXP_ROOT.iterdir() if (p / "config.py").is_file()) if EXP_ROOT.is_dir() else []
+
+
+def experiment_module(name: str):
+    """The module ``exp/<name>/config.py``, executed."""
     path = EXP_ROOT / name / "config.py"
     if not path.is_file():
-        known = sorted(p.name for p in EXP_ROOT.iterdir() if (p / "config.py").is_file()) if EXP_ROOT.is_dir() else []
-        raise ConfigError(f"no experiment {name!r}: {path} does not exist (known: {', '.join(known) or 'none'})")
+        raise ConfigError(f"no experiment {name!r}: {path} does not exist "
+                          f"(known: {', '.join(experiment_names()) or 'none'})")
     spec = importlib.util.spec_from_file_location(f"exp_config_{name}", path)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(module)
+    return module
+
+
+def _load_exp_module(name: str) -> tuple[str | None, dict[str, Any], str]:
+    module = experiment_module(name)
     overrides = dict(getattr(module, "OVERRIDES", {}))
     parent = getattr(module, "PARENT", None)
     return parent, overrides, (module.__doc__ or "").strip()
@@ -311,9 +323,15 @@ def experiment_chain(name: str) -> list[tuple[str, dict[str, Any], str]]:
     return list(reversed(chain))
 
 
-def load_config(name: str, cli: list[str] | dict[str, Any] | None = None) -> Config:
+def load_config(name: str, cli: list[str] | dict[str, Any] | None = None, preset: str | None = None) -> Config:
+    """The config of experiment ``name``: its chain of parents from the base, then (``preset``) the OVERRIDES of
+    another experiment's own file (not its parents': e.g. the demo's small settings on top of exp002), then the
+    command-line overrides ``cli``."""
     cfg = Config(name=name)
-    for exp_name, overrides, _ in experiment_chain(name):
+    chain = experiment_chain(name)
+    if preset is not None:
+        chain.append((preset, _load_exp_module(preset)[1], ""))
+    for exp_name, overrides, _ in chain:
         if "name" in overrides:
             raise ConfigError(f"exp/{exp_name}/config.py: 'name' comes from the folder name; remove it")
         cfg = apply_overrides(cfg, overrides, f"exp/{exp_name}/config.py")

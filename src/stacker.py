@@ -5,7 +5,7 @@ read from ``<output_dir>/<input>/oof.csv`` for training lesions and ``test.csv``
 and the plain ``MetadataEncoder`` features.  Fold k's model is fitted on the other folds' rows only,
 so the stacker's out-of-fold predictions never see their own fold's labels; it writes the same files
 as every experiment, so it can itself be blended, thresholded and submitted.  The models are those of
-src/meta_model.py, chosen with ``cfg.meta_models`` ('logreg', 'hgb' or a comma list averaged).
+src/tabular.py, chosen with ``cfg.tabular_models`` ('logreg', 'hgb' or a comma list averaged).
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 
 from .config import Config, ConfigError
+from .experiment import ExperimentDir, load_lesions
 from .features import MetadataEncoder
-from .meta_model import cross_fit, load_lesions
-from .outputs import missing_outputs
 from .scoring import SubmissionError, read_prediction_csv
+from .tabular import cross_fit
 
 LOGIT_CLIP = 1e-6
 SAME_FOLDS = ("n_folds", "fold_seed", "folds_csv")
@@ -51,7 +51,7 @@ def read_probs(path: Path, ids: pd.Series) -> np.ndarray:
 def _check_input(cfg: Config, name: str) -> Path:
     """The folder of a complete input experiment built on the stacker's folds."""
     folder = Path(cfg.output_dir) / name
-    lacking = missing_outputs(cfg.replace(name=name))
+    lacking = ExperimentDir(cfg.replace(name=name)).missing()
     if lacking:
         raise StackError(f"stack input {name!r} is not complete: {folder} lacks {', '.join(lacking)}; "
                          f"run experiment {name} (all {cfg.n_folds} folds) first")
@@ -82,7 +82,8 @@ def load_inputs(cfg: Config, train: pd.DataFrame, test: pd.DataFrame) -> tuple[n
 
 def run_stack(cfg: Config) -> dict:
     """Run the stacker ``cfg`` over ``cfg.stack_inputs`` (complete folds are kept); returns collect()'s metrics."""
-    train, test, folds = load_lesions(cfg)
+    lesions = load_lesions(cfg)
+    train, test, folds = lesions.train, lesions.test, lesions.folds
     z_train, z_test = load_inputs(cfg, train, test)
 
     def build(rows: np.ndarray):

@@ -20,7 +20,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .config import Config, load_config
 from .data import CLASSES
@@ -99,18 +98,18 @@ def trial_config(cfg: Config, params: dict) -> Config:
 def evaluate(cfg: Config, data) -> float:
     """Train ``cfg``'s folds (resuming) and return the honest macro F1 after the decision rule on them."""
     from .decision import honest_oof
+    from .experiment import ExperimentDir
     from .scoring import macro_f1
-    from .outputs import fold_done
     from .train import train_fold
 
+    exp = ExperimentDir(cfg)
     rows, probs = [], []
     for k in cfg.fold_list():
-        if not fold_done(cfg, k):
+        if not exp.fold_done(k):
             train_fold(cfg, k, data)
-        oof = pd.read_csv(cfg.fold_dir(k) / "oof.csv").set_index("lesion_id")
         idx = np.flatnonzero(data.folds == k)
         rows.append(idx)
-        probs.append(oof.loc[data.train["lesion_id"].iloc[idx], CLASSES].to_numpy())
+        probs.append(exp.fold_oof(k).loc[data.train["lesion_id"].iloc[idx]].to_numpy())
     idx = np.concatenate(rows)
     y = data.train[CLASSES].to_numpy(np.float64)[idx]
     p = np.concatenate(probs)
@@ -133,8 +132,8 @@ def run_tune(cfg: Config, data=None) -> "object":
     import optuna
     from optuna.trial import TrialState
 
+    from .batches import prepare
     from .tracking import Tracker
-    from .train import prepare
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage_url(cfg)

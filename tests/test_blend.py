@@ -14,15 +14,16 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-import src.blend as blend
-from src.blend import BlendError, finalize, fit_weights, main, safe_name
-from src.outputs import log_loss, probs_frame
+import src.submission as submission
+from src.blend import BlendError, fit_weights
+from src.experiment import probs_frame
+from src.submission import finalize, main, safe_name
 from src.config import Config, load_config
 from src.data import CLASSES, load_test, load_train
 from src.decision import expected_f1_thresholds, tune_thresholds
 from src.folds import load_or_make_folds
 from src.io_utils import atomic_write_csv, atomic_write_json
-from src.scoring import SubmissionError, read_prediction_csv, read_truth_csv, score
+from src.scoring import SubmissionError, log_loss, read_prediction_csv, read_truth_csv, score
 
 
 def overrides(data: Path, root: Path) -> list[str]:
@@ -171,13 +172,13 @@ def test_report_files(blended):
 def test_failing_validation_writes_nothing(blended, monkeypatch):
     subs = blended["root"] / "subs"
     before = {p.name: p.read_bytes() for p in subs.iterdir()}
-    real = blend.load_test
+    real = submission.load_test
 
     def with_extra_lesion(data_dir, check_images=True):
         test = real(data_dir, check_images=check_images)
         return pd.concat([test, test.iloc[[0]].assign(lesion_id="IL_9999999")], ignore_index=True)
 
-    monkeypatch.setattr(blend, "load_test", with_extra_lesion)
+    monkeypatch.setattr(submission, "load_test", with_extra_lesion)
     with pytest.raises(SubmissionError, match=r"exp001\+fakeB\.csv not written.*missing: IL_9999999"):
         finalize(blended["cfgs"][0], blended["cfgs"], overrides=blended["ov"])
     assert {p.name: p.read_bytes() for p in subs.iterdir()} == before

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from src.config import ConfigError, load_config
-from src.train import (DeviceBatches, EpochSampler, PairDataset, cache_to_device, epoch_order, resolve_cache_on_device)
+from src.batches import EpochSampler, PairDataset, epoch_order
+from src.speed.device_cache import DeviceBatches, cache_to_device, resolve_cache_on_device
 
-from .test_train import tiny
+from .conftest import tiny
 
 
 def _fixture(n=37, size=4, seed=0):
@@ -44,15 +45,16 @@ def test_device_batches_equal_the_loader_batches(world):
 
 def test_auto_keeps_the_cache_on_the_host_without_cuda():
     cpu = torch.device("cpu")
-    assert resolve_cache_on_device(load_config("exp001"), cpu, 10) is False
-    assert resolve_cache_on_device(load_config("exp001", ["cache_on_device=yes"]), cpu, 10) is True
-    assert resolve_cache_on_device(load_config("exp001", ["cache_on_device=no"]), cpu, 10) is False
+    assert resolve_cache_on_device(load_config("exp001").cache_on_device, cpu, 10) is False
+    assert resolve_cache_on_device(load_config("exp001", ["cache_on_device=yes"]).cache_on_device, cpu, 10) is True
+    assert resolve_cache_on_device(load_config("exp001", ["cache_on_device=no"]).cache_on_device, cpu, 10) is False
     with pytest.raises(ConfigError, match="cache_on_device"):
         load_config("exp001", ["cache_on_device=maybe"])
 
 
 def test_a_fold_trained_from_device_memory_equals_the_loader_fold(mini_data, tmp_path, capsys):
-    from src.train import prepare, train_fold
+    from src.batches import prepare
+    from src.train import train_fold
 
     out = {}
     for mode in ("no", "yes"):
@@ -70,7 +72,7 @@ def test_a_fold_trained_from_device_memory_equals_the_loader_fold(mini_data, tmp
 
 
 def test_the_device_copy_is_made_once_and_reused_by_later_folds(mini_data, tmp_path):
-    from src.train import prepare
+    from src.batches import prepare
 
     data = prepare(load_config("exp001", tiny(mini_data, tmp_path)))
     cpu = torch.device("cpu")

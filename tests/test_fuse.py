@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from src.config import load_config
-from src.model import (DualNet, FusionUnsupported, PairDropPath, count_parameters, fuse_pair, fuse_state,
-                       split_fused_state)
+from src.model import DualNet, count_parameters
+from src.speed.fuse import FusionUnsupported, PairDropPath, fuse_pair, fuse_state, split_fused_state
 
-from .test_train import tiny
+from .conftest import tiny
 
 
 def _pair(name: str, n_meta: int = 5, **kw):
@@ -161,7 +161,8 @@ def test_networks_that_cannot_be_fused_are_refused():
 
 
 def test_a_fused_fold_trains_like_a_two_backbone_fold(mini_data, tmp_path):
-    from src.train import prepare, train_fold
+    from src.batches import prepare
+    from src.train import train_fold
 
     oof = {}
     for fuse in (False, True):

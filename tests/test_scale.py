@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from src.config import load_config
-from src.train import EpochSampler
-from tests.test_train import tiny
+from src.batches import EpochSampler
+from .conftest import tiny
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}

@@ -18,7 +18,7 @@ from src.data import CLASSES, load_test, load_train
 from src.folds import load_or_make_folds
 from src.io_utils import atomic_write_csv, atomic_write_json
 from src.stacker import StackError, run_stack
-from src.outputs import collect, fold_done, probs_frame
+from src.experiment import ExperimentDir, probs_frame
 
 HALF = len(CLASSES) // 2
 FOLD, OTHER = 1, 3
@@ -56,7 +56,7 @@ def fake_input(data_dir: Path, out: Path, name: str, known: np.ndarray, seed: in
         atomic_write_csv(cfg.fold_dir(k) / "test.csv", probs_frame(test["lesion_id"], probs(None, len(test))))
         atomic_write_json(cfg.fold_dir(k) / "metrics.json", {"macro_f1": 0.0})
     cfg.save(cfg.exp_dir() / "config.json")
-    assert collect(cfg, train)["complete"]
+    assert ExperimentDir(cfg).collect(train)["complete"]
     return cfg
 
 
@@ -66,7 +66,7 @@ def stacked(mini_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("stack")
     fake_input(mini_data, out, "fakeA", np.arange(HALF), seed=1)
     fake_input(mini_data, out, "fakeB", np.arange(HALF, len(CLASSES)), seed=2)
-    cfg = base_config(mini_data, out, "stack", model="stack", stack_inputs="fakeA,fakeB", meta_models="logreg")
+    cfg = base_config(mini_data, out, "stack", model="stack", stack_inputs="fakeA,fakeB", tabular_models="logreg")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "disabled")
         return out, cfg, run_stack(cfg)
@@ -82,7 +82,7 @@ def test_outputs_complete(mini_data, stacked):
     assert result["complete"]
     train, test = load_train(mini_data, check_images=False), load_test(mini_data, check_images=False)
     for k in range(cfg.n_folds):
-        assert fold_done(cfg, k)
+        assert ExperimentDir(cfg).fold_done(k)
         assert all((cfg.fold_dir(k) / f).is_file() for f in ("oof.csv", "test.csv", "encoder.json", "config.json"))
     oof, tst = pd.read_csv(cfg.exp_dir() / "oof.csv"), pd.read_csv(cfg.exp_dir() / "test.csv")
     assert oof["lesion_id"].tolist() == train["lesion_id"].tolist()
@@ -116,7 +116,7 @@ def relabel(data_dir: Path, dest: Path, lesions: set[str]) -> Path:
 def test_fold_predictions_never_see_their_own_labels(mini_data, stacked, tmp_path, models):
     out, cfg, _ = stacked
     folds = pd.read_csv(cfg.resolved_folds_csv())
-    reference = cfg.replace(name=f"ref_{models}", meta_models=models, folds=str(FOLD))
+    reference = cfg.replace(name=f"ref_{models}", tabular_models=models, folds=str(FOLD))
     run_stack(reference)
     expected = pd.read_csv(reference.fold_dir(FOLD) / "oof.csv")
     for changed, same in ((FOLD, True), (OTHER, False)):

@@ -17,22 +17,11 @@ from src.data import CLASSES
 from src.model import DualNet, WeightsUnavailable, count_parameters, create_backbone
 from src.tracking import read_offline_run
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def tiny(mini_data, out, **extra):
-    o = {"data_dir": str(mini_data), "output_dir": str(out), "submission_dir": str(Path(out) / "subs"),
-         "backbone": "test_efficientnet", "pretrained": "false", "img_size": "32", "batch_size": "16",
-         "stage1_epochs": "1", "epochs": "3", "patience": "10", "num_workers": "0", "lr": "3e-3",
-         "backbone_lr": "1e-3", "stage1_lr": "3e-3", "warmup_epochs": "0", "wandb_mode": "disabled"}
-    o.update({k: str(v) for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in o.items()]
+from .conftest import REPO, run_cli as _run_cli, tiny
 
 
 def run_cli(args, **kw):
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "src.cli", "run", "exp001", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return _run_cli("run", "exp001", *args, **kw)
 
 
 def test_sigkill_mid_fold_then_resume_gives_identical_oof(mini_data, tmp_path):
@@ -74,7 +63,8 @@ def test_sigkill_mid_fold_then_resume_gives_identical_oof(mini_data, tmp_path):
 
 
 def test_wandb_offline_run_folder_holds_the_metrics(mini_data, tmp_path):
-    from src.train import prepare, train_fold
+    from src.batches import prepare
+    from src.train import train_fold
 
     cfg = load_config("exp001", tiny(mini_data, tmp_path, wandb_mode="offline", epochs=2))
     metrics = train_fold(cfg, 1, prepare(cfg))
@@ -98,7 +88,8 @@ def test_wandb_offline_run_folder_holds_the_metrics(mini_data, tmp_path):
 def test_wandb_failure_never_stops_training(mini_data, tmp_path, monkeypatch):
     import wandb
 
-    from src.train import prepare, train_fold
+    from src.batches import prepare
+    from src.train import train_fold
 
     def broken(*a, **k):
         raise RuntimeError("wandb is down")
@@ -111,7 +102,8 @@ def test_wandb_failure_never_stops_training(mini_data, tmp_path, monkeypatch):
 
 def test_fold_outputs_follow_the_submission_format(mini_data, tmp_path):
     from src.data import load_test
-    from src.train import prepare, train_fold
+    from src.batches import prepare
+    from src.train import train_fold
 
     cfg = load_config("exp001", tiny(mini_data, tmp_path, epochs=1, tta="true"))
     data = prepare(cfg)
@@ -180,7 +172,8 @@ def test_wandb_mode_offline_by_default_online_when_logged_in(tmp_path, monkeypat
 
 def test_exp002_switches_train_together(mini_data, tmp_path):
     """CE + label smoothing, balanced sampling, mixup/cutmix with the off-switch, EMA, meta MLP, aux head."""
-    from src.train import prepare, train_fold
+    from src.batches import prepare
+    from src.train import train_fold
 
     args = tiny(mini_data, tmp_path, epochs=3, mix_off_epochs=1, tta="false")
     cfg = load_config("exp002", args)
@@ -199,7 +192,8 @@ def test_exp002_switches_train_together(mini_data, tmp_path):
 def test_exp002_with_fused_backbones_and_the_cache_in_memory_gives_the_same_fold(mini_data, tmp_path):
     """The speed switches change no result: EMA, aux head, mixing and the meta MLP over a fused pair of backbones
     fed from the in-memory cache give the plain run's predictions."""
-    from src.train import prepare, train_fold
+    from src.batches import prepare
+    from src.train import train_fold
 
     oof = []
     for extra in ({}, {"fuse_backbones": "true", "cache_on_device": "yes"}):

@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 
 from src.config import load_config
 from src.tune import run_tune, storage_url, write_best
-from tests.test_train import tiny
+from .conftest import tiny
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """Training and inference throughput of exp001 on one device, side by side with a reference and a naive pipeline.
 
-    python -m src.bench [--device auto|cpu|cuda] [--batch 64] [--img-size 256] [--steps 20] [--warmup 5]
+    python -m src.speed.bench [--device auto|cpu|cuda] [--batch 64] [--img-size 256] [--steps 20] [--warmup 5]
                         [--backbone NAME] [--n-lesions 256] [--workers -1] [--compile] [--out bench.json]
                         [--only a,b,c,d,e] [--epochs-for-projection N] [--profile] [--fuse]
                         [--variants fuse,compile,fuse+compile:reduce-overhead,streams]
@@ -16,7 +16,7 @@ Rows (pairs/s over the timed steps after the warm-up steps, and peak memory):
       over the memory-mapped cache, or gathered from the cache in device memory, as cache_on_device resolves)
       -> DeviceAugment -> step
   d   naive: PIL decode + torchvision transforms every step in a default DataLoader, fp32, same model and optimiser
-  e1  inference on the cache with src.train.predict, 1 view (the per-epoch validation)
+  e1  inference on the cache with src.inference.predict, 1 view (the per-epoch validation)
   e   the same with 8-view TTA (out-of-fold and test predictions)
 ``--variants`` adds row a under other speed switches (each also against row b), to pick the switches for a GPU;
 then the ratios c/a, a/b, c/d against their targets and the projected wall time of a full exp001 at the real data
@@ -45,17 +45,18 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .augment import DeviceAugment
-from .cache import build_cache
-from .config import Config, load_config
-from .data import CLASSES, load_train
-from .features import MetadataEncoder
-from .io_utils import atomic_write_json, atomic_write_text
-from .model import FusionUnsupported, count_parameters
-from .synth import generate
-from .train import (DeviceBatches, EpochSampler, PairDataset, _make_optimizer, _set_stage, _train_mode,
-                    cache_to_device, class_weights, epoch_order, make_criterion, predict, resolve_cache_on_device,
-                    resolve_device, resolve_workers, setup_model, train_step)
+from ..augment import DeviceAugment
+from ..batches import epoch_order, resolve_device, resolve_workers, training_batches
+from ..cache import build_cache
+from ..config import Config, load_config
+from ..data import CLASSES, load_train
+from ..features import MetadataEncoder
+from ..inference import predict
+from ..io_utils import atomic_write_json, atomic_write_text
+from ..model import FusionUnsupported, count_parameters
+from ..step import Stage, build_stage, class_weights, make_criterion, setup_model, train_step
+from ..synth import generate
+from .device_cache import cache_to_device, resolve_cache_on_device
 
 EXPERIMENT = "exp001"
 FULL_TRAIN, FULL_TEST = 5240, 479          # lesions of the official release
@@ -155,18 +156,14 @@ class Trainer:
     cfg: Config
     device: torch.device
     model: nn.Module
-    runner: nn.Module
     augment: DeviceAugment
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
+    stage: Stage
     criterion: Callable
     gen: torch.Generator
-    params: list
 
     def step(self, clin: torch.Tensor, derm: torch.Tensor, meta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """src.train.train_step, as train_fold calls it for exp001 (no mixing, EMA or aux head)."""
-        return train_step(self.cfg, self.runner, self.params, self.opt, self.sched, self.criterion,
-                          clin, derm, meta, y)
+        """src.step.train_step, as training calls it for exp001 (no mixing, EMA or aux head)."""
+        return train_step(self.cfg, self.stage, self.criterion, clin, derm, meta, y)
 
     def pair_step(self, batch) -> float:
         """One step from a PairDataset batch: to the device, DeviceAugment's train path, then ``step``."""
@@ -178,7 +175,7 @@ class Trainer:
 
 
 def build(cfg: Config, device: torch.device, n_meta: int) -> tuple[nn.Module, DeviceAugment]:
-    """Model and augmentation exactly as src.train.train_fold sets them up."""
+    """Model and augmentation exactly as training sets them up (src.step.setup_model)."""
     torch.manual_seed(cfg.seed)
     return setup_model(cfg, n_meta, 0, device)
 
@@ -186,12 +183,10 @@ def build(cfg: Config, device: torch.device, n_meta: int) -> tuple[nn.Module, De
 def make_trainer(cfg: Config, device: torch.device, n_meta: int, y: np.ndarray, stage: int,
                  steps_per_epoch: int) -> Trainer:
     model, augment = build(cfg, device, n_meta)
-    _set_stage(model, stage)
-    opt, sched = _make_optimizer(cfg, model, stage, steps_per_epoch, device)
-    _train_mode(model, stage)
-    runner = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
-    return Trainer(cfg, device, model, runner, augment, opt, sched, make_criterion(cfg, class_weights(cfg, y)),
-                   torch.Generator().manual_seed(cfg.seed), [p for p in model.parameters() if p.requires_grad])
+    built = build_stage(cfg, model, stage, steps_per_epoch, device)
+    built.train_mode()
+    return Trainer(cfg, device, model, augment, built, make_criterion(cfg, class_weights(cfg, y)),
+                   torch.Generator().manual_seed(cfg.seed))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,7 +210,7 @@ class BenchData:
 def prepare_data(cfg: Config, n_lesions: int, root: Path) -> BenchData:
     data_dir = generate(root / "milk10k", n_train=n_lesions, n_test=0, seed=cfg.seed)
     train = load_train(data_dir)
-    workers = max(1, os.cpu_count() or 1)  # as src.train.prepare builds the cache
+    workers = max(1, os.cpu_count() or 1)  # as src.batches.prepare builds the cache
     start = time.perf_counter()
     cache = build_cache(train, cfg.img_size, root / "cache", "train", num_workers=workers, progress=False)
     seconds = time.perf_counter() - start
@@ -293,22 +288,15 @@ def bench_device_tensors(s: Settings, data: BenchData, tag: str, **overrides) ->
 
 
 def bench_loader(s: Settings, data: BenchData, stage: int) -> dict:
-    """Rows c1 and c: the training loop's batches (the DataLoader over the memory-mapped cache, or DeviceBatches
-    over its copy in device memory, as train_fold builds them) feeding the real step."""
+    """Rows c1 and c: the training loop's batches (src.batches.training_batches: a DataLoader over the memory-mapped
+    cache, or batches gathered from its copy in device memory) feeding the real step."""
     cfg, dev, b = s.cfg, s.device, s.cfg.batch_size
     order = _order(cfg, data, b, (s.warmup + s.steps) * b)
     aux = np.full(data.n, -100, np.int64)
     with PeakMemory(dev) as mem:
-        if s.on_device:
-            sampler = loader = DeviceBatches(cache_to_device(data.cache, dev), np.arange(data.n), data.meta, data.y,
-                                             aux, b)
-        else:
-            sampler = EpochSampler(data.n)
-            loader = torch.utils.data.DataLoader(PairDataset(data.cache, np.arange(data.n), data.meta, data.y, aux),
-                                                 batch_size=b, sampler=sampler, num_workers=s.workers,
-                                                 pin_memory=dev.type == "cuda", drop_last=False,
-                                                 persistent_workers=s.workers > 0)
-        sampler.set_order(order)
+        images = cache_to_device(data.cache, dev) if s.on_device else data.cache
+        loader = training_batches(images, np.arange(data.n), data.meta, data.y, aux, b, s.workers, dev)
+        loader.set_order(order)
         tr = make_trainer(cfg, dev, data.meta.shape[1], data.y, stage, s.steps_per_epoch)
         seconds, wait = timed_steps(iter(loader), tr.pair_step, s.warmup, s.steps, dev)
     return _row(s.steps * b, seconds, mem, data_wait_frac=wait, cache_on_device=s.on_device)
@@ -334,7 +322,7 @@ def bench_naive(s: Settings, data: BenchData) -> dict:
 
 
 def bench_predict(s: Settings, data: BenchData, views: int) -> dict:
-    """Rows e1 and e: src.train.predict on the cache, over at least ``steps`` training batches' worth of pairs."""
+    """Rows e1 and e: src.inference.predict on the cache, over at least ``steps`` training batches' worth of pairs."""
     cfg, dev = s.cfg, s.device
     rows = np.resize(np.arange(data.n), max(data.n, s.steps * cfg.batch_size))
     meta = data.meta[rows]
@@ -515,7 +503,7 @@ def format_table(result: dict) -> str:
 # command line
 # ----------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m src.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m src.speed.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch", type=int, default=None, help=f"pairs per step (default: {EXPERIMENT}'s batch_size, 64)")
@@ -598,7 +586,7 @@ def run(args: argparse.Namespace) -> dict:
     full_cache_bytes = (FULL_TRAIN + FULL_TEST) * 2 * cfg.img_size ** 2 * 3  # as training would hold it
     s = Settings(cfg, device, args.steps, args.warmup, resolve_workers(cfg, device),
                  max(1, n_tr // cfg.batch_size), out.parent, args.profile,
-                 resolve_cache_on_device(cfg, device, full_cache_bytes))
+                 resolve_cache_on_device(cfg.cache_on_device, device, full_cache_bytes))
     epochs = cfg.epochs if args.epochs_for_projection is None else args.epochs_for_projection
 
     with tempfile.TemporaryDirectory(prefix="milk10k-bench-") as tmp:

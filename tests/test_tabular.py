@@ -13,8 +13,8 @@ import pytest
 
 from src.config import ConfigError, load_config
 from src.data import CLASSES, load_test, load_train
-from src.meta_model import MODELS, fit_predict, parse_models, run_meta
-from src.outputs import fold_done
+from src.experiment import ExperimentDir
+from src.tabular import MODELS, fit_predict, parse_models, run_tabular
 
 FOLD_FILES = ("oof.csv", "test.csv", "encoder.json", "config.json", "metrics.json")
 
@@ -31,7 +31,7 @@ def exp000(data_dir: Path, output_dir: Path, *extra: str):
 def check_outputs(cfg, data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     train, test = load_train(data_dir, check_images=False), load_test(data_dir, check_images=False)
     for k in range(cfg.n_folds):
-        assert fold_done(cfg, k)
+        assert ExperimentDir(cfg).fold_done(k)
         assert all((cfg.fold_dir(k) / f).is_file() for f in FOLD_FILES)
     oof, tst = pd.read_csv(cfg.exp_dir() / "oof.csv"), pd.read_csv(cfg.exp_dir() / "test.csv")
     assert oof["lesion_id"].tolist() == train["lesion_id"].tolist()
@@ -52,16 +52,16 @@ def best_constant_f1(y: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def mini_run(mini_data, tmp_path_factory):
-    """exp000 run once on the miniature data: (config, run_meta's result)."""
+    """exp000 run once on the miniature data: (config, run_tabular's result)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "disabled")
         cfg = exp000(mini_data, tmp_path_factory.mktemp("exp000"))
-        return cfg, run_meta(cfg)
+        return cfg, run_tabular(cfg)
 
 
 def test_exp000_learns_the_metadata_signal(mini_data, mini_run):
     cfg, result = mini_run
-    assert result["complete"] and cfg.model == "meta" and cfg.decision == "threshold"
+    assert result["complete"] and cfg.model == "tabular" and cfg.decision == "threshold"
     train, oof = check_outputs(cfg, mini_data)
     y = train[CLASSES].to_numpy(np.float64)
     assert result["macro_f1_threshold"] > best_constant_f1(y) + 0.08
@@ -71,7 +71,7 @@ def test_exp000_learns_the_metadata_signal(mini_data, mini_run):
 def test_deterministic(mini_data, mini_run, tmp_path):
     cfg, _ = mini_run
     again = exp000(mini_data, tmp_path, "folds=3")
-    assert not run_meta(again)["complete"]
+    assert not run_tabular(again)["complete"]
     for name in ("oof.csv", "test.csv", "encoder.json"):
         assert (again.fold_dir(3) / name).read_bytes() == (cfg.fold_dir(3) / name).read_bytes()
 
@@ -83,7 +83,7 @@ def test_resume_refits_only_unfinished_folds(mini_data, mini_run, tmp_path):
     (copy.fold_dir(2) / "metrics.json").unlink()
     (copy.fold_dir(2) / "oof.csv").write_text("garbage\n")
     kept = (copy.fold_dir(0) / "metrics.json").stat().st_mtime_ns
-    assert run_meta(copy)["complete"]
+    assert run_tabular(copy)["complete"]
     assert (copy.fold_dir(0) / "metrics.json").stat().st_mtime_ns == kept
     assert (copy.exp_dir() / "oof.csv").read_bytes() == (cfg.exp_dir() / "oof.csv").read_bytes()
 
@@ -94,7 +94,7 @@ def test_real_sample_rows_complete(sample_dir, tmp_path):
     for csv in sample_dir.glob("*.csv"):
         shutil.copy(csv, data / csv.name)
     cfg = exp000(data, tmp_path / "out")
-    result = run_meta(cfg)
+    result = run_tabular(cfg)
     assert result["complete"] and result["n"] == 328
     check_outputs(cfg, data)
     assert len(pd.read_csv(cfg.exp_dir() / "test.csv")) == 479

@@ -1,4 +1,4 @@
-"""Running the folds of one experiment on several devices.
+"""Folds in parallel: the folds of one experiment on several devices, or one fold over several processes.
 
 - ``GPUS=0,1,2,3 bash run.sh exp001``: one process per listed device, each training one fold at a time
   (CUDA_VISIBLE_DEVICES set to its device), the remaining folds queued; each fold's log goes to
@@ -16,17 +16,16 @@ import time
 from pathlib import Path
 
 from .config import Config
+from .experiment import ExperimentDir
 
 
 def run_parallel(cfg: Config, gpus: str, poll_s: float = 0.5) -> dict:
-    from .outputs import collect, fold_done
-    from .train import prepare
+    from .batches import prepare
 
     slots = [g.strip() for g in gpus.split(",") if g.strip()]
-    todo = [k for k in cfg.fold_list() if not fold_done(cfg, k)]
-    cfg.exp_dir().mkdir(parents=True, exist_ok=True)
-    cfg_path = cfg.exp_dir() / "config.json"
-    cfg.save(cfg_path)
+    exp = ExperimentDir(cfg)
+    todo = exp.begin()
+    cfg_path = exp.path / "config.json"
     data = prepare(cfg)  # folds CSV and image caches are built once, before the workers start
     print(f"[{cfg.name}] {len(todo)} folds on devices {slots}: {todo}", flush=True)
     running: dict[str, tuple[int, subprocess.Popen, object]] = {}
@@ -52,12 +51,12 @@ def run_parallel(cfg: Config, gpus: str, poll_s: float = 0.5) -> dict:
                 continue
             fh.close()
             del running[slot]
-            if rc == 0 and fold_done(cfg, k):
+            if rc == 0 and exp.fold_done(k):
                 print(f"[{cfg.name}] fold {k} finished on device {slot}", flush=True)
             else:
                 failed[k] = f"exit code {rc}, log {cfg.fold_dir(k).parent / f'fold{k}.log'}"
                 print(f"[{cfg.name}] fold {k} FAILED on device {slot}: {failed[k]}", flush=True)
-    result = collect(cfg, data.train)
+    result = exp.collect(data.train)
     if failed:
         result["failed_folds"] = failed
     return result
@@ -67,37 +66,37 @@ def run_one_fold(config_json: str, fold: int) -> int:
     """Worker of run_parallel: train one fold of the saved config on whatever device this process sees."""
     import json
 
-    from .outputs import fold_done
-    from .train import prepare, train_fold
+    from .batches import prepare
+    from .train import train_fold
 
     cfg = Config(**json.loads(Path(config_json).read_text()))
     print(f"[{cfg.name}] fold {fold} on CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}",
           flush=True)
-    if not fold_done(cfg, fold):
+    if not ExperimentDir(cfg).fold_done(fold):
         train_fold(cfg, fold, prepare(cfg))
     return 0
 
 
 def run_distributed(cfg: Config) -> dict:
     """Inside torchrun: every listed fold over all processes, one after the other."""
+    from .batches import prepare
     from .dist import DistContext
-    from .outputs import collect, fold_done
-    from .train import prepare, train_fold
+    from .train import train_fold
 
     dist = DistContext.from_env(cfg.device)
+    exp = ExperimentDir(cfg)
     try:
         if dist.is_main:
-            cfg.exp_dir().mkdir(parents=True, exist_ok=True)
-            cfg.save(cfg.exp_dir() / "config.json")
+            exp.begin()
             data = prepare(cfg)
             dist.barrier()
         else:
             dist.barrier()
             data = prepare(cfg)
         for k in cfg.fold_list():
-            if not fold_done(cfg, k):
+            if not exp.fold_done(k):
                 train_fold(cfg, k, data, dist)
             dist.barrier()
-        return collect(cfg, data.train) if dist.is_main else {}
+        return exp.collect(data.train) if dist.is_main else {}
     finally:
         dist.close()

@@ -1,4 +1,5 @@
-"""Metadata-only experiments (``model=meta``): scikit-learn models on the lesion metadata, no images.
+"""Tabular models: scikit-learn classifiers on the lesion metadata, no images (``model=tabular``, exp000), and the
+fold loop they share with the stacker (src/stacker.py).
 
 Per fold k, the models are fitted on the other folds' lesions (features from a
 ``MetadataEncoder(extended=True)`` fitted on those lesions only) and predict fold k and the test set;
@@ -6,9 +7,8 @@ the fold folders hold the same files as an image experiment's (oof.csv, test.csv
 config.json, metrics.json last), so blending, stacking and submission treat both alike.
 
 Every model is an unweighted softmax classifier: its probabilities estimate the class frequencies,
-which the per-class thresholds applied later need.  ``cfg.meta_models`` lists the models whose
-probabilities are averaged: 'logreg', 'hgb', 'mlp'.  :func:`cross_fit` is the fold loop shared with
-the stacker (src/stacker.py).
+which the per-class thresholds applied later need.  ``cfg.tabular_models`` lists the models whose
+probabilities are averaged: 'logreg', 'hgb', 'mlp'.
 """
 from __future__ import annotations
 
@@ -26,14 +26,12 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from .config import Config, ConfigError
-from .data import CLASSES, load_test, load_train
+from .data import CLASSES
 from .decision import honest_oof
+from .experiment import ExperimentDir, load_lesions, probs_frame
 from .features import MetadataEncoder
-from .folds import load_or_make_folds
-from .io_utils import atomic_write_csv, atomic_write_json
-from .scoring import macro_f1
+from .scoring import fold_metrics, macro_f1
 from .tracking import Tracker
-from .outputs import collect, fold_done, fold_metrics, probs_frame
 
 MODELS = ("logreg", "hgb", "mlp")
 
@@ -45,7 +43,7 @@ def parse_models(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in names if m not in MODELS]
     if not names or bad:
-        raise ConfigError(f"meta_models={text!r}: expected a comma list of {list(MODELS)}")
+        raise ConfigError(f"tabular_models={text!r}: expected a comma list of {list(MODELS)}")
     return names
 
 
@@ -63,7 +61,7 @@ def make_model(name: str, seed: int, y: np.ndarray) -> BaseEstimator:
         return make_pipeline(StandardScaler(), MLPClassifier(
             hidden_layer_sizes=(64,), alpha=1.0, learning_rate_init=1e-3, max_iter=300, early_stopping=True,
             validation_fraction=fraction, n_iter_no_change=15, random_state=seed))
-    raise ConfigError(f"unknown metadata model {name!r}; use one of {list(MODELS)}")
+    raise ConfigError(f"unknown tabular model {name!r}; use one of {list(MODELS)}")
 
 
 def fit_predict(names: list[str], seed: int, x: np.ndarray, y: np.ndarray, *evaluate: np.ndarray) -> list[np.ndarray]:
@@ -84,10 +82,9 @@ def fit_predict(names: list[str], seed: int, x: np.ndarray, y: np.ndarray, *eval
 
 def cross_fit(cfg: Config, train: pd.DataFrame, test: pd.DataFrame, folds: np.ndarray, build: FeatureBuilder) -> dict:
     """Fit and predict every missing fold of ``cfg.fold_list()``, then collect the experiment."""
-    names = parse_models(cfg.meta_models)
-    cfg.exp_dir().mkdir(parents=True, exist_ok=True)
-    cfg.save(cfg.exp_dir() / "config.json")
-    todo = [k for k in cfg.fold_list() if not fold_done(cfg, k)]
+    names = parse_models(cfg.tabular_models)
+    exp = ExperimentDir(cfg)
+    todo = exp.begin()
     tracker = Tracker(cfg, cfg.model, job_type=cfg.model) if todo else None
     y = train["target"].to_numpy()
     for k in todo:
@@ -95,15 +92,12 @@ def cross_fit(cfg: Config, train: pd.DataFrame, test: pd.DataFrame, folds: np.nd
         held = folds == k
         encoder, x_tr, x_va, x_te = build(~held)
         oof, test_probs = fit_predict(names, cfg.seed * 1000 + k, x_tr, y[~held], x_va, x_te)
-        fdir = cfg.fold_dir(k)
-        encoder.save(fdir / "encoder.json")
-        cfg.save(fdir / "config.json")
-        atomic_write_csv(fdir / "oof.csv", probs_frame(train["lesion_id"][held], oof))
-        atomic_write_csv(fdir / "test.csv", probs_frame(test["lesion_id"], test_probs))
+        encoder.save(exp.begin_fold(k) / "encoder.json")
         metrics = fold_metrics(train.loc[held, CLASSES].to_numpy(np.float32), oof.astype(np.float32))
         metrics.update(fold=k, models=names, n_features=int(x_tr.shape[1]), n_train=int((~held).sum()),
                        wall_time_s=time.time() - start)
-        atomic_write_json(fdir / "metrics.json", metrics)  # written last: marks the fold complete
+        exp.write_fold(k, probs_frame(train["lesion_id"][held], oof), probs_frame(test["lesion_id"], test_probs),
+                       metrics)
         print(f"[{cfg.name} fold {k}] oof macro F1 {metrics['macro_f1']:.4f} ({metrics['wall_time_s']:.1f}s)", flush=True)
         if tracker is not None:
             tracker.log({"fold": k, "macro_f1": metrics["macro_f1"], **{f"f1/{c}": v for c, v in metrics["f1"].items()}})
@@ -116,7 +110,7 @@ def cross_fit(cfg: Config, train: pd.DataFrame, test: pd.DataFrame, folds: np.nd
 
 def finish(cfg: Config, train: pd.DataFrame, folds: np.ndarray) -> dict:
     """collect(), plus the out-of-fold macro F1 after ``cfg.decision`` applied without held-out labels."""
-    result = collect(cfg, train)
+    result = ExperimentDir(cfg).collect(train)
     if not result.get("complete"):
         return result
     y = train[CLASSES].to_numpy(np.float64)
@@ -131,17 +125,10 @@ def finish(cfg: Config, train: pd.DataFrame, folds: np.ndarray) -> dict:
     return result
 
 
-def load_lesions(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
-    """Training and test lesions (no image checks) and the shared fold of every training lesion."""
-    train = load_train(cfg.data_dir, check_images=False)
-    test = load_test(cfg.data_dir, check_images=False)
-    folds = load_or_make_folds(train, cfg.resolved_folds_csv(), cfg.n_folds, cfg.fold_seed)["fold"].to_numpy()
-    return train, test, folds
-
-
-def run_meta(cfg: Config) -> dict:
+def run_tabular(cfg: Config) -> dict:
     """Run the metadata-only experiment ``cfg`` (complete folds are kept) and return collect()'s metrics."""
-    train, test, folds = load_lesions(cfg)
+    lesions = load_lesions(cfg)
+    train, test, folds = lesions.train, lesions.test, lesions.folds
 
     def build(rows: np.ndarray):
         encoder = MetadataEncoder(extended=True).fit(train[rows])

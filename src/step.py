@@ -1,0 +1,195 @@
+"""One training step and what it needs: the model on its device, the loss, mixing, and each stage's optimiser.
+
+Stage 1 trains the head with the backbones frozen (their BatchNorm statistics too); stage 2 trains everything, the
+backbones at a lower learning rate, with warmup + cosine and an optional EMA of the weights. ``build_stage`` makes
+a stage's optimiser, schedule, EMA and runner (DDP and torch.compile wrappers) once; ``train_step`` is the step
+itself, shared by training and the benchmark.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import DeviceAugment
+from .config import Config, parse_class_mult
+from .data import CLASSES
+from .dist import DistContext
+from .model import build_model
+
+
+def setup_model(cfg: Config, n_meta: int, n_aux: int, device: torch.device) -> tuple[nn.Module, DeviceAugment]:
+    """The network on its device (channels_last and cuDNN autotuning on CUDA) and its augmentation."""
+    model = build_model(cfg, n_meta, n_aux=n_aux).to(device)
+    channels_last = device.type == "cuda" and cfg.channels_last
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    augment = DeviceAugment(model.mean, model.std, flip=cfg.aug_flip, rotate=cfg.aug_rotate, scale=cfg.aug_scale,
+                            color=cfg.aug_color, channels_last=channels_last)
+    return model, augment
+
+
+def autocast(cfg: Config, device: torch.device):
+    if device.type == "cuda" and cfg.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------
+# loss
+# ----------------------------------------------------------------------------------------------------
+def class_weights(cfg: Config, y: np.ndarray) -> torch.Tensor:
+    """BCE pos_weight (neg/pos) ** power, or CE class weight (n / (K * count)) ** power, times class_mult."""
+    pos = y.sum(0).clip(min=1)
+    if cfg.loss == "bce":
+        w = ((len(y) - pos) / pos) ** cfg.pos_weight_power
+    else:
+        w = (len(y) / (len(CLASSES) * pos)) ** cfg.pos_weight_power
+    for name, mult in parse_class_mult(cfg.class_mult).items():
+        w[CLASSES.index(name)] *= mult
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def make_criterion(cfg: Config, weights: torch.Tensor) -> Callable:
+    if cfg.loss == "bce":
+        return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y, pos_weight=weights.to(logits.device))
+    return lambda logits, y: F.cross_entropy(logits, y, weight=weights.to(logits.device),
+                                             label_smoothing=cfg.label_smoothing)
+
+
+def to_probs(cfg: Config, logits: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(logits) if cfg.loss == "bce" else torch.softmax(logits, dim=1)
+
+
+def mix(cfg: Config, clin, derm, meta, y, gen: torch.Generator):
+    """Mixup or CutMix of both images, the metadata and the targets with one partner permutation."""
+    use_mix = cfg.mixup_alpha > 0
+    use_cut = cfg.cutmix_alpha > 0
+    if not (use_mix or use_cut):
+        return clin, derm, meta, y
+    cut = use_cut and (not use_mix or torch.rand(1, generator=gen).item() < 0.5)
+    alpha = cfg.cutmix_alpha if cut else cfg.mixup_alpha
+    lam = float(np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=gen))).beta(alpha, alpha))
+    perm = torch.randperm(y.shape[0], generator=gen)
+    perm = perm.pin_memory().to(y.device, non_blocking=True) if y.is_cuda else perm
+    if cut:
+        s = clin.shape[-1]
+        cut_w = int(s * math.sqrt(1 - lam))
+        cx, cy = (int(v) for v in torch.randint(0, s, (2,), generator=gen))
+        x0, x1, y0, y1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, s), max(cy - cut_w // 2, 0), min(cy + cut_w // 2, s)
+        clin, derm = clin.clone(), derm.clone()
+        clin[..., y0:y1, x0:x1] = clin[perm][..., y0:y1, x0:x1]
+        derm[..., y0:y1, x0:x1] = derm[perm][..., y0:y1, x0:x1]
+        lam = 1 - (x1 - x0) * (y1 - y0) / (s * s)
+    else:
+        clin = lam * clin + (1 - lam) * clin[perm]
+        derm = lam * derm + (1 - lam) * derm[perm]
+    meta = lam * meta + (1 - lam) * meta[perm]
+    return clin, derm, meta, lam * y + (1 - lam) * y[perm]
+
+
+# ----------------------------------------------------------------------------------------------------
+# stages
+# ----------------------------------------------------------------------------------------------------
+def lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
+    """Stage 2's learning-rate factor per step: linear warmup over ``warmup_epochs``, then cosine from 1 to 0.01
+    over the remaining steps of ``epochs`` (or constant)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+@dataclass
+class Stage:
+    """What one stage trains with: the optimiser and its schedule, the EMA (stage 2, ``ema_decay``), the runner
+    (the model, wrapped for DDP and torch.compile as configured) and the parameters it updates."""
+
+    number: int
+    model: nn.Module
+    runner: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    ema: nn.Module | None
+    params: list
+
+    def train_mode(self) -> None:
+        self.model.train()
+        if self.number == 1:  # frozen backbones keep their BatchNorm statistics
+            for b in self.model.backbones():
+                b.eval()
+
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated and saved: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def state(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema is not None else None}
+
+    def load_state(self, saved: dict) -> None:
+        self.opt.load_state_dict(saved["optimizer"])
+        self.sched.load_state_dict(saved["scheduler"])
+        if self.ema is not None and saved.get("ema") is not None:
+            self.ema.module.load_state_dict(saved["ema"])
+
+
+def build_stage(cfg: Config, model: nn.Module, number: int, steps_per_epoch: int, device: torch.device,
+                dist: DistContext | None = None) -> Stage:
+    """Freeze or unfreeze the backbones and make stage ``number``'s optimiser, schedule, EMA and runner."""
+    for p in model.backbone_parameters():
+        p.requires_grad_(number == 2)
+    fused = device.type == "cuda"
+    if number == 1:
+        opt = torch.optim.AdamW(model.head_parameters(), lr=cfg.stage1_lr, weight_decay=cfg.weight_decay, fused=fused)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    else:
+        groups = [{"params": list(model.backbone_parameters()), "lr": cfg.backbone_lr},
+                  {"params": model.head_parameters(), "lr": cfg.lr}]
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps_per_epoch))
+    ema = None
+    if number == 2 and cfg.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+    runner = (dist or DistContext.single()).wrap(model)
+    if cfg.compile:
+        runner = torch.compile(runner, mode=cfg.compile_mode)
+    return Stage(number, model, runner, opt, sched, ema, [p for p in model.parameters() if p.requires_grad])
+
+
+def train_step(cfg: Config, stage: Stage, criterion: Callable, clin, derm, meta, y,
+               aux: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward, loss, backward, clip, optimiser and schedule step. Returns the loss as a device tensor: reading
+    it here would make the host wait for the GPU every step."""
+    with autocast(cfg, clin.device):
+        logits, aux_logits = stage.runner(clin, derm, meta)
+        loss = criterion(logits.float(), y)  # soft (mixed) targets work for both losses
+        if aux_logits is not None and aux is not None:
+            valid = aux >= 0
+            aux_loss = F.cross_entropy(aux_logits.float(), aux.clamp(min=0), reduction="none")
+            loss = loss + cfg.aux_weight * (aux_loss * valid).sum() / valid.sum().clamp(min=1)
+    stage.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(stage.params, cfg.grad_clip)
+    stage.opt.step()
+    stage.sched.step()
+    return loss.detach()
