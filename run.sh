@@ -11,8 +11,9 @@ usage() {
   cat <<'EOF'
 usage: bash run.sh COMMAND [args]
 
-  demo                      the exp001 pipeline end to end on a generated miniature MILK10k (CPU, minutes)
-  test                      the test suite (pytest; extra args go to pytest)
+  demo [EXP]                the EXP (default exp001) pipeline end to end on a generated miniature MILK10k with
+                            exp/demo's small settings (CPU, minutes); demo blend EXP ... blends demo runs
+  test                      the test suite (pytest; extra args go to pytest, e.g. -m "not slow")
   download [--dest DIR]     fetch, unpack and verify the official files into input/
   EXP [key=value ...]       train every missing fold of exp/EXP, then blend into a validated submission
                             (GPUS=0,1,... runs folds in parallel, one per GPU); EXP --help lists the keys

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .blend import (BLEND, HONEST_KEY, SCORES, Blend, BlendError, blend_experiments, format_scores, resolve_configs,
-                    rule_kwargs, score_frame, score_legend)
+                    score_frame, score_legend)
 from .config import Config, ConfigError, load_config
 from .data import CLASSES, DataError, load_test, load_train
 from .decision import expected_f1_thresholds, fold_probabilities

@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from src.speed import bench
+from src.speed import bench, bench_rows
 from src.config import load_config
 
 TINY = ["--device", "cpu", "--backbone", "test_efficientnet", "--img-size", "32", "--batch", "8", "--steps", "2",
@@ -113,7 +113,7 @@ def test_ratios_skip_rows_not_run():
 def test_peak_memory_sees_an_allocation():
     import torch
 
-    with bench.PeakMemory(torch.device("cpu")) as mem:
+    with bench_rows.PeakMemory(torch.device("cpu")) as mem:
         block = np.ones(64 * 2**20, np.uint8)  # 64 MiB, touched
         del block
     if mem.peak is None:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from src.config import Config, ConfigError, describe, load_config
+from src.config import Config, ConfigError, describe, experiment_module, experiment_names, load_config
 
 
 def test_exp001_resolves_reference_recipe():
@@ -88,3 +88,21 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("name", experiment_names())
+def test_every_experiment_file_loads(name):
+    cfg = load_config(name)
+    assert cfg.name == name
+    module = experiment_module(name)
+    assert (module.__doc__ or "").strip(), f"exp/{name}/config.py has no docstring saying what it tests"
+
+
+def test_the_demo_settings_apply_on_top_of_any_experiment():
+    demo = experiment_module("demo").OVERRIDES
+    for name in ("exp001", "exp002"):
+        cfg = load_config(name, preset="demo")
+        assert cfg.name == name and all(getattr(cfg, k) == v for k, v in demo.items())
+    # what the demo does not set stays the experiment's own
+    assert load_config("exp002", preset="demo").loss == load_config("exp002").loss == "ce"
+    assert load_config("demo").to_dict() == {**load_config("exp001", preset="demo").to_dict(), "name": "demo"}

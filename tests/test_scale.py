@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from src.config import load_config
@@ -33,6 +34,7 @@ def test_rank_shards_make_up_the_global_batches():
         assert sorted(union) == sorted(single[step * batch:(step + 1) * batch])
 
 
+@pytest.mark.slow
 def test_fold_scheduler_two_slots_one_failing_fold(mini_data, tmp_path):
     args = tiny(mini_data, tmp_path, n_folds=3, epochs=1, tta="false")
     cfg = load_config("exp001", args)
@@ -74,6 +76,7 @@ def _run_ddp(args, nproc):
     return run
 
 
+@pytest.mark.slow
 def test_one_fold_on_two_processes_matches_single_process(mini_data, tmp_path):
     # no augmentation and frozen backbones (stage 1 only): the 2-process run sees the same global batches and
     # averages the same gradients, so it must reproduce the single-process run up to float reduction order

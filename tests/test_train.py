@@ -1,11 +1,7 @@
 """Training: resumable after SIGKILL with identical results, W&B offline logging, the model, the weights."""
 import glob
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,13 +13,14 @@ from src.data import CLASSES
 from src.model import DualNet, WeightsUnavailable, count_parameters, create_backbone
 from src.tracking import read_offline_run
 
-from .conftest import REPO, run_cli as _run_cli, tiny
+from .conftest import run_cli as _run_cli, tiny
 
 
 def run_cli(args, **kw):
     return _run_cli("run", "exp001", *args, **kw)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_fold_then_resume_gives_identical_oof(mini_data, tmp_path):
     epochs = 8
     ref = run_cli(tiny(mini_data, tmp_path / "a", epochs=epochs, folds=0))
@@ -137,6 +134,7 @@ def test_forward_shapes_with_meta_mlp_and_aux():
     assert logits.shape == (3, 11) and aux.shape == (3, 5)
 
 
+@pytest.mark.slow
 def test_local_weights_file_and_clear_error_offline(tmp_path, monkeypatch):
     ref = create_backbone("test_efficientnet", pretrained=False)
     path = tmp_path / "w.pth"

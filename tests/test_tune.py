@@ -5,10 +5,12 @@ import sys
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from src.config import load_config
 from src.tune import run_tune, storage_url, write_best
+
 from .conftest import tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +48,7 @@ def test_study_resumes_and_writes_best_experiment(mini_data, tmp_path, monkeypat
     assert tuned.backbone == load_config("exp001").backbone and "MAL_OTH=" in tuned.class_mult
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study(mini_data, tmp_path):
     args = tune_args(mini_data, tmp_path, 3)
     env = {**os.environ, "WANDB_MODE": "disabled"}
