@@ -52,7 +52,7 @@ case "$cmd" in
   score) setup; exec "$PY" -m src.scoring "$@" ;;
   blend) setup; exec "$PY" -m src.cli blend "$@" ;;
   tune) setup; exec "$PY" -m src.cli tune "$@" ;;
-  bench) setup; exec "$PY" -m src.speed.bench "$@" ;;
+  bench) setup; exec "$PY" -m src.bench "$@" ;;
   *)
     if [[ -f "exp/$cmd/config.py" ]]; then
       setup; exec "$PY" -m src.cli run "$cmd" "$@"

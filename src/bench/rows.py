@@ -28,7 +28,7 @@ from ..io_utils import atomic_write_text
 from ..model import count_parameters
 from ..step import Stage, build_stage, class_weights, make_criterion, setup_model, train_step
 from ..synth import generate
-from .device_cache import cache_to_device
+from ..speed.device_cache import cache_to_device
 
 ROWS = {
     "a": "exp001 step (stage 2), uint8 pairs on device",
