@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,13 +146,11 @@ class Config:
         return Path(self.output_dir) / f"folds_k{self.n_folds}_s{self.fold_seed}.csv"
 
     def fold_list(self) -> list[int]:
-        if not self.folds.strip():
-            return list(range(self.n_folds))
-        out = [int(x) for x in self.folds.split(",") if x.strip()]
-        bad = [k for k in out if not 0 <= k < self.n_folds]
-        if bad:
-            raise ConfigError(f"folds={self.folds!r}: fold {bad[0]} is outside 0..{self.n_folds - 1}")
-        return out
+        """The folds to run: ``folds`` as a list, or all of them."""
+        return _parse_folds("folds", self.folds, self.n_folds)
+
+    def tune_fold_list(self) -> list[int]:
+        return _parse_folds("tune_folds", self.tune_folds, self.n_folds)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,6 +169,21 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
+
+def _parse_folds(key: str, text: str, n_folds: int) -> list[int]:
+    if not text.strip():
+        return list(range(n_folds))
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{key}={text!r}: expected a comma list of fold numbers, e.g. '0,2'") from None
+    bad = [k for k in out if not 0 <= k < n_folds]
+    if bad:
+        raise ConfigError(f"{key}={text!r}: fold {bad[0]} is outside 0..{n_folds - 1}")
+    if len(set(out)) < len(out):
+        raise ConfigError(f"{key}={text!r}: a fold is listed twice")
+    return out
+
 _CHOICES = {
     "model": {"image", "tabular", "stack"},
     "meta_mode": {"concat", "mlp", "none"},
@@ -182,45 +197,36 @@ _CHOICES = {
 }
 
 
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
-    """Return ``value`` as the declared type of ``key``; strings from the command line are parsed."""
+    """Return ``value`` as the declared type of ``key``; strings from the command line are parsed. Floats must
+    be finite (no nan or inf anywhere in the config)."""
     ftype = FIELDS[key].type
     where = f"{source}: {key}={value!r}"
-    if ftype == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on"}:
-            return True
-        if isinstance(value, str) and value.lower() in {"0", "false", "no", "off"}:
-            return False
-        raise ConfigError(f"{where}: expected a bool (true/false)")
-    if ftype == "int":
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an int, got a bool")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an int")
-    if ftype == "float":
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a float, got a bool")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a float")
     if ftype == "str":
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where}: expected a string")
-    raise ConfigError(f"{where}: unsupported field type {ftype}")  # pragma: no cover
+    if ftype == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"{where}: expected a bool (true/false)")
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {'an int' if ftype == 'int' else 'a float'}, got a bool")
+    parse = int if ftype == "int" else float
+    try:
+        out = parse(value) if isinstance(value, str) or ftype == "float" else value
+    except (TypeError, ValueError):
+        out = None
+    if ftype == "int" and not isinstance(out, int) or ftype == "float" and not isinstance(out, float):
+        raise ConfigError(f"{where}: expected {'an int' if ftype == 'int' else 'a float'}")
+    if ftype == "float" and not math.isfinite(out):
+        raise ConfigError(f"{where}: must be a finite number")
+    return out
 
 
 def _check_unknown(keys, source: str) -> None:
@@ -245,15 +251,51 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Conf
     return new
 
 
+# Allowed ranges: key -> (lowest, highest, lowest included, highest included); None = unbounded.
+_RANGES = {
+    "n_folds": (2, None, True, True), "img_size": (16, None, True, True), "batch_size": (1, None, True, True),
+    "eval_batch_size": (1, None, True, True), "seed": (0, None, True, True), "fold_seed": (0, None, True, True),
+    "stage1_epochs": (0, None, True, True), "epochs": (0, None, True, True), "patience": (1, None, True, True),
+    "stage1_lr": (0, None, False, True), "lr": (0, None, False, True), "backbone_lr": (0, None, True, True),
+    "weight_decay": (0, None, True, True), "warmup_epochs": (0, None, True, True), "grad_clip": (0, None, True, True),
+    "ema_decay": (0, 1, True, False), "max_steps_per_epoch": (0, None, True, True),
+    "num_workers": (-1, None, True, True), "meta_hidden": (1, None, True, True),
+    "meta_dropout": (0, 1, True, False), "head_dropout": (0, 1, True, False), "label_smoothing": (0, 1, True, False),
+    "pos_weight_power": (0, None, True, True), "aux_weight": (0, None, True, True),
+    "sampler_power": (0, None, True, True), "mixup_alpha": (0, None, True, True), "cutmix_alpha": (0, None, True, True),
+    "mix_off_epochs": (0, None, True, True), "aug_rotate": (0, 180, True, True), "aug_scale": (0, 1, True, False),
+    "aug_color": (0, 1, True, True), "threshold_trials": (1, None, True, True), "tune_trials": (1, None, True, True),
+    "tune_epochs": (0, None, True, True),
+}
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def _in_range(key: str, value: float) -> bool:
+    lo, hi, lo_in, hi_in = _RANGES[key]
+    return ((lo is None or value > lo or (lo_in and value == lo))
+            and (hi is None or value < hi or (hi_in and value == hi)))
+
+
+def _range_text(key: str) -> str:
+    lo, hi, lo_in, hi_in = _RANGES[key]
+    parts = ([f"{'>=' if lo_in else '>'} {lo}"] if lo is not None else []) + \
+        ([f"{'<=' if hi_in else '<'} {hi}"] if hi is not None else [])
+    return " and ".join(parts)
+
+
 def _validate(cfg: Config, source: str) -> None:
-    if cfg.n_folds < 2:
-        raise ConfigError(f"{source}: n_folds must be >= 2, got {cfg.n_folds}")
-    if cfg.img_size < 16:
-        raise ConfigError(f"{source}: img_size must be >= 16, got {cfg.img_size}")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"{source}: batch_size must be >= 1")
+    """Every value in its range and every combination usable, before anything runs."""
+    for key in _RANGES:
+        if not _in_range(key, getattr(cfg, key)):
+            raise ConfigError(f"{source}: {key}={getattr(cfg, key)!r}: must be {_range_text(key)}")
+    if cfg.stage1_epochs + cfg.epochs < 1:
+        raise ConfigError(f"{source}: stage1_epochs={cfg.stage1_epochs} and epochs={cfg.epochs} train nothing; "
+                          "at least one epoch is needed")
+    if not _DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"{source}: device={cfg.device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     try:
         cfg.fold_list()
+        cfg.tune_fold_list()
         parse_class_mult(cfg.class_mult)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None

@@ -26,11 +26,31 @@ def test_cli_overrides_are_typed():
     ("folds=7", "outside 0..4"),
     ("class_mult=FOO=2", "unknown class 'FOO'"),
     ("epochs", "is not key=value"),
+    ("epochs=-1", "epochs=-1: must be >= 0"),
+    ("folds=a", "folds='a': expected a comma list of fold numbers"),
+    ("folds=1,1", "a fold is listed twice"),
+    ("tune_folds=0,9", "tune_folds='0,9': fold 9 is outside"),
+    ("eval_batch_size=0", "eval_batch_size=0: must be >= 1"),
+    ("device=tpu", "device='tpu': use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    ("lr=-1", "lr=-1.0: must be > 0"),
+    ("lr=0", "lr=0.0: must be > 0"),
+    ("lr=nan", "must be a finite number"),
+    ("backbone_lr=inf", "must be a finite number"),
+    ("ema_decay=1", "ema_decay=1.0: must be >= 0 and < 1"),
+    ("patience=0", "patience=0: must be >= 1"),
+    ("num_workers=-2", "num_workers=-2: must be >= -1"),
 ])
 def test_bad_overrides_are_refused(arg, msg):
     with pytest.raises(ConfigError, match="command line") as err:
         load_config("exp001", [arg])
     assert msg in str(err.value)
+
+
+def test_settings_that_train_nothing_are_refused():
+    with pytest.raises(ConfigError, match="stage1_epochs=0 and epochs=0 train nothing"):
+        load_config("exp001", ["stage1_epochs=0", "epochs=0"])
+    assert load_config("exp001", ["stage1_epochs=0", "epochs=1"]).epochs == 1
+    assert load_config("exp001", ["stage1_epochs=3", "epochs=0"]).stage1_epochs == 3
 
 
 def test_python_values_of_wrong_type_are_refused():
