@@ -18,7 +18,7 @@ import torch
 from .cache import build_cache
 from .config import Config
 from .data import CLASSES
-from .experiment import Lesions, load_lesions
+from .experiment import Lesions, data_fingerprint, load_lesions
 from .speed.device_cache import DeviceBatches, cache_to_device, resolve_cache_on_device
 
 
@@ -29,9 +29,16 @@ def resolve_device(cfg: Config) -> torch.device:
 
 
 def resolve_workers(cfg: Config, device: torch.device) -> int:
+    """DataLoader worker processes: ``num_workers``, or with -1 up to 8 on CUDA and none on the CPU."""
     if cfg.num_workers >= 0:
         return cfg.num_workers
     return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+
+
+def cache_workers(cfg: Config) -> int:
+    """Decode processes of the one-time image-cache build: ``num_workers`` (0 or 1 = this process), or with -1
+    one per CPU core."""
+    return max(1, cfg.num_workers) if cfg.num_workers >= 0 else max(1, os.cpu_count() or 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -44,6 +51,7 @@ class Prepared:
     folds: np.ndarray          # fold index per train lesion
     train_cache: np.ndarray    # uint8 (n, 2, S, S, 3)
     test_cache: np.ndarray
+    data_print: dict = field(default_factory=dict)  # experiment.data_fingerprint of these lesions and images
     _on_device: dict = field(default_factory=dict, repr=False)
 
     def images(self, cfg: Config, device: torch.device) -> tuple:
@@ -63,16 +71,18 @@ class Prepared:
         return (*self._on_device[key], True)
 
 
-def prepare(cfg: Config, with_images: bool = True) -> Prepared:
-    """The lesions, their folds and (``with_images``) the image caches at ``cfg.img_size``, built once."""
-    lesions: Lesions = load_lesions(cfg, check_images=with_images)
+def prepare(cfg: Config, with_images: bool = True, lesions: Lesions | None = None) -> Prepared:
+    """The lesions (``lesions`` when already loaded), their folds and (``with_images``) the image caches at
+    ``cfg.img_size``, built once."""
+    lesions = lesions if lesions is not None else load_lesions(cfg, check_images=with_images)
     if with_images:
-        workers = max(1, os.cpu_count() or 1)
+        workers = cache_workers(cfg)
         train_cache = build_cache(lesions.train, cfg.img_size, cfg.resolved_cache_dir(), "train", num_workers=workers)
         test_cache = build_cache(lesions.test, cfg.img_size, cfg.resolved_cache_dir(), "test", num_workers=workers)
     else:
         train_cache = test_cache = np.zeros((0,), np.uint8)
-    return Prepared(lesions.train, lesions.test, lesions.folds, train_cache, test_cache)
+    return Prepared(lesions.train, lesions.test, lesions.folds, train_cache, test_cache,
+                    data_fingerprint(lesions, images=with_images))
 
 
 # ----------------------------------------------------------------------------------------------------

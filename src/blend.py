@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from .config import Config, apply_overrides, load_config, parse_cli_overrides
 from .data import CLASSES
 from .decision import fold_probabilities, honest_oof, tune_thresholds
-from .experiment import ExperimentDir
+from .experiment import ExperimentDir, Lesions, data_fingerprint
 from .folds import load_or_make_folds
 from .scoring import SubmissionError, log_loss, macro_f1
 
@@ -91,6 +91,17 @@ def shared_folds(cfgs: list[Config], train: pd.DataFrame) -> np.ndarray:
         raise BlendError(f"{path}: fold file not found; the out-of-fold predictions of {[c.name for c in cfgs]} "
                          "can only be scored with the folds they were made with (check output_dir / folds_csv)")
     return load_or_make_folds(train, path, first.n_folds, first.fold_seed)["fold"].to_numpy()
+
+
+def check_current(cfg: Config, current: dict) -> None:
+    """Refuse an experiment whose predictions were made from other lesions, labels or folds than ``current``
+    (``data_fingerprint`` of the data the blend scores them on)."""
+    saved = ExperimentDir(cfg).recorded_data()
+    changed = [part for part in ("tables", "folds") if saved and saved.get(part) not in (None, current[part])]
+    if changed:
+        what = "labels or metadata" if "tables" in changed else "folds"
+        raise BlendError(f"experiment {cfg.name} was made from other data than {cfg.data_dir} holds now (its "
+                         f"{what} changed since): its scores would be wrong; rerun it with retrain=true")
 
 
 def load_members(cfgs: list[Config], train: pd.DataFrame) -> tuple[list[Member], list[str]]:
@@ -199,12 +210,15 @@ class Blend:
         return {k: e.scores for k, e in self.evals.items()}
 
 
-def blend_experiments(cfgs: list[Config], train: pd.DataFrame) -> Blend:
+def blend_experiments(cfgs: list[Config], train: pd.DataFrame, test: pd.DataFrame) -> Blend:
     """Weights fitted on the out-of-fold rows, the blended probabilities, and every input's and the blend's
     scores under the first experiment's threshold search."""
     y = train[CLASSES].to_numpy(np.float64)
     members, test_ids = load_members(cfgs, train)
     folds = shared_folds(cfgs, train)
+    current = data_fingerprint(Lesions(train, test, folds))
+    for cfg in cfgs:
+        check_current(cfg, current)
     kw = rule_kwargs(cfgs[0])
     weights = fit_weights(y, [m.oof for m in members])
     blend_oof = np.tensordot(weights, np.stack([m.oof for m in members]), axes=1)

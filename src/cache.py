@@ -8,6 +8,7 @@ renames it at the end: an interrupted build never leaves a usable-looking cache.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import multiprocessing
 import os
@@ -20,6 +21,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from . import faults
 from .data import DataError
 from .io_utils import atomic_write, atomic_write_json
 
@@ -62,38 +64,44 @@ def _cache_key(lesions: pd.DataFrame, size: int) -> str:
     return h.hexdigest()[:16]
 
 
+def _reserve(tmp: str, what: str) -> None:
+    """Allocate the whole file on disk before it is memory-mapped: a full disk is then a clear error here, not a
+    SIGBUS from a page written later."""
+    size = os.path.getsize(tmp)
+    with open(tmp, "rb+") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                from .preflight import SetupError
+
+                raise SetupError(f"{Path(tmp).parent}: not enough free disk space for the {what} "
+                                 f"({size / 2**30:.2f} GiB): free space there or point cache_dir= at another "
+                                 "disk") from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
 def _fill(tmp: str, jobs: list[tuple[int, str, str, str, int]], shape: tuple[int, ...], num_workers: int,
           desc: str, progress: bool) -> None:
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    _reserve(tmp, desc)
     with tqdm(total=len(jobs), desc=desc, unit="lesion", disable=None if progress else True) as bar:
         if num_workers > 1:
             chunk = max(1, min(64, len(jobs) // (num_workers * 8)))
             with multiprocessing.Pool(num_workers) as pool:
                 for i, pair in pool.imap_unordered(_decode_lesion, jobs, chunksize=chunk):
+                    faults.point("cache.lesion", tmp)
                     arr[i] = pair
                     bar.update()
         else:
             for job in jobs:
                 i, pair = _decode_lesion(job)
+                faults.point("cache.lesion", tmp)
                 arr[i] = pair
                 bar.update()
     arr.flush()
     del arr
-
-
-def _remove_abandoned_builds(cache_dir: Path, split: str, size: int, idle_s: float = 600.0) -> None:
-    """Delete temp files of builds of this split and size that were killed (untouched for ``idle_s``); a build
-    in progress keeps writing its temp file, so it is left alone."""
-    if not cache_dir.is_dir():
-        return
-    temp = re.compile(rf"\.{re.escape(split)}_{size}_[0-9a-f]{{16}}\.npy\..*\.tmp")
-    now = time.time()
-    for f in cache_dir.iterdir():
-        try:
-            if temp.fullmatch(f.name) and now - f.stat().st_mtime > idle_s:
-                f.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def build_cache(lesions: pd.DataFrame, size: int, cache_dir: str | os.PathLike, split: str,
@@ -121,7 +129,6 @@ def build_cache(lesions: pd.DataFrame, size: int, cache_dir: str | os.PathLike, 
             return arr
         del arr
 
-    _remove_abandoned_builds(cache_dir, split, size)
     jobs = [(i, str(lid), str(c), str(d), size)
             for i, (lid, c, d) in enumerate(zip(lesions["lesion_id"], lesions["clin_path"], lesions["derm_path"]))]
     start = time.time()

@@ -1,7 +1,9 @@
 """Command dispatch for run.sh: run an experiment, the demo, blending and tuning."""
 from __future__ import annotations
 
+import errno
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -47,8 +49,9 @@ def cmd_run(name: str, args: list[str]) -> int:
     for k, why in result.get("failed_folds", {}).items():
         print(f"[{cfg.name}] fold {k} failed: {why}", flush=True)
     if not result.get("complete"):
+        again = shlex.join(["bash", "run.sh", cfg.name, *(a for a in args if not a.startswith("folds="))])
         print(f"[{cfg.name}] not complete: missing folds {result.get('missing_folds')}; "
-              f"rerun `bash run.sh {cfg.name}` to finish them", flush=True)
+              f"`{again}` finishes them", flush=True)
         return 0 if cfg.folds else 1
     print(f"[{cfg.name}] out-of-fold macro F1 (raw, > 0.5): {result['macro_f1']:.4f}  "
           f"({time.time() - t0:.0f}s)", flush=True)
@@ -136,6 +139,29 @@ def cmd_tune(args: list[str]) -> int:
     return main(args)
 
 
+# Errors that describe a problem the user can fix (input, settings, environment), by the module defining them;
+# a module that was never imported cannot have raised its errors.
+USER_ERRORS = {
+    "src.data": ("DataError",), "src.experiment": ("StaleOutputs", "ExperimentBusy"),
+    "src.preflight": ("SetupError",), "src.blend": ("BlendError",), "src.scoring": ("SubmissionError",),
+    "src.stacker": ("StackError",), "src.model": ("WeightsUnavailable",),
+    "src.speed.fuse": ("FusionUnsupported",), "src.train": ("NonFiniteLoss",),
+}
+FIXABLE_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The message to print for an error the user can act on; None for anything else (a bug: traceback)."""
+    kinds = tuple(getattr(sys.modules[m], n) for m, names in USER_ERRORS.items() if m in sys.modules for n in names)
+    if isinstance(exc, kinds):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in FIXABLE_OS_ERRORS:
+        from .preflight import os_error_text
+
+        return os_error_text(exc) + " (nothing half-written was kept; rerun to resume)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -160,14 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # a user-facing error from the data layer etc. gets no traceback
-        from .data import DataError
-        from .model import FusionUnsupported, WeightsUnavailable
-
-        if isinstance(exc, (DataError, WeightsUnavailable, FusionUnsupported)):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the last finished epoch", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a user-facing error gets one message and no traceback
+        message = user_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     print(f"unknown command {cmd!r}", file=sys.stderr)
     return 2
 

@@ -45,6 +45,8 @@ class Config:
     fold_seed: int = _f(42, "seed of the fold split (keep it fixed so experiments blend)")
     folds: str = _f("", "comma list of folds to run (e.g. '0,2'); empty = all")
     seed: int = _f(42, "training seed")
+    retrain: bool = _f(False, "retrain folds made under other result settings or data instead of refusing to mix "
+                       "them in (their files are removed)")
 
     # --- model --------------------------------------------------------------------------------
     model: str = _f("image", "'image' (dual-backbone network), 'tabular' (metadata-only scikit-learn models) or "
@@ -98,7 +100,8 @@ class Config:
 
     # --- runtime -------------------------------------------------------------------------------
     device: str = _f("auto", "'auto', 'cpu', 'cuda', 'cuda:1'")
-    num_workers: int = _f(-1, "data loader workers; -1 = min(8, cpu count)")
+    num_workers: int = _f(-1, "data loader workers and image-cache decode processes; -1 = up to 8 loader workers "
+                          "on CUDA (none on the CPU) and one decode process per core")
     cache_on_device: str = _f("auto", "hold the prepared image cache in device memory and gather batches there (no "
                               "loader processes, no host copies of images): 'yes', 'no', or 'auto' = yes on CUDA "
                               "when train + test caches take at most 10% of the GPU's memory and half its free memory")

@@ -1,16 +1,29 @@
 """An experiment's output folder, and the lesions every kind of experiment reads.
 
-``ExperimentDir`` owns ``<output_dir>/<name>/``: it begins a run (the folder and its resolved config), says which
-folds are still to do and what is complete, writes a fold's predictions (``metrics.json`` last: it marks the fold
-complete), and joins the folds into the experiment's ``oof.csv`` (training order) and ``test.csv`` (fold mean).
-Image, tabular and stacking experiments all leave the same files, so blending treats them alike. No torch here, so
-tabular experiments, blending and scoring stay fast to start.
+``ExperimentDir`` owns ``<output_dir>/<name>/``. ``ExperimentDir.session(fingerprint)`` begins a run: it takes the
+folder's lock (a second run on the same folder is refused while the first lives), refuses folds made under other
+settings or data (``StaleOutputs``: the keys that differ and the ways out) or, with ``retrain=true``, removes
+them, saves the resolved config, and yields the folds still to do. A fold's files carry the fingerprint of the
+settings and data that made them (``fingerprint.json``); ``metrics.json`` is written last and marks the fold
+complete. ``collect`` joins the folds into the experiment's ``oof.csv`` (training order) and ``test.csv`` (fold
+mean). Image, tabular and stacking experiments all leave the same files, so blending treats them alike. No torch
+here, so tabular experiments, blending and scoring stay fast to start.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import socket
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,6 +33,26 @@ from .data import CLASSES, load_test, load_train
 from .folds import load_or_make_folds
 from .io_utils import atomic_write_csv, atomic_write_json
 from .scoring import fold_metrics, read_prediction_csv
+
+# Config keys that change where files go, how fast they come or how the submission is decided, but not what a
+# fold computes: a fold made under other values of these is still the same fold. Every other key of an image
+# experiment is a result setting; tabular and stacking experiments depend only on TABULAR_RESULTS.
+NOT_RESULTS = frozenset({
+    "name", "data_dir", "output_dir", "submission_dir", "cache_dir", "folds_csv", "folds", "retrain",
+    "pretrained_path", "device", "num_workers", "cache_on_device", "channels_last", "branch_streams", "compile",
+    "compile_mode", "fuse_backbones", "eval_batch_size", "decision", "threshold_method", "threshold_trials",
+    "tune_trials", "tune_folds", "tune_epochs", "tune_storage", "wandb_project", "wandb_mode",
+})
+TABULAR_RESULTS = ("model", "tabular_models", "seed", "n_folds", "fold_seed", "stack_inputs")
+PATH_COLUMNS = ("clin_path", "derm_path")
+
+
+class StaleOutputs(ValueError):
+    """Folds on disk were made under other result settings or other data than this run's."""
+
+
+class ExperimentBusy(RuntimeError):
+    """Another live run holds the experiment's folder."""
 
 
 def probs_frame(ids, probs: np.ndarray) -> pd.DataFrame:
@@ -49,6 +82,85 @@ def load_lesions(cfg: Config, check_images: bool = False) -> Lesions:
     return Lesions(train, test, folds.to_numpy().astype(int))
 
 
+# ----------------------------------------------------------------------------------------------------
+# fingerprints: the settings and data that made a result
+# ----------------------------------------------------------------------------------------------------
+def result_settings(cfg: Config) -> dict:
+    """The config keys that change what ``cfg``'s folds compute (see NOT_RESULTS)."""
+    values = cfg.to_dict()
+    if cfg.model in ("tabular", "stack"):
+        return {k: values[k] for k in TABULAR_RESULTS}
+    return {k: v for k, v in values.items() if k not in NOT_RESULTS and k not in ("tabular_models", "stack_inputs")}
+
+
+def _digest(parts: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()[:16]
+
+
+def _table_bytes(frame: pd.DataFrame) -> Iterator[bytes]:
+    frame = frame.drop(columns=[c for c in PATH_COLUMNS if c in frame.columns])
+    yield ",".join(frame.columns).encode()
+    yield pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()
+
+
+def data_fingerprint(lesions: Lesions, images: bool = False, inputs: Sequence[Path] = ()) -> dict:
+    """Short hashes of what a result was made from: ``tables`` (every lesion's metadata and labels), ``folds``,
+    and where used ``images`` (each JPEG's size, in lesion order) and ``inputs`` (a stacker's input files)."""
+    out = {"tables": _digest([*_table_bytes(lesions.train), *_table_bytes(lesions.test)]),
+           "folds": _digest([np.asarray(lesions.folds, np.int64).tobytes()])}
+    if images:
+        paths = [p for t in (lesions.train, lesions.test) for c in PATH_COLUMNS for p in t[c]]
+        out["images"] = _digest([np.array([os.path.getsize(p) for p in paths], np.int64).tobytes()])
+    if inputs:
+        out["inputs"] = _digest(Path(p).read_bytes() for p in inputs)
+    return out
+
+
+def fingerprint(cfg: Config, data: dict) -> dict:
+    return {"settings": result_settings(cfg), "data": data}
+
+
+def fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    """What differs between two fingerprints, as 'key: saved -> current' lines."""
+    old, new = saved.get("settings", {}), current["settings"]
+    out = [f"{k}={old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(set(old) | set(new))
+           if old.get(k) != new.get(k)]
+    saved_data = saved.get("data") or {}
+    out += [f"the {part} differ" + (" (labels or metadata changed)" if part == "tables" else "")
+            for part in current["data"] if part in saved_data and saved_data[part] != current["data"][part]]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# the lock
+# ----------------------------------------------------------------------------------------------------
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` for this process's lifetime in the block (released by the kernel when the
+    process dies, even by SIGKILL); a second holder is refused with who holds it."""
+    path = folder / ".lock"
+    fh = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise ExperimentBusy(f"{folder} is in use by another run ({holder}); wait for it to finish, or give "
+                                 "this run its own folder with name=<another name>") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                 f"{shlex.join(sys.argv)}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
 class ExperimentDir:
     """The output folder of one experiment: ``<output_dir>/<name>/`` with ``fold<k>/`` below it."""
 
@@ -60,17 +172,61 @@ class ExperimentDir:
         return self.cfg.fold_dir(fold)
 
     # --- starting ---------------------------------------------------------------------------------
-    def begin(self) -> list[int]:
-        """Make the folder, save the resolved config, and return the listed folds that are not complete."""
+    @contextmanager
+    def session(self, current: dict) -> Iterator[list[int]]:
+        """Lock the folder, refuse (or with ``retrain=true`` remove) folds whose fingerprint differs from
+        ``current``, save the resolved config and yield the listed folds that are not complete."""
         self.path.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(self.path / "config.json")
-        return self.folds_to_do()
+        with folder_lock(self.path):
+            stale = self.stale_folds(current)
+            if stale and not self.cfg.retrain:
+                raise StaleOutputs(self._stale_message(stale))
+            for k in stale:
+                shutil.rmtree(self.fold_path(k))
+                print(f"[{self.cfg.name}] fold {k}: removed, it was made under other settings or data "
+                      "(retrain=true)", flush=True)
+            self.cfg.save(self.path / "config.json")
+            yield self.folds_to_do()
 
-    def begin_fold(self, fold: int) -> Path:
-        """The fold's folder with the config that trains it."""
+    def stale_folds(self, current: dict) -> dict[int, list[str]]:
+        """Fold -> what differs, for every fold folder (complete or in progress) made under other settings or
+        other data than ``current``."""
+        out = {}
+        for k in range(self.cfg.n_folds):
+            saved = self.saved_fingerprint(k)
+            if saved is not None:
+                diff = fingerprint_differences(saved, current)
+                if diff:
+                    out[k] = diff
+        return out
+
+    def saved_fingerprint(self, fold: int) -> dict | None:
+        """The fingerprint a fold folder was made under (from its config.json where it predates fingerprints);
+        None where the folder holds no fold."""
+        path = self.fold_path(fold)
+        for name in ("fingerprint.json", "config.json"):
+            if (path / name).is_file():
+                saved = json.loads((path / name).read_text(encoding="utf-8"))
+                if name == "config.json":
+                    return {"settings": result_settings(Config(**{k: v for k, v in saved.items()
+                                                                 if k in Config.__dataclass_fields__}))}
+                return saved
+        return None
+
+    def _stale_message(self, stale: dict[int, list[str]]) -> str:
+        lines = [f"fold {k} ({'complete' if self.fold_done(k) else 'in progress'}): {'; '.join(diff)}"
+                 for k, diff in stale.items()]
+        return (f"{self.path} holds folds made under other settings or data than this run's, which would be mixed "
+                "into one result:\n  " + "\n  ".join(lines) + "\nEither rerun with the settings they were made "
+                "under, give this run its own folder with name=<another name>, or add retrain=true to retrain "
+                "those folds (their files are removed).")
+
+    def begin_fold(self, fold: int, current: dict) -> Path:
+        """The fold's folder with the config and the fingerprint that train it."""
         path = self.fold_path(fold)
         path.mkdir(parents=True, exist_ok=True)
         self.cfg.save(path / "config.json")
+        atomic_write_json(path / "fingerprint.json", current)
         return path
 
     # --- state --------------------------------------------------------------------------------------
@@ -113,6 +269,13 @@ class ExperimentDir:
             atomic_write_csv(path / "history.csv", history)
         atomic_write_json(path / "metrics.json", metrics)
 
+    def recorded_data(self) -> dict | None:
+        """The data fingerprint the joined oof.csv and test.csv were made from (None before fingerprints)."""
+        path = self.path / "oof_metrics.json"
+        if not path.is_file():
+            return None
+        return (json.loads(path.read_text(encoding="utf-8")).get("fingerprint") or {}).get("data")
+
     def fold_oof(self, fold: int) -> pd.DataFrame:
         """A complete fold's out-of-fold probabilities, indexed by lesion_id."""
         return pd.read_csv(self.fold_path(fold) / "oof.csv").set_index("lesion_id")[CLASSES]
@@ -124,11 +287,18 @@ class ExperimentDir:
         return frame if expected_ids is None else frame.loc[list(expected_ids)]
 
     def collect(self, train: pd.DataFrame) -> dict:
-        """Join the folds' predictions into oof.csv (train order) and test.csv (mean over folds), and score them."""
+        """Join the folds' predictions into oof.csv (train order) and test.csv (mean over folds), and score them.
+        Folds made under different fingerprints are refused, never joined."""
         n = self.cfg.n_folds
         folds = [k for k in range(n) if self.fold_done(k)]
         if len(folds) < n:
             return {"complete": False, "missing_folds": sorted(set(range(n)) - set(folds))}
+        prints = {k: self.saved_fingerprint(k) for k in folds}
+        known = {k: p for k, p in prints.items() if p is not None and "data" in p}
+        first = next(iter(known.values()), None)
+        mixed = {k: fingerprint_differences(first, p) for k, p in known.items() if fingerprint_differences(first, p)}
+        if mixed:
+            raise StaleOutputs(self._stale_message(mixed).replace("than this run's", f"than fold {min(known)}"))
         oof = pd.concat([pd.read_csv(self.fold_path(k) / "oof.csv") for k in folds])
         oof = oof.set_index("lesion_id").reindex(train["lesion_id"]).reset_index()
         if oof[CLASSES].isna().any().any():
@@ -139,5 +309,7 @@ class ExperimentDir:
         atomic_write_csv(self.path / "test.csv", test.reset_index())
         metrics = fold_metrics(train[CLASSES].to_numpy(np.float32), oof[CLASSES].to_numpy(np.float32))
         metrics["complete"] = True
+        if first is not None:
+            metrics["fingerprint"] = first
         atomic_write_json(self.path / "oof_metrics.json", metrics)
         return metrics

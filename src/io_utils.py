@@ -1,11 +1,23 @@
-"""Atomic file writes: a reader never sees a half-written file, and a failure leaves the old one."""
+"""Atomic file writes: a reader never sees a half-written file, and a failure leaves the old one.
+
+A write goes to a temporary sibling named ``.<name>.<host>.<pid>.<random>.tmp`` and is renamed into place once
+complete. A failed write removes its temporary file; one left by a killed process (SIGKILL, power loss) is removed
+by the next write into the same folder once its process, on this host, is gone.
+"""
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from . import faults
+
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp")
 
 
 def new_file_mode() -> int:
@@ -22,6 +34,41 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_abandoned_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files in ``folder`` whose writing process (on this host) no longer exists."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.fullmatch(entry.name)
+        if m and m["host"] == HOST and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def temp_path(path: Path) -> str:
+    """A new, empty temporary sibling of ``path`` named for this host and process."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
 def atomic_write_many(files: dict[Path, Callable[[str], None]]) -> None:
     """Write every file to a temporary sibling (``write(tmp_path)``, then fsync), and only when all are written
     rename them into place; any failure leaves every old file as it was and no temporary file behind."""
@@ -30,15 +77,17 @@ def atomic_write_many(files: dict[Path, Callable[[str], None]]) -> None:
         for path, write in files.items():
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
+            remove_abandoned_temps(path.parent)
+            tmp = temp_path(path)
             staged.append((tmp, path))
             write(tmp)
+            faults.point(f"write:{path.name}", path)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.chmod(tmp, new_file_mode())
         for tmp, path in staged:
             os.replace(tmp, path)
+            faults.point(f"written:{path.name}", path)
     finally:
         for tmp, _ in staged:
             if os.path.exists(tmp):

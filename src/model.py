@@ -11,7 +11,9 @@ arithmetic and the same results, in half the kernel launches; with ``branch_stre
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -21,7 +23,7 @@ from .speed.fuse import FusionUnsupported, fuse_pair, fuse_state, split_fused_st
 from .speed.streams import TwoStreams
 
 __all__ = ["DualNet", "FusionUnsupported", "WeightsUnavailable", "build_model", "count_parameters",
-           "create_backbone"]
+           "create_backbone", "ensure_weights"]
 
 WEIGHTS_ENV = "MILK10K_WEIGHTS"
 
@@ -30,11 +32,58 @@ class WeightsUnavailable(RuntimeError):
     pass
 
 
+def _weights_help(name: str, why: str) -> str:
+    return (f"cannot get pretrained weights for {name!r} ({why}). Either connect to the internet once (timm caches "
+            f"them), or point pretrained_path=/path/to/weights.safetensors (or ${WEIGHTS_ENV}) at a local file, or "
+            "set pretrained=false.")
+
+
+def _hub_cached(name: str) -> bool:
+    """Whether timm's Hugging Face weights of ``name`` are already in the local hub cache."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    try:
+        repo = get_pretrained_cfg(name).hf_hub_id
+    except (RuntimeError, AttributeError):
+        return False
+    files = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    return bool(repo) and any(isinstance(try_to_load_from_cache(repo, f), str) for f in files)
+
+
+def _hub_reachable(timeout: float = 5.0) -> str | None:
+    """None when the hub can be tried; otherwise why not (offline mode, or its host cannot be reached). A proxy
+    setting skips the direct probe: only a real download can tell."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        return "HF_HUB_OFFLINE is set and they are not in the local cache"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as exc:
+        return f"they are not in the local cache and {host} cannot be reached: {exc.strerror or exc}"
+    return None
+
+
+def ensure_weights(name: str, pretrained: bool, pretrained_path: str = "") -> None:
+    """Fail at once, with what to do, when the backbone's pretrained weights can be neither read nor fetched;
+    fetch them into the hub cache otherwise (so a run never finds out after building its image cache)."""
+    local = pretrained_path or os.environ.get(WEIGHTS_ENV, "")
+    if not pretrained or (local and Path(local).is_file()):
+        return
+    if local:
+        raise WeightsUnavailable(f"weights file {local!r} (pretrained_path / ${WEIGHTS_ENV}) does not exist")
+    if not _hub_cached(name):
+        create_backbone(name, pretrained=True)
+
+
 def create_backbone(name: str, pretrained: bool, pretrained_path: str = "") -> nn.Module:
     """A timm feature extractor (global-pooled, no classifier).
 
     Weights: ``pretrained_path`` (or env MILK10K_WEIGHTS) names a local file used as is; otherwise timm fetches
-    the ImageNet weights the usual way (Hugging Face hub cache). Without either, a short error says what to do.
+    the ImageNet weights the usual way (Hugging Face hub cache). Without either, a short error says what to do,
+    at once when the hub cannot be reached (no minute of retries).
     """
     local = pretrained_path or os.environ.get(WEIGHTS_ENV, "")
     if not pretrained:
@@ -43,15 +92,15 @@ def create_backbone(name: str, pretrained: bool, pretrained_path: str = "") -> n
         if not Path(local).is_file():
             raise WeightsUnavailable(f"weights file {local!r} (pretrained_path / ${WEIGHTS_ENV}) does not exist")
         return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(local)})
+    if not _hub_cached(name):
+        unreachable = _hub_reachable()
+        if unreachable:
+            raise WeightsUnavailable(_weights_help(name, unreachable))
     try:
         return timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as exc:  # network, hub, or missing-file errors of several kinds
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise WeightsUnavailable(
-            f"cannot get pretrained weights for {name!r} ({type(exc).__name__}: {reason}). Either connect to the "
-            f"internet once (timm caches them), or point pretrained_path=/path/to/weights.safetensors "
-            f"(or ${WEIGHTS_ENV}) at a local file, or set pretrained=false."
-        ) from None
+        raise WeightsUnavailable(_weights_help(name, f"{type(exc).__name__}: {reason}")) from None
 
 
 class DualNet(nn.Module):

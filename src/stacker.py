@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .config import Config, ConfigError
-from .experiment import ExperimentDir, load_lesions
+from .experiment import ExperimentDir, data_fingerprint, fingerprint, load_lesions
 from .features import MetadataEncoder
 from .scoring import SubmissionError, read_prediction_csv
 from .tabular import cross_fit
@@ -65,26 +65,28 @@ def _check_input(cfg: Config, name: str) -> Path:
     return folder
 
 
-def load_inputs(cfg: Config, train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Logits of every input's out-of-fold (train order) and test probabilities, inputs side by side."""
-    oof, tst = [], []
+def load_inputs(cfg: Config, train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[Path]]:
+    """Logits of every input's out-of-fold (train order) and test probabilities, inputs side by side, and the
+    files they were read from."""
+    oof, tst, files = [], [], []
     for name in input_names(cfg):
         folder = _check_input(cfg, name)
         oof.append(read_probs(folder / "oof.csv", train["lesion_id"]))
         tst.append(read_probs(folder / "test.csv", test["lesion_id"]))
+        files += [folder / "oof.csv", folder / "test.csv"]
 
     def logit(parts: list[np.ndarray]) -> np.ndarray:
         p = np.clip(np.hstack(parts), LOGIT_CLIP, 1 - LOGIT_CLIP)
         return np.log(p / (1 - p))
 
-    return logit(oof), logit(tst)
+    return logit(oof), logit(tst), files
 
 
 def run_stack(cfg: Config) -> dict:
     """Run the stacker ``cfg`` over ``cfg.stack_inputs`` (complete folds are kept); returns collect()'s metrics."""
     lesions = load_lesions(cfg)
-    train, test, folds = lesions.train, lesions.test, lesions.folds
-    z_train, z_test = load_inputs(cfg, train, test)
+    train, test = lesions.train, lesions.test
+    z_train, z_test, files = load_inputs(cfg, train, test)
 
     def build(rows: np.ndarray):
         encoder = MetadataEncoder(extended=False).fit(train[rows])
@@ -92,4 +94,4 @@ def run_stack(cfg: Config) -> dict:
                 np.hstack([z_train[~rows], encoder.transform(train[~rows])]),
                 np.hstack([z_test, encoder.transform(test)]))
 
-    return cross_fit(cfg, train, test, folds, build)
+    return cross_fit(cfg, lesions, build, fingerprint(cfg, data_fingerprint(lesions, inputs=files)))

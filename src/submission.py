@@ -30,6 +30,7 @@ from .data import CLASSES, DataError, load_test, load_train
 from .decision import expected_f1_thresholds, fold_probabilities
 from .experiment import probs_frame
 from .io_utils import atomic_write_many
+from .preflight import check_outputs
 from .report import markdown_table, write_report
 from .scoring import SubmissionError, read_prediction_csv
 from .tracking import Tracker
@@ -108,9 +109,10 @@ def _json_writer(obj: dict) -> Callable[[str], None]:
     return write
 
 
-def write_submission(cfg: Config, name: str, blend: Blend, decision: Decision, train: pd.DataFrame) -> dict:
+def write_submission(cfg: Config, name: str, blend: Blend, decision: Decision, train: pd.DataFrame,
+                     test: pd.DataFrame) -> dict:
     """The submission, its sidecar and the honest out-of-fold decisions, validated, all or nothing."""
-    expected_test = load_test(cfg.data_dir, check_images=False)["lesion_id"].tolist()
+    expected_test = test["lesion_id"].tolist()
     out = Path(cfg.submission_dir)
     paths = {"submission": out / f"{name}.csv", "sidecar": out / f"{name}.json",
              "oof_honest": out / f"{name}_oof_honest.csv"}
@@ -165,13 +167,15 @@ def finalize(cfg: Config, experiments: Sequence[str | Config], name: str | None 
     cfgs = resolve_configs(experiments, overrides)
     name = safe_name(name or "+".join(c.name for c in cfgs))
     train = load_train(cfg.data_dir, check_images=False)
-    blend = blend_experiments(cfgs, train)
+    test = load_test(cfg.data_dir, check_images=False)
+    check_outputs(cfg)
+    blend = blend_experiments(cfgs, train, test)
     rule = cfgs[0].decision
     print(f"[blend] out-of-fold scores on {len(train)} training lesions, {len(np.unique(blend.folds))} folds:")
     print(format_scores(blend.scores, blend.weights, rule), flush=True)
 
     decision = decide(blend, rule)
-    paths = write_submission(cfg, name, blend, decision, train)
+    paths = write_submission(cfg, name, blend, decision, train, test)
     paths.update(report(cfg, name, blend, decision, train, paths))
     print(f"[blend] weights: {', '.join(f'{k}={v:.4f}' for k, v in blend.weights.items())}; rule '{rule}'; "
           f"honest CV macro F1 {decision.honest_cv:.4f}")

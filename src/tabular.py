@@ -28,8 +28,9 @@ from threadpoolctl import threadpool_limits
 from .config import Config, ConfigError
 from .data import CLASSES
 from .decision import honest_oof
-from .experiment import ExperimentDir, load_lesions, probs_frame
+from .experiment import ExperimentDir, Lesions, data_fingerprint, fingerprint, load_lesions, probs_frame
 from .features import MetadataEncoder
+from .preflight import check_outputs
 from .scoring import fold_metrics, macro_f1
 from .tracking import Tracker
 
@@ -80,11 +81,19 @@ def fit_predict(names: list[str], seed: int, x: np.ndarray, y: np.ndarray, *eval
     return out
 
 
-def cross_fit(cfg: Config, train: pd.DataFrame, test: pd.DataFrame, folds: np.ndarray, build: FeatureBuilder) -> dict:
-    """Fit and predict every missing fold of ``cfg.fold_list()``, then collect the experiment."""
+def cross_fit(cfg: Config, lesions: Lesions, build: FeatureBuilder, current: dict) -> dict:
+    """Fit and predict every missing fold of ``cfg.fold_list()``, then collect the experiment. ``current`` is the
+    fingerprint of the settings and data (folds made under another are refused, see ExperimentDir.session)."""
     names = parse_models(cfg.tabular_models)
     exp = ExperimentDir(cfg)
-    todo = exp.begin()
+    check_outputs(cfg)
+    with exp.session(current) as todo:
+        return _cross_fit(cfg, exp, todo, names, lesions, build, current)
+
+
+def _cross_fit(cfg: Config, exp: ExperimentDir, todo: list[int], names: list[str], lesions: Lesions,
+               build: FeatureBuilder, current: dict) -> dict:
+    train, test, folds = lesions.train, lesions.test, lesions.folds
     tracker = Tracker(cfg, cfg.model, job_type=cfg.model) if todo else None
     y = train["target"].to_numpy()
     for k in todo:
@@ -92,10 +101,10 @@ def cross_fit(cfg: Config, train: pd.DataFrame, test: pd.DataFrame, folds: np.nd
         held = folds == k
         encoder, x_tr, x_va, x_te = build(~held)
         oof, test_probs = fit_predict(names, cfg.seed * 1000 + k, x_tr, y[~held], x_va, x_te)
-        encoder.save(exp.begin_fold(k) / "encoder.json")
+        encoder.save(exp.begin_fold(k, current) / "encoder.json")
         metrics = fold_metrics(train.loc[held, CLASSES].to_numpy(np.float32), oof.astype(np.float32))
         metrics.update(fold=k, models=names, n_features=int(x_tr.shape[1]), n_train=int((~held).sum()),
-                       wall_time_s=time.time() - start)
+                       wall_time_s=time.time() - start, fingerprint=current)
         exp.write_fold(k, probs_frame(train["lesion_id"][held], oof), probs_frame(test["lesion_id"], test_probs),
                        metrics)
         print(f"[{cfg.name} fold {k}] oof macro F1 {metrics['macro_f1']:.4f} ({metrics['wall_time_s']:.1f}s)", flush=True)
@@ -128,10 +137,10 @@ def finish(cfg: Config, train: pd.DataFrame, folds: np.ndarray) -> dict:
 def run_tabular(cfg: Config) -> dict:
     """Run the metadata-only experiment ``cfg`` (complete folds are kept) and return collect()'s metrics."""
     lesions = load_lesions(cfg)
-    train, test, folds = lesions.train, lesions.test, lesions.folds
+    train, test = lesions.train, lesions.test
 
     def build(rows: np.ndarray):
         encoder = MetadataEncoder(extended=True).fit(train[rows])
         return encoder, encoder.transform(train[rows]), encoder.transform(train[~rows]), encoder.transform(test)
 
-    return cross_fit(cfg, train, test, folds, build)
+    return cross_fit(cfg, lesions, build, fingerprint(cfg, data_fingerprint(lesions)))

@@ -26,12 +26,14 @@ from .augment import DeviceAugment
 from .batches import (LoaderBatches, Prepared, epoch_order, epoch_seed, prepare, resolve_device, resolve_workers, steps_per_epoch,
                       training_batches)
 from .config import Config
-from .data import CLASSES, load_train
+from .data import CLASSES
 from .dist import DistContext
-from .experiment import ExperimentDir, probs_frame
+from .experiment import (ExperimentDir, StaleOutputs, data_fingerprint, fingerprint, fingerprint_differences,
+                         load_lesions, probs_frame)
 from .features import MetadataEncoder
 from .inference import predict, selection_score
 from .io_utils import atomic_write, atomic_write_json
+from .preflight import check_image_run
 from .model import count_parameters
 from .scoring import f1_per_class, fold_metrics, log_loss
 from .step import Stage, build_stage, class_weights, make_criterion, mix, setup_model, train_step
@@ -100,16 +102,27 @@ class Resume:
     stage_state: dict
 
 
+class NonFiniteLoss(RuntimeError):
+    """Training diverged: the loss or the validation probabilities are not finite numbers."""
+
+
 def _save_torch(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def load_resume(cfg: Config, fold: int, model, device: torch.device, dist: DistContext) -> Resume | None:
-    """Load ``last.pt`` of the fold into ``model``; None when the fold starts afresh."""
+def load_resume(cfg: Config, fold: int, model, device: torch.device, dist: DistContext,
+                current: dict) -> Resume | None:
+    """Load ``last.pt`` of the fold into ``model``; None when the fold starts afresh. A checkpoint made under
+    other result settings or data (``current`` is this run's fingerprint) is refused, never continued."""
     path = cfg.fold_dir(fold) / "last.pt"
     if not path.is_file():
         return None
     ckpt = torch.load(path, map_location=device, weights_only=False)
+    saved = ckpt.get("fingerprint")
+    diff = fingerprint_differences(saved, current) if saved is not None else []
+    if diff:
+        raise StaleOutputs(f"{path} was made under other settings or data ({'; '.join(diff)}); rerun with its "
+                           "settings, give this run its own folder with name=<another name>, or add retrain=true")
     model.load_state_dict(ckpt["model"])
     state = FoldState.from_dict(ckpt["state"])
     if dist.is_main:
@@ -133,6 +146,7 @@ class FoldRun:
     steps: int                                # optimiser steps per epoch
     device: torch.device
     dist: DistContext
+    current: dict                             # the fingerprint of this run's settings and data
 
     @property
     def total_epochs(self) -> int:
@@ -144,7 +158,7 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
     the test lesions with the best epoch's weights. Returns the fold's metrics (main process)."""
     dist = dist or DistContext.single()
     run = start_fold(cfg, fold, data, dist)
-    resume = load_resume(cfg, fold, run.model, run.device, dist)
+    resume = load_resume(cfg, fold, run.model, run.device, dist, run.current)
     state = resume.state if resume is not None else FoldState()
     tracker = open_tracker(cfg, fold, state, run.model, dist)
     stage: Stage | None = None
@@ -168,8 +182,9 @@ def start_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext) -> Fol
     """The fold's inputs (saved beside its config), its model, loss and training batches."""
     device = dist.device if dist.world > 1 else resolve_device(cfg)
     inputs = fold_inputs(cfg, fold, data)
+    current = fingerprint(cfg, data.data_print)
     if dist.is_main:
-        fdir = ExperimentDir(cfg).begin_fold(fold)
+        fdir = ExperimentDir(cfg).begin_fold(fold, current)
         inputs.encoder.save(fdir / "encoder.json")
         atomic_write_json(fdir / "aux_vocab.json", inputs.aux_vocab)
 
@@ -188,7 +203,7 @@ def start_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext) -> Fol
         print(f"[{cfg.name} fold {fold}] image cache held in {device} memory "
               f"({(train_images.nbytes + test_images.nbytes) / 2**30:.2f} GiB)", flush=True)
     return FoldRun(cfg, inputs, model, augment, criterion, batches, train_images, test_images,
-                   steps_per_epoch(cfg, len(inputs.tr_rows)), device, dist)
+                   steps_per_epoch(cfg, len(inputs.tr_rows)), device, dist, current)
 
 
 def open_tracker(cfg: Config, fold: int, state: FoldState, model, dist: DistContext) -> Tracker | None:
@@ -243,6 +258,13 @@ def end_epoch(run: FoldRun, stage: Stage, state: FoldState, epoch: int, trained:
     eval_model = stage.eval_model()
     val_probs = predict(eval_model, cfg, run.train_images, inputs.va_rows, inputs.meta_va, run.augment, run.device,
                         1, "validate")
+    if not (np.isfinite(train_loss) and np.isfinite(val_probs).all()):
+        raise NonFiniteLoss(
+            f"{cfg.name} fold {fold}, epoch {epoch + 1} (stage {stage.number}): the "
+            f"{'training loss is ' + str(train_loss) if not np.isfinite(train_loss) else 'validation probabilities are not finite'}"
+            f"; training has diverged, so the fold stops here and this epoch is not saved (last.pt keeps the last "
+            f"finite epoch). Lower the learning rates (stage1_lr={cfg.stage1_lr:g}, lr={cfg.lr:g}, "
+            f"backbone_lr={cfg.backbone_lr:g}) and rerun with retrain=true.")
     per_class = f1_per_class(inputs.y_va, val_probs)
     score = selection_score(cfg.early_stop_metric, inputs.y_va, val_probs, per_class)
     improved = score > state.best_score
@@ -270,7 +292,7 @@ def end_epoch(run: FoldRun, stage: Stage, state: FoldState, epoch: int, trained:
         if tracker is not None:
             tracker.log({**row, **{f"val_f1/{c}": float(v) for c, v in zip(CLASSES, per_class)}}, step=epoch + 1)
         _save_torch(fdir / "last.pt", {"state": dataclasses.asdict(state), "stage": stage.number,
-                                       "model": run.model.state_dict(), **stage.state()})
+                                       "model": run.model.state_dict(), "fingerprint": run.current, **stage.state()})
     run.dist.barrier()
 
 
@@ -286,7 +308,7 @@ def finish_fold(run: FoldRun, state: FoldState, tracker: Tracker | None) -> dict
     metrics = fold_metrics(inputs.y_va, oof)
     metrics.update(fold=fold, best_epoch=state.best_epoch + 1, epochs_run=len(state.history),
                    wall_time_s=sum(h["epoch_time_s"] for h in state.history) + time.time() - t_pred,
-                   tta_views=views, params=count_parameters(run.model))
+                   tta_views=views, params=count_parameters(run.model), fingerprint=run.current)
     test = predict(run.model, cfg, run.test_images, np.arange(len(inputs.meta_te)), inputs.meta_te, run.augment,
                    run.device, views, "test")
     ExperimentDir(cfg).write_fold(fold, probs_frame(inputs.va_ids, oof), probs_frame(inputs.test_ids, test), metrics,
@@ -299,15 +321,18 @@ def finish_fold(run: FoldRun, state: FoldState, tracker: Tracker | None) -> dict
     return metrics
 
 
-def run_folds(cfg: Config, data: Prepared | None = None) -> dict:
-    """Train every missing fold of ``cfg`` in this process, then collect. Complete folds are skipped."""
+def run_folds(cfg: Config) -> dict:
+    """Train every missing fold of ``cfg`` in this process, then collect. Complete folds are skipped; folds made
+    under other settings or data are refused (or retrained with retrain=true) before anything is trained; the
+    output folders, the device and the weights are checked before the image cache is built."""
     exp = ExperimentDir(cfg)
-    todo = exp.begin()
-    if todo:
-        data = data or prepare(cfg)
-        print(f"[{cfg.name}] folds to train: {todo} (complete: "
-              f"{[k for k in cfg.fold_list() if k not in todo]})", flush=True)
-        for k in todo:
-            train_fold(cfg, k, data)
-    train = data.train if data is not None else load_train(cfg.data_dir, check_images=False)
-    return exp.collect(train)
+    lesions = load_lesions(cfg, check_images=True)
+    with exp.session(fingerprint(cfg, data_fingerprint(lesions, images=True))) as todo:
+        if todo:
+            check_image_run(cfg)
+            data = prepare(cfg, lesions=lesions)
+            print(f"[{cfg.name}] folds to train: {todo} (complete: "
+                  f"{[k for k in cfg.fold_list() if k not in todo]})", flush=True)
+            for k in todo:
+                train_fold(cfg, k, data)
+        return exp.collect(lesions.train)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .data import CLASSES
 from .io_utils import atomic_write_text
 
@@ -98,15 +98,16 @@ def trial_config(cfg: Config, params: dict) -> Config:
 def evaluate(cfg: Config, data) -> float:
     """Train ``cfg``'s folds (resuming) and return the honest macro F1 after the decision rule on them."""
     from .decision import honest_oof
-    from .experiment import ExperimentDir
+    from .experiment import ExperimentDir, fingerprint
     from .scoring import macro_f1
     from .train import train_fold
 
     exp = ExperimentDir(cfg)
     rows, probs = [], []
-    for k in cfg.fold_list():
-        if not exp.fold_done(k):
+    with exp.session(fingerprint(cfg, data.data_print)) as todo:
+        for k in todo:
             train_fold(cfg, k, data)
+    for k in cfg.fold_list():
         idx = np.flatnonzero(data.folds == k)
         rows.append(idx)
         probs.append(exp.fold_oof(k).loc[data.train["lesion_id"].iloc[idx]].to_numpy())
@@ -128,13 +129,30 @@ def _may_run(study, trial, limit: int) -> bool:
     return ahead < limit
 
 
+def check_tune(cfg: Config) -> None:
+    """Refuse, before any trial trains, settings under which no trial could be scored."""
+    folds = cfg.tune_fold_list()
+    if cfg.decision == "threshold" and len(folds) < 2:
+        raise ConfigError(f"tune_folds={cfg.tune_folds!r}: decision=threshold tunes each fold's thresholds on the "
+                          "other folds, so a trial needs at least two folds (e.g. tune_folds=0,1), or use "
+                          "decision=expected_f1 (label-free, one fold is enough)")
+    if cfg.model != "image":
+        raise ConfigError(f"{cfg.name}: tune searches the image models' loss weighting and learning rates; "
+                          f"model={cfg.model!r} has none")
+    if cfg.stage1_epochs + cfg.tune_epochs < 1:
+        raise ConfigError(f"stage1_epochs={cfg.stage1_epochs} and tune_epochs={cfg.tune_epochs} train nothing")
+
+
 def run_tune(cfg: Config, data=None) -> "object":
     import optuna
     from optuna.trial import TrialState
 
     from .batches import prepare
+    from .preflight import check_image_run
     from .tracking import Tracker
 
+    check_tune(cfg)
+    check_image_run(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage_url(cfg)
     seed = int(np.random.SeedSequence([cfg.seed, os.getpid()]).generate_state(1)[0])

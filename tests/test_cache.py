@@ -129,20 +129,36 @@ def test_decode_image_downscales_a_full_size_frame(tmp_path):
     np.testing.assert_allclose(out[:, :28].reshape(-1, 3).mean(0), (10, 120, 200), atol=4)
 
 
-def test_abandoned_temp_files_of_killed_builds_are_removed(tmp_path):
-    import os
-    import time
+def test_temp_files_of_killed_builds_are_removed_by_the_next_build(tmp_path, mini_data):
+    import subprocess
 
-    from src.cache import _remove_abandoned_builds
+    from src.data import load_train
+    from src.io_utils import HOST
 
-    old = tmp_path / ".train_32_0123456789abcdef.npy.abc123.tmp"
-    fresh = tmp_path / ".train_32_fedcba9876543210.npy.def456.tmp"
-    other = tmp_path / ".test_32_0123456789abcdef.npy.abc123.tmp"
-    for f in (old, fresh, other):
+    gone = subprocess.Popen(["true"])
+    gone.wait()                                              # a process that no longer exists
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    dead = cache_dir / f".train_32_0123456789abcdef.npy.{HOST}.{gone.pid}.abc123_x.tmp"
+    live = cache_dir / f".train_32_0123456789abcdef.npy.{HOST}.{os.getpid()}.def456_y.tmp"
+    elsewhere = cache_dir / f".train_32_0123456789abcdef.npy.otherhost.{gone.pid}.ghi789_z.tmp"
+    for f in (dead, live, elsewhere):
         f.write_bytes(b"partial")
-    past = time.time() - 3600
-    os.utime(old, (past, past))
-    os.utime(other, (past, past))
-    _remove_abandoned_builds(tmp_path, "train", 32)
-    assert not old.exists()
-    assert fresh.exists() and other.exists()
+    build_cache(load_train(mini_data).iloc[:4], 32, cache_dir, "train")
+    assert not dead.exists()                                 # its writer is gone
+    assert live.exists() and elsewhere.exists()              # a live writer's, or another host's: left alone
+
+
+def test_a_full_disk_is_a_clear_error_before_any_pixel_is_written(tmp_path, mini_data, monkeypatch):
+    import errno
+
+    from src.data import load_train
+    from src.preflight import SetupError
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(SetupError, match=r"not enough free disk space .* free space there or point cache_dir="):
+        build_cache(load_train(mini_data).iloc[:4], 32, tmp_path, "train")
+    assert list(tmp_path.iterdir()) == []                    # no temporary or partial cache left
