@@ -296,9 +296,13 @@ class ExperimentDir:
         prints = {k: self.saved_fingerprint(k) for k in folds}
         known = {k: p for k, p in prints.items() if p is not None and "data" in p}
         first = next(iter(known.values()), None)
-        mixed = {k: fingerprint_differences(first, p) for k, p in known.items() if fingerprint_differences(first, p)}
+        ref = min(known) if known else None
+        mixed = {k: fingerprint_differences(p, first) for k, p in known.items() if fingerprint_differences(p, first)}
         if mixed:
-            raise StaleOutputs(self._stale_message(mixed).replace("than this run's", f"than fold {min(known)}"))
+            lines = "\n  ".join(f"fold {k} ({'; '.join(d)})" for k, d in mixed.items())
+            raise StaleOutputs(f"{self.path}: its folds were made under different settings or data and cannot be "
+                               f"joined (each fold's value -> fold {ref}'s):\n  {lines}\nRerun the experiment with "
+                               "retrain=true to retrain the folds that differ from this run's settings.")
         oof = pd.concat([pd.read_csv(self.fold_path(k) / "oof.csv") for k in folds])
         oof = oof.set_index("lesion_id").reindex(train["lesion_id"]).reset_index()
         if oof[CLASSES].isna().any().any():

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import faults
 from .augment import DeviceAugment
 from .batches import (LoaderBatches, Prepared, epoch_order, epoch_seed, prepare, resolve_device, resolve_workers, steps_per_epoch,
                       training_batches)
@@ -235,6 +236,7 @@ def train_epoch(run: FoldRun, stage: Stage, epoch: int) -> tuple[float, int, flo
     for step, (pairs, meta, y, aux) in enumerate(bar):
         if step >= run.steps:
             break
+        faults.point("step")
         pairs = pairs.to(device, non_blocking=True)
         meta, y, aux = (t.to(device, non_blocking=True) for t in (meta, y, aux))
         clin, derm = run.augment.train(pairs, gen)
