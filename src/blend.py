@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from .config import Config, apply_overrides, load_config, parse_cli_overrides
 from .data import CLASSES
-from .decision import fold_probabilities, honest_oof, tune_thresholds
+from .decision import RULES, apply_rule, fold_probabilities, tune_thresholds
 from .experiment import ExperimentDir, Lesions, data_fingerprint
 from .folds import load_or_make_folds
 from .scoring import SubmissionError, log_loss, macro_f1
@@ -151,27 +151,66 @@ def rule_kwargs(cfg: Config) -> dict:
 @dataclass(frozen=True)
 class Evaluation:
     scores: dict[str, float]
-    thresholds: np.ndarray  # 'threshold' rule tuned on all OOF rows
+    thresholds: np.ndarray  # 'threshold' rule tuned on all OOF rows of the blend fitted on all of them
     honest: dict[str, tuple[np.ndarray, dict]]  # rule -> (folded OOF probabilities, per-fold info)
+    in_sample_honest: dict[str, float]  # a blend's honest scores had its weights been fitted on all OOF rows
 
 
-def evaluate(y: np.ndarray, p: np.ndarray, folds: np.ndarray, kw: dict) -> Evaluation:
-    """Every score of :data:`SCORES` for the OOF probabilities ``p``."""
-    thresholds = tune_thresholds(y, p, **kw)
-    honest = {"threshold": honest_oof("threshold", y, p, folds, **kw),
-              "expected_f1": honest_oof("expected_f1", y, p, folds),
-              "none": honest_oof("none", y, p, folds)}
-    aucs = [roc_auc_score(y[:, j], p[:, j]) for j in range(p.shape[1]) if 0 < y[:, j].sum() < len(y)]
+def nested_weights(y: np.ndarray, stack: np.ndarray, folds: np.ndarray) -> dict[int, np.ndarray]:
+    """Blend weights for each fold, fitted on the other folds' out-of-fold rows only."""
+    if len(stack) == 1:
+        return {int(f): np.ones(1) for f in np.unique(folds)}
+    return {int(f): fit_weights(y[folds != f], list(stack[:, folds != f])) for f in np.unique(folds)}
+
+
+def honest_rule(rule: str, y: np.ndarray, stack: np.ndarray, folds: np.ndarray, weights: dict[int, np.ndarray],
+                kw: dict) -> tuple[np.ndarray, dict]:
+    """``rule`` applied to each held-out fold with everything fitted without that fold's labels: the blend weights
+    (``weights``, from :func:`nested_weights`) and, for 'threshold', the thresholds (tuned on the other folds'
+    rows blended with those weights). With one input this is ``decision.honest_oof``."""
+    if rule == "threshold" and len(weights) < 2:
+        raise ValueError("rule 'threshold' needs at least two folds to tune without the held-out labels")
+    out = np.empty(stack.shape[1:])
+    per_fold = []
+    for f, w in weights.items():
+        held = folds == f
+        p_held = np.tensordot(w, stack[:, held], axes=1)
+        if rule == "threshold":
+            t = tune_thresholds(y[~held], np.tensordot(w, stack[:, ~held], axes=1), **kw)
+        else:
+            t, _ = apply_rule(rule, p_held)
+        out[held] = fold_probabilities(p_held, t)
+        per_fold.append(t.tolist())
+    return out, {"folds": list(weights), "per_fold_thresholds": per_fold,
+                 "per_fold_weights": [w.tolist() for w in weights.values()]}
+
+
+def evaluate(y: np.ndarray, stack: np.ndarray, folds: np.ndarray, kw: dict) -> Evaluation:
+    """Every score of :data:`SCORES` for the out-of-fold probabilities of the inputs ``stack`` (inputs, rows,
+    classes) blended; one input is scored as it is. The blend's own scores are honest like its inputs': each fold is
+    blended with weights fitted on the other folds (only ``thr_opt`` uses all rows, as its name says)."""
+    weights = nested_weights(y, stack, folds)
+    nested = np.empty(stack.shape[1:])
+    for f, w in weights.items():
+        nested[folds == f] = np.tensordot(w, stack[:, folds == f], axes=1)
+    full = np.tensordot(fit_weights(y, list(stack)), stack, axes=1)
+    thresholds = tune_thresholds(y, full, **kw)
+    honest = {rule: honest_rule(rule, y, stack, folds, weights, kw) for rule in RULES}
+    aucs = [roc_auc_score(y[:, j], nested[:, j]) for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
     scores = {
-        "log_loss": log_loss(y, p),
+        "log_loss": log_loss(y, nested),
         "auc": float(np.mean(aucs)) if aucs else float("nan"),
-        "f1_raw": macro_f1(y, p),
-        "f1_argmax": macro_f1(y, np.eye(p.shape[1])[p.argmax(1)]),
-        "f1_threshold_optimistic": macro_f1(y, fold_probabilities(p, thresholds)),
+        "f1_raw": macro_f1(y, nested),
+        "f1_argmax": macro_f1(y, np.eye(y.shape[1])[nested.argmax(1)]),
+        "f1_threshold_optimistic": macro_f1(y, fold_probabilities(full, thresholds)),
         "f1_threshold_honest": macro_f1(y, honest["threshold"][0]),
         "f1_expected_f1_honest": macro_f1(y, honest["expected_f1"][0]),
     }
-    return Evaluation(scores, thresholds, honest)
+    in_sample = {}
+    if len(stack) > 1:  # the optimism of fitting the weights on the rows they are scored on, measured
+        fixed = {f: fit_weights(y, list(stack)) for f in weights}
+        in_sample = {HONEST_KEY[r]: macro_f1(y, honest_rule(r, y, stack, folds, fixed, kw)[0]) for r in RULES}
+    return Evaluation(scores, thresholds, honest, in_sample)
 
 
 def score_frame(scores: dict[str, dict[str, float]], weights: dict[str, float], rule: str) -> pd.DataFrame:
@@ -220,10 +259,11 @@ def blend_experiments(cfgs: list[Config], train: pd.DataFrame, test: pd.DataFram
     for cfg in cfgs:
         check_current(cfg, current)
     kw = rule_kwargs(cfgs[0])
-    weights = fit_weights(y, [m.oof for m in members])
-    blend_oof = np.tensordot(weights, np.stack([m.oof for m in members]), axes=1)
+    stack = np.stack([m.oof for m in members])
+    weights = fit_weights(y, list(stack))
+    blend_oof = np.tensordot(weights, stack, axes=1)
     blend_test = np.tensordot(weights, np.stack([m.test for m in members]), axes=1)
-    evals = {m.cfg.name: evaluate(y, m.oof, folds, kw) for m in members}
-    evals[BLEND] = evaluate(y, blend_oof, folds, kw)
+    evals = {m.cfg.name: evaluate(y, m.oof[None], folds, kw) for m in members}
+    evals[BLEND] = evaluate(y, stack, folds, kw)
     return Blend(cfgs, {c.name: float(w) for c, w in zip(cfgs, weights)}, blend_oof, blend_test, test_ids, folds,
                  evals)

@@ -115,7 +115,9 @@ class Config:
     eval_batch_size: int = _f(128, "pairs per inference step")
 
     # --- decision rule and submission ----------------------------------------------------------
-    decision: str = _f("threshold", "'threshold' (per-class thresholds tuned on OOF), 'expected_f1' (label-free), 'none' (raw 0.5)")
+    decision: str = _f("auto", "decision rule folded into the submission: 'auto' (the rule with the best honest "
+                       "out-of-fold macro F1), 'threshold' (per-class thresholds tuned on OOF), 'expected_f1' "
+                       "(label-free, from the submitted batch itself), 'none' (raw 0.5)")
     threshold_method: str = _f("exact", "'exact' (exhaustive per-class search) or 'optuna'")
     threshold_trials: int = _f(300, "Optuna trials when threshold_method=optuna")
 
@@ -193,7 +195,7 @@ _CHOICES = {
     "loss": {"bce", "ce"},
     "early_stop_metric": {"f1", "f1_tuned", "auc"},
     "schedule": {"cosine", "constant"},
-    "decision": {"threshold", "expected_f1", "none"},
+    "decision": {"auto", "threshold", "expected_f1", "none"},
     "threshold_method": {"exact", "optuna"},
     "wandb_mode": {"", "offline", "online", "disabled"},
     "cache_on_device": {"auto", "yes", "no"},

@@ -7,7 +7,8 @@ submitted file carries the decision while each class keeps its ranking (AUC unch
 Rules: 'threshold' (thresholds maximising each class's F1 on labelled out-of-fold rows),
 'expected_f1' (label-free: maximise the F1 expected under the predicted probabilities of the batch
 itself), 'none' (the plain 0.5 cut).  Macro F1 is a sum of per-class terms, so tuning each class on
-its own is an exact maximisation of the macro value.
+its own is an exact maximisation of the macro value.  ``decision=auto`` (the default) carries the rule
+with the best honest out-of-fold estimate (``choose_rule``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 from .scoring import f1_per_class
 
 RULES = ("threshold", "expected_f1", "none")
+NOISE = 0.01  # differences of honest macro F1 below this are within the spread of one cross-validation run
 MARGIN = 1e-6  # folded values keep this distance from 0.5, so no CSV round trip can flip a decision
 
 
@@ -176,3 +178,25 @@ def honest_oof(rule: str, y_true, probs, folds: np.ndarray, **kw) -> tuple[np.nd
         out[held] = fold_probabilities(p[held], t)
         per_fold.append(t.tolist())
     return out, {"folds": ids.tolist(), "per_fold_thresholds": per_fold}
+
+
+def choose_rule(setting: str, honest: dict[str, float]) -> tuple[str, str]:
+    """The rule a submission carries and why. ``setting`` is the config's ``decision``: a rule is kept as asked;
+    'auto' takes the rule with the best honest out-of-fold macro F1 in ``honest`` (rule -> score), label-free
+    rules first among equals (they need no labelled rows to transfer)."""
+    listed = ", ".join(f"{r} {honest[r]:.4f}" for r in sorted(honest, key=honest.get, reverse=True))
+    if setting != "auto":
+        return setting, f"decision={setting} as configured (honest CV: {listed})"
+    order = [r for r in ("expected_f1", "threshold", "none") if r in honest]
+    best = max(order, key=lambda r: honest[r])
+    runner_up = max((honest[r] for r in order if r != best), default=honest[best])
+    margin = honest[best] - runner_up
+    note = (f"; its lead of {margin:.4f} is within the noise of one CV run (< {NOISE})" if margin < NOISE else "")
+    return best, f"decision=auto: {best} has the best honest CV ({listed}){note}"
+
+
+def honest_scores(y_true, probs, folds: np.ndarray, **kw) -> dict[str, float]:
+    """Honest out-of-fold macro F1 of every rule (``honest_oof``); 'threshold' only with two folds or more."""
+    rules = [r for r in RULES if r != "threshold" or len(np.unique(folds)) > 1]
+    return {r: f1_per_class(y_true, honest_oof(r, y_true, probs, folds, **(kw if r == "threshold" else {}))[0]).mean()
+            for r in rules}

@@ -27,7 +27,7 @@ from .blend import (BLEND, HONEST_KEY, SCORES, Blend, BlendError, blend_experime
                     score_frame, score_legend)
 from .config import Config, ConfigError, load_config
 from .data import CLASSES, DataError, load_test, load_train
-from .decision import expected_f1_thresholds, fold_probabilities
+from .decision import RULES, choose_rule, expected_f1_thresholds, fold_probabilities
 from .experiment import probs_frame
 from .io_utils import atomic_write_many
 from .preflight import check_outputs
@@ -45,6 +45,7 @@ class Decision:
     """The rule's thresholds, the submitted (folded) test probabilities, and the honest out-of-fold decisions."""
 
     rule: str
+    reason: str
     thresholds: np.ndarray
     submission: pd.DataFrame
     honest_oof: np.ndarray
@@ -52,8 +53,11 @@ class Decision:
     honest_cv: float
 
 
-def decide(blend: Blend, rule: str) -> Decision:
-    """Apply ``rule`` to the blended test probabilities; its honest out-of-fold decisions and score come along."""
+def decide(blend: Blend, setting: str) -> Decision:
+    """The rule ``setting`` names ('auto': the one with the best honest CV of the blend) applied to the blended
+    test probabilities; its honest out-of-fold decisions and score come along."""
+    cv = {r: blend.scores[BLEND][HONEST_KEY[r]] for r in RULES}
+    rule, reason = choose_rule(setting, cv)
     if rule == "threshold":
         thresholds = blend.evals[BLEND].thresholds
     elif rule == "expected_f1":
@@ -61,8 +65,8 @@ def decide(blend: Blend, rule: str) -> Decision:
     else:
         thresholds = np.full(len(CLASSES), 0.5)
     honest, info = blend.evals[BLEND].honest[rule]
-    return Decision(rule, thresholds, probs_frame(blend.test_ids, fold_probabilities(blend.test, thresholds)),
-                    honest, info, blend.scores[BLEND][HONEST_KEY[rule]])
+    return Decision(rule, reason, thresholds,
+                    probs_frame(blend.test_ids, fold_probabilities(blend.test, thresholds)), honest, info, cv[rule])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,6 +123,8 @@ def write_submission(cfg: Config, name: str, blend: Blend, decision: Decision, t
     first, rule = blend.cfgs[0], decision.rule
     sidecar = {
         "name": name, "experiments": [c.name for c in blend.cfgs], "weights": blend.weights, "decision": rule,
+        "decision_setting": first.decision, "decision_reason": decision.reason,
+        "blend_in_sample_honest": blend.evals[BLEND].in_sample_honest,
         "threshold_method": first.threshold_method if rule == "threshold" else None,
         "thresholds": dict(zip(CLASSES, map(float, decision.thresholds))), "thresholds_from": THRESHOLDS_FROM[rule],
         "cv_macro_f1_honest": decision.honest_cv, "cv_scores": blend.scores,
@@ -143,6 +149,7 @@ def report(cfg: Config, name: str, blend: Blend, decision: Decision, train: pd.D
     preamble = "\n\n".join([
         f"Experiments {', '.join(blend.weights)}; decision rule **{rule}** (thresholds from {THRESHOLDS_FROM[rule]}); "
         f"honest CV macro F1 of the blend **{decision.honest_cv:.4f}**. Submission: `{paths['submission']}`.",
+        decision.reason + ".",
         "## Out-of-fold scores", markdown_table(score_frame(blend.scores, blend.weights, rule)), score_legend(rule)])
     files = write_report(Path(cfg.output_dir) / "blends" / name, name=name, train=train, blend_oof=blend.oof,
                          honest=decision.honest_oof, thresholds=decision.thresholds, preamble=preamble)
@@ -170,11 +177,16 @@ def finalize(cfg: Config, experiments: Sequence[str | Config], name: str | None 
     test = load_test(cfg.data_dir, check_images=False)
     check_outputs(cfg)
     blend = blend_experiments(cfgs, train, test)
-    rule = cfgs[0].decision
+    decision = decide(blend, cfgs[0].decision)
+    rule = decision.rule
     print(f"[blend] out-of-fold scores on {len(train)} training lesions, {len(np.unique(blend.folds))} folds:")
     print(format_scores(blend.scores, blend.weights, rule), flush=True)
-
-    decision = decide(blend, rule)
+    in_sample = blend.evals[BLEND].in_sample_honest
+    if in_sample:
+        print(f"[blend] the blend row is honest: each fold is blended with weights fitted on the other folds; with "
+              f"weights fitted on all rows its {SCORES[HONEST_KEY[rule]][0]} would read "
+              f"{in_sample[HONEST_KEY[rule]]:.4f} (optimism {in_sample[HONEST_KEY[rule]] - decision.honest_cv:+.4f})")
+    print(f"[blend] {decision.reason}", flush=True)
     paths = write_submission(cfg, name, blend, decision, train, test)
     paths.update(report(cfg, name, blend, decision, train, paths))
     print(f"[blend] weights: {', '.join(f'{k}={v:.4f}' for k, v in blend.weights.items())}; rule '{rule}'; "

@@ -27,11 +27,11 @@ from threadpoolctl import threadpool_limits
 
 from .config import Config, ConfigError
 from .data import CLASSES
-from .decision import honest_oof
+from .decision import choose_rule, honest_scores
 from .experiment import ExperimentDir, Lesions, data_fingerprint, fingerprint, load_lesions, probs_frame
 from .features import MetadataEncoder
 from .preflight import check_outputs
-from .scoring import fold_metrics, macro_f1
+from .scoring import fold_metrics
 from .tracking import Tracker
 
 MODELS = ("logreg", "hgb", "mlp")
@@ -118,19 +118,17 @@ def _cross_fit(cfg: Config, exp: ExperimentDir, todo: list[int], names: list[str
 
 
 def finish(cfg: Config, train: pd.DataFrame, folds: np.ndarray) -> dict:
-    """collect(), plus the out-of-fold macro F1 after ``cfg.decision`` applied without held-out labels."""
+    """collect(), plus the honest out-of-fold macro F1 of every decision rule and the one ``cfg.decision`` picks."""
     result = ExperimentDir(cfg).collect(train)
     if not result.get("complete"):
         return result
     y = train[CLASSES].to_numpy(np.float64)
     oof = pd.read_csv(cfg.exp_dir() / "oof.csv")[CLASSES].to_numpy(np.float64)
-    if cfg.decision != "none":
-        folded, _ = honest_oof(cfg.decision, y, oof, folds, method=cfg.threshold_method,
-                               n_trials=cfg.threshold_trials, seed=cfg.seed)
-        result[f"macro_f1_{cfg.decision}"] = macro_f1(y, folded)
-    print(f"[{cfg.name}] oof macro F1 {result['macro_f1']:.4f} at 0.5"
-          + (f", {result[f'macro_f1_{cfg.decision}']:.4f} with honest {cfg.decision}" if cfg.decision != "none" else ""),
-          flush=True)
+    honest = honest_scores(y, oof, folds, method=cfg.threshold_method, n_trials=cfg.threshold_trials, seed=cfg.seed)
+    rule, reason = choose_rule(cfg.decision, honest)
+    result.update({f"macro_f1_{r}_honest": float(v) for r, v in honest.items()}, decision=rule)
+    print(f"[{cfg.name}] oof macro F1 {result['macro_f1']:.4f} at 0.5, {honest[rule]:.4f} honest with {rule}; "
+          f"{reason}", flush=True)
     return result
 
 

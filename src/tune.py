@@ -97,9 +97,8 @@ def trial_config(cfg: Config, params: dict) -> Config:
 
 def evaluate(cfg: Config, data) -> float:
     """Train ``cfg``'s folds (resuming) and return the honest macro F1 after the decision rule on them."""
-    from .decision import honest_oof
+    from .decision import choose_rule, honest_scores
     from .experiment import ExperimentDir, fingerprint
-    from .scoring import macro_f1
     from .train import train_fold
 
     exp = ExperimentDir(cfg)
@@ -114,8 +113,9 @@ def evaluate(cfg: Config, data) -> float:
     idx = np.concatenate(rows)
     y = data.train[CLASSES].to_numpy(np.float64)[idx]
     p = np.concatenate(probs)
-    folded, _ = honest_oof(cfg.decision, y, p, data.folds[idx])
-    return float(macro_f1(y, folded))
+    honest = honest_scores(y, p, data.folds[idx], method=cfg.threshold_method, n_trials=cfg.threshold_trials,
+                           seed=cfg.seed)
+    return float(honest[choose_rule(cfg.decision, honest)[0]])
 
 
 def _may_run(study, trial, limit: int) -> bool:
@@ -136,6 +136,9 @@ def check_tune(cfg: Config) -> None:
         raise ConfigError(f"tune_folds={cfg.tune_folds!r}: decision=threshold tunes each fold's thresholds on the "
                           "other folds, so a trial needs at least two folds (e.g. tune_folds=0,1), or use "
                           "decision=expected_f1 (label-free, one fold is enough)")
+    if len(folds) < 2:
+        print(f"[tune {cfg.name}] tune_folds={cfg.tune_folds!r}: one fold, so trials are scored with the label-free "
+              "rules only (thresholds need a second fold to be tuned honestly)", flush=True)
     if cfg.model != "image":
         raise ConfigError(f"{cfg.name}: tune searches the image models' loss weighting and learning rates; "
                           f"model={cfg.model!r} has none")

@@ -59,7 +59,7 @@ def write_experiment(cfg: Config, data: Path, noise: float, seed: int, skip_fold
 def blended(mini_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """exp001 (good) and fakeB (noisier) blended once with the 'threshold' rule."""
     root = tmp_path_factory.mktemp("blend")
-    ov = overrides(mini_data, root)
+    ov = [*overrides(mini_data, root), "decision=threshold"]
     good = load_config("exp001", ov)
     bad = good.replace(name="fakeB")
     write_experiment(good, mini_data, noise=1.5, seed=1)
@@ -80,12 +80,54 @@ def test_weights_favour_the_better_experiment_and_beat_the_best_single(blended):
     assert sum(w.values()) == pytest.approx(1.0) and min(w.values()) >= 0
     assert w["exp001"] > w["fakeB"] > 0  # independent noise: mixing helps, the better input weighs more
     scores = blended["result"]["scores"]
-    assert scores["blend"]["log_loss"] < min(scores["exp001"]["log_loss"], scores["fakeB"]["log_loss"])
-    # the reported blend loss is the loss of the weighted out-of-fold probabilities
     train = load_train(blended["data"], check_images=False)
+    y = train[CLASSES].to_numpy(float)
     oofs = [m.loc[train.lesion_id, CLASSES].to_numpy() for m in members(blended["cfgs"], "oof.csv")]
-    mix = w["exp001"] * oofs[0] + w["fakeB"] * oofs[1]
-    assert scores["blend"]["log_loss"] == pytest.approx(log_loss(train[CLASSES].to_numpy(float), mix))
+    mix = w["exp001"] * oofs[0] + w["fakeB"] * oofs[1]  # the submission's weights, fitted on every OOF row
+    assert log_loss(y, mix) < min(scores["exp001"]["log_loss"], scores["fakeB"]["log_loss"])
+    # the blend row is scored out of fold: each fold blended with weights fitted on the other folds only
+    folds = pd.read_csv(blended["cfgs"][0].resolved_folds_csv()).set_index("lesion_id").loc[train.lesion_id, "fold"]
+    nested = np.empty_like(mix)
+    for f in range(5):
+        held = (folds == f).to_numpy()
+        wf = fit_weights(y[~held], [o[~held] for o in oofs])
+        nested[held] = wf[0] * oofs[0][held] + wf[1] * oofs[1][held]
+    assert scores["blend"]["log_loss"] == pytest.approx(log_loss(y, nested))
+    assert scores["blend"]["log_loss"] >= log_loss(y, mix)  # honest is never better than in-sample on its loss
+
+
+def test_the_blends_honest_scores_never_see_the_held_out_labels(blended):
+    from src.blend import RULES, honest_rule, nested_weights
+
+    train = load_train(blended["data"], check_images=False)
+    y = train[CLASSES].to_numpy(float)
+    stack = np.stack([m.loc[train.lesion_id, CLASSES].to_numpy() for m in members(blended["cfgs"], "oof.csv")])
+    folds = pd.read_csv(blended["cfgs"][0].resolved_folds_csv()).set_index("lesion_id").loc[train.lesion_id, "fold"]
+    folds = folds.to_numpy()
+    held = folds == 2
+    shuffled = y.copy()
+    shuffled[held] = y[held][np.random.default_rng(0).permutation(held.sum())]
+    shuffled[np.flatnonzero(held)[:3]] = np.eye(len(CLASSES))[[6, 6, 4]]  # labels the fold never had
+    for rule in RULES:
+        a, _ = honest_rule(rule, y, stack, folds, nested_weights(y, stack, folds), {})
+        b, _ = honest_rule(rule, shuffled, stack, folds, nested_weights(shuffled, stack, folds), {})
+        np.testing.assert_array_equal(a[held], b[held])
+        assert not np.array_equal(a[~held], b[~held]) or rule != "threshold"  # other folds do learn from fold 2
+
+
+def test_auto_carries_the_rule_with_the_best_honest_estimate(blended, capsys):
+    ov = [*overrides(blended["data"], blended["root"]), "decision=auto"]
+    finalize(blended["cfgs"][0], blended["cfgs"], name="auto_pick", overrides=ov)
+    out = capsys.readouterr().out
+    side = json.loads((blended["root"] / "subs" / "auto_pick.json").read_text())
+    blend_row = side["cv_scores"]["blend"]
+    honest = {"threshold": blend_row["f1_threshold_honest"], "expected_f1": blend_row["f1_expected_f1_honest"],
+              "none": blend_row["f1_raw"]}
+    assert side["decision"] == max(honest, key=honest.get) and side["decision_setting"] == "auto"
+    assert side["cv_macro_f1_honest"] == max(honest.values())
+    assert "decision=auto: " + side["decision"] + " has the best honest CV" in side["decision_reason"]
+    assert side["decision_reason"] in out and "optimism" in out
+    assert set(side["blend_in_sample_honest"]) == {"f1_threshold_honest", "f1_expected_f1_honest", "f1_raw"}
 
 
 def test_fit_weights_single_input_and_recovers_the_informative_one():

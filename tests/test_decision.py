@@ -218,3 +218,16 @@ def test_honest_expected_f1_uses_each_fold_as_its_own_batch():
     assert np.array_equal(f_none, fold_probabilities(p, np.full(K, 0.5)))
     with pytest.raises(ValueError, match="at least two folds"):
         honest_oof("threshold", y, p, np.zeros(len(y)))
+
+
+def test_choose_rule_keeps_a_configured_rule_and_auto_takes_the_best_honest_one():
+    from src.decision import choose_rule
+
+    honest = {"threshold": 0.40, "expected_f1": 0.43, "none": 0.22}
+    assert choose_rule("threshold", honest)[0] == "threshold"
+    rule, why = choose_rule("auto", honest)
+    assert rule == "expected_f1" and "expected_f1 0.4300, threshold 0.4000, none 0.2200" in why
+    assert "noise" not in why                                     # a lead of 0.03
+    rule, why = choose_rule("auto", {"threshold": 0.405, "expected_f1": 0.40, "none": 0.1})
+    assert rule == "threshold" and "within the noise" in why      # a lead of 0.005
+    assert choose_rule("auto", {"threshold": 0.4, "expected_f1": 0.4, "none": 0.4})[0] == "expected_f1"

@@ -176,7 +176,7 @@ def test_missing_weights_stop_the_run_before_the_image_cache(mini_data, tmp_path
 def test_tuning_settings_that_cannot_score_a_trial_are_refused_before_training(mini_data, tmp_path):
     from src.tune import run_tune
 
-    cfg = load_config("exp001", tiny(mini_data, tmp_path, tune_folds="0", tune_trials=1))
+    cfg = load_config("exp001", tiny(mini_data, tmp_path, tune_folds="0", tune_trials=1, decision="threshold"))
     with pytest.raises(ConfigError, match="tune_folds='0': decision=threshold .* at least two folds"):
         run_tune(cfg)
     assert not (tmp_path / "exp001" / "tune").exists()

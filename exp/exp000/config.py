@@ -7,4 +7,4 @@ models: it needs no images and runs in under a minute on CPU.  Its calibrated, u
 also make it a useful blending and stacking input.
 """
 PARENT = None
-OVERRIDES = dict(model="tabular", tabular_models="logreg,hgb,mlp", decision="threshold")
+OVERRIDES = dict(model="tabular", tabular_models="logreg,hgb,mlp")
