@@ -15,6 +15,7 @@ usage: bash run.sh COMMAND [args]
                             exp/demo's small settings (CPU, minutes); demo blend EXP ... blends demo runs
   test                      the test suite (pytest; extra args go to pytest, e.g. -m "not slow")
   download [--dest DIR]     fetch, unpack and verify the official files into input/
+  synth OUT --from-csvs DIR generated 600x450 JPEGs for real CSVs, to rehearse at full scale (--help)
   EXP [key=value ...]       train every missing fold of exp/EXP, then blend into a validated submission
                             (GPUS=0,1,... runs folds in parallel, one per GPU); EXP --help lists the keys
   blend EXP [EXP ...]       blend experiments (weights fitted on out-of-fold predictions) into a submission
@@ -49,6 +50,7 @@ case "$cmd" in
   test) setup; exec "$PY" -m pytest -q tests "$@" ;;
   demo) setup; exec "$PY" -m src.cli demo "$@" ;;
   download) setup; exec "$PY" -m src.download "$@" ;;
+  synth) setup; exec "$PY" -m src.synth "$@" ;;
   score) setup; exec "$PY" -m src.scoring "$@" ;;
   blend) setup; exec "$PY" -m src.cli blend "$@" ;;
   tune) setup; exec "$PY" -m src.cli tune "$@" ;;

@@ -1,19 +1,37 @@
-"""A miniature MILK10k with the official layout and schema, and a class signal a working pipeline can learn.
+"""Generated MILK10k images in the official layout: a whole miniature dataset, or images for real CSVs.
 
-Each class has its own lesion colour, size, border irregularity and dermoscopic pattern, drawn on
-skin-toned noise in both images (the dermoscopic view larger and with a dermoscope vignette); the
-metadata carries a weaker signal (age, site and some MONET scores shift per class).  The test labels
-are written only to ``hidden/MILK10k_Test_GroundTruth.csv``, which :func:`src.data.locate` never reads.
+``generate``: a miniature MILK10k from scratch. Each class has its own lesion colour, size, border
+irregularity and dermoscopic pattern, drawn on skin-toned noise in both images (the dermoscopic view
+larger and with a dermoscope vignette); the metadata carries a weaker signal (age, site and some MONET
+scores shift per class).  The test labels are written only to ``hidden/MILK10k_Test_GroundTruth.csv``,
+which :func:`src.data.locate` never reads.
+
+``images_for_csvs``: the official CSVs (or any in their format) copied byte for byte, plus a 600x450 JPEG
+for every image they list, so the whole pipeline can be rehearsed at the real scale before the 347 MB
+download. ``signal`` says what the images carry:
+- ``none``: every lesion is drawn with the look of a class chosen at random and a random skin shade,
+  independent of its label and of all its metadata: any learnable signal comes from the metadata alone.
+- ``weak``: a training lesion is drawn with its own class's look with probability WEAK_SHARE (0.4) and
+  with a random class's look otherwise; a test lesion (no label) with a class drawn from the training
+  class frequencies. Its skin shade follows its skin_tone_class.
+Every lesion's drawing comes from its own random stream (seed, lesion_id), so the output does not depend
+on the order or the number of worker processes.
 
     python -m src.synth OUT_DIR [--n-train N] [--n-test N] [--seed S] [--layout plain|nested]
+    python -m src.synth OUT_DIR --from-csvs DIR [--test-metadata CSV] [--signal weak|none]
+                        [--layout plain|nested|zip] [--workers N] [--seed S]
 """
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
+import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +44,9 @@ from .data import (
 )
 from .io_utils import atomic_write_csv
 
+WEAK_SHARE = 0.4  # signal=weak: the share of training lesions drawn with their own class's look
+SIGNALS = ("weak", "none")
+LAYOUTS = ("plain", "nested", "zip")
 HIDDEN_TEST_TRUTH = Path("hidden") / "MILK10k_Test_GroundTruth.csv"
 
 # Approximate class counts of the 5,240 training lesions of the full release.
@@ -208,60 +229,209 @@ def _supplement(isic_ids: np.ndarray, labels: np.ndarray, rng: np.random.Generat
     return pd.DataFrame(rows, columns=SUPPLEMENT_COLUMNS).sort_values("isic_id", ignore_index=True)
 
 
+class Canvas:
+    """The shared pieces of every drawing at one image size: the half-resolution pixel grid, the dermoscope
+    vignette and a bank of noise that each image crops from at random offsets."""
+
+    def __init__(self, size: tuple[int, int], bank_rng: np.random.Generator):
+        self.width, self.height = size
+        self.w, self.h = self.width // 2, self.height // 2
+        self.yy, self.xx = np.mgrid[0:self.h, 0:self.w].astype(np.float32)
+        self.vignette = np.clip(1.6 - np.hypot((self.xx - self.w / 2) / (self.w / 2),
+                                               (self.yy - self.h / 2) / (self.h / 2)), 0, 1)[..., None]
+        self.bank = bank_rng.standard_normal((2 * self.h, 2 * self.w, 3), dtype=np.float32)
+
+    def noise(self, rng: np.random.Generator) -> np.ndarray:
+        y, x = rng.integers(self.h), rng.integers(self.w)
+        return self.bank[y:y + self.h, x:x + self.w]
+
+
+def _skin(tone: float) -> np.ndarray:
+    """Skin RGB of a skin_tone_class (1..5 as generated here; 0 and missing values take the nearest shade)."""
+    t = 3 if not np.isfinite(tone) else int(min(max(tone, 1), 5))
+    return _SKIN[t - 1]
+
+
+def draw_pair(canvas: Canvas, k: int, tone: float, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """The clinical and dermoscopic image of one lesion drawn with class ``k``'s look: lesion colour, size,
+    border irregularity and dermoscopic pattern on skin-toned noise, at half resolution, then doubled."""
+    c, w, h = canvas, canvas.w, canvas.h
+    colour, radius, rough, pattern = _LOOK[CLASSES[k]][:4]
+    lesion_colour = (np.array(colour) * rng.lognormal(0, 0.18) + rng.normal(0, 6, 3)).astype(np.float32)
+    # Distance from the centre in units of the (irregular, tilted, elliptic) border: 1 on the border.
+    cx, cy = float(rng.normal(w / 2, 0.08 * w)), float(rng.normal(h / 2, 0.08 * h))
+    phase1, phase2, tilt = map(float, rng.uniform(0, 2 * np.pi, 3))
+    aspect, r0 = float(rng.uniform(0.7, 1.0)), float(radius * min(w, h) * rng.lognormal(0, 0.3))
+    u = ((c.xx - cx) * math.cos(tilt) + (c.yy - cy) * math.sin(tilt)) / aspect
+    v = (c.yy - cy) * math.cos(tilt) - (c.xx - cx) * math.sin(tilt)
+    theta = np.arctan2(v, u)
+    radial = np.hypot(u, v) / (r0 * (1 + rough * (np.sin(3 * theta + phase1) + 0.6 * np.sin(5 * theta + phase2))))
+    images = []
+    for derm in (False, True):
+        skin = (_skin(tone) * rng.lognormal(0, 0.06) + rng.normal(0, 3, 3)).astype(np.float32)
+        dist = radial / 1.6 if derm else radial  # the dermoscopic view is magnified
+        alpha = np.clip((1 - dist) * (8 if derm else 5), 0, 1)[..., None]
+        shade = lesion_colour * (0.9 if derm else 1.0)
+        if derm and pattern == 1:  # dark ring along the border
+            shade = shade * (1 - 0.45 * np.exp(-100 * (dist - 0.85) ** 2))[..., None]
+        elif derm and pattern == 2:  # dark speckles
+            shade = shade * (1 - 0.4 * (c.noise(rng)[..., :1] < -0.67))
+        img = skin + 7 * c.noise(rng)[..., :1]
+        img += (shade - img) * alpha + 6 * c.noise(rng)
+        if derm:
+            img *= c.vignette
+        images.append(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).resize((c.width, c.height),
+                                                                                     Image.NEAREST))
+    return images[0], images[1]
+
+
 def _draw_images(
     meta: pd.DataFrame, labels: np.ndarray, folder: Path, size: tuple[int, int], rng: np.random.Generator
 ) -> None:
-    """Draw both images of each lesion at half resolution with numpy, double the pixels and save as JPEG."""
-    width, height = size
-    w, h = width // 2, height // 2
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    vignette = np.clip(1.6 - np.hypot((xx - w / 2) / (w / 2), (yy - h / 2) / (h / 2)), 0, 1)[..., None]
-    bank = rng.standard_normal((2 * h, 2 * w, 3), dtype=np.float32)  # noise is cropped from it at random offsets
-
-    def noise() -> np.ndarray:
-        y, x = rng.integers(h), rng.integers(w)
-        return bank[y:y + h, x:x + w]
-
+    """Draw both images of each lesion (one random stream for the whole set) and save them as JPEGs."""
+    canvas = Canvas(size, rng)
     tones = meta.skin_tone_class.to_numpy(int)[::2]
     for i, k in enumerate(labels):
-        colour, radius, rough, pattern = _LOOK[CLASSES[k]][:4]
-        lesion_colour = (np.array(colour) * rng.lognormal(0, 0.18) + rng.normal(0, 6, 3)).astype(np.float32)
-        # Distance from the centre in units of the (irregular, tilted, elliptic) border: 1 on the border.
-        cx, cy = float(rng.normal(w / 2, 0.08 * w)), float(rng.normal(h / 2, 0.08 * h))
-        phase1, phase2, tilt = map(float, rng.uniform(0, 2 * np.pi, 3))
-        aspect, r0 = float(rng.uniform(0.7, 1.0)), float(radius * min(w, h) * rng.lognormal(0, 0.3))
-        u = ((xx - cx) * math.cos(tilt) + (yy - cy) * math.sin(tilt)) / aspect
-        v = (yy - cy) * math.cos(tilt) - (xx - cx) * math.sin(tilt)
-        theta = np.arctan2(v, u)
-        radial = np.hypot(u, v) / (r0 * (1 + rough * (np.sin(3 * theta + phase1) + 0.6 * np.sin(5 * theta + phase2))))
-        for j, derm in enumerate((False, True)):
-            skin = (_SKIN[tones[i] - 1] * rng.lognormal(0, 0.06) + rng.normal(0, 3, 3)).astype(np.float32)
-            dist = radial / 1.6 if derm else radial  # the dermoscopic view is magnified
-            alpha = np.clip((1 - dist) * (8 if derm else 5), 0, 1)[..., None]
-            shade = lesion_colour * (0.9 if derm else 1.0)
-            if derm and pattern == 1:  # dark ring along the border
-                shade = shade * (1 - 0.45 * np.exp(-100 * (dist - 0.85) ** 2))[..., None]
-            elif derm and pattern == 2:  # dark speckles
-                shade = shade * (1 - 0.4 * (noise()[..., :1] < -0.67))
-            img = skin + 7 * noise()[..., :1]
-            img += (shade - img) * alpha + 6 * noise()
-            if derm:
-                img *= vignette
-            pixels = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).resize((width, height), Image.NEAREST)
+        for j, pixels in enumerate(draw_pair(canvas, k, tones[i], rng)):
             row = meta.iloc[2 * i + j]
             path = folder / row.lesion_id / f"{row.isic_id}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
             pixels.save(path, "JPEG", quality=88)
 
 
+# ----------------------------------------------------------------------------------------------------
+# images for real CSVs
+# ----------------------------------------------------------------------------------------------------
+def _lesion_rng(seed: int, lesion_id: str) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(lesion_id.encode())]))
+
+
+def _looks(lesions: pd.DataFrame, signal: str, seed: int, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(class whose look each lesion is drawn with, skin tone) under ``signal``; ``prior`` = class frequencies."""
+    looks, tones = np.empty(len(lesions), int), np.empty(len(lesions))
+    labelled = "target" in lesions.columns
+    for i, (lesion_id, tone) in enumerate(zip(lesions["lesion_id"], lesions["skin_tone_class"])):
+        rng = _lesion_rng(seed + 1, lesion_id)
+        random_class = int(rng.integers(len(CLASSES)))
+        if signal == "none":
+            looks[i], tones[i] = random_class, float(rng.integers(1, 6))
+            continue
+        own = int(lesions["target"].iat[i]) if labelled else int(rng.choice(len(CLASSES), p=prior))
+        looks[i] = own if rng.random() < WEAK_SHARE or not labelled else random_class
+        # the files' skin_tone_class runs from 0 (very dark) to 5 (very light); the shades here from 1 (light)
+        tones[i] = 1 + np.clip(np.round((5 - float(tone)) * 4 / 5), 0, 4) if np.isfinite(float(tone)) else np.nan
+    return looks, tones
+
+
+_CANVAS: dict = {}
+
+
+def _draw_job(job: tuple) -> None:
+    """Worker: draw and save one lesion's two JPEGs."""
+    lesion_id, look, tone, clin_path, derm_path, size, seed = job
+    key = (size, seed)
+    if key not in _CANVAS:
+        _CANVAS.clear()
+        _CANVAS[key] = Canvas(size, np.random.default_rng(seed))
+    pair = draw_pair(_CANVAS[key], look, tone, _lesion_rng(seed, lesion_id))
+    for path, pixels in zip((clin_path, derm_path), pair):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pixels.save(path, "JPEG", quality=88)
+
+
+def _draw_all(jobs: list[tuple], workers: int, what: str) -> None:
+    start, every = time.time(), max(1, len(jobs) // 10)
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    try:
+        done = pool.imap_unordered(_draw_job, jobs, chunksize=16) if pool else map(_draw_job, jobs)
+        for n, _ in enumerate(done, 1):
+            if n % every == 0 or n == len(jobs):
+                print(f"[synth] {what}: {n}/{len(jobs)} lesions ({time.time() - start:.0f}s)", flush=True)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+
+
+def _zip_folder(folder: Path, zip_path: Path) -> None:
+    """``folder`` as the official zips hold it: one top folder of the same name."""
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for path in sorted(folder.rglob("*.jpg")):
+            zf.write(path, path.relative_to(folder.parent).as_posix())
+    shutil.rmtree(folder)
+
+
+def images_for_csvs(out_dir: str | os.PathLike, train_dir: str | os.PathLike,
+                    test_metadata: str | os.PathLike | None = None, signal: str = "weak", layout: str = "plain",
+                    seed: int = 0, workers: int = 1, image_size: tuple[int, int] = (600, 450)) -> Path:
+    """Copy the MILK10k CSVs of ``train_dir`` (and ``test_metadata``, else ``train_dir``'s test metadata) into
+    ``out_dir`` (new or empty) byte for byte, and write a JPEG for every image they list (see the module
+    docstring for ``signal``). ``layout``: 'plain' folders, 'nested' (as unzipping makes them) or 'zip' (the
+    official zips, not unzipped). The folder appears complete or not at all."""
+    from .data import DataError, load_test, load_train, locate
+
+    if signal not in SIGNALS or layout not in LAYOUTS:
+        raise ValueError(f"signal must be one of {SIGNALS} and layout one of {LAYOUTS}")
+    src = locate(train_dir)
+    test_csv = Path(test_metadata) if test_metadata else src.test_metadata
+    if test_csv is None or not Path(test_csv).is_file():
+        raise DataError(f"{src.root}: no {TEST_METADATA} there; pass the official test metadata with "
+                        "--test-metadata PATH")
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not an empty folder; choose a new one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name, path in [(TRAIN_METADATA, src.train_metadata), (TRAIN_GROUND_TRUTH, src.train_ground_truth),
+                           (TRAIN_SUPPLEMENT, src.train_supplement), (TEST_METADATA, test_csv)]:
+            if path is not None:
+                shutil.copyfile(path, stage / name)
+        train, test = load_train(stage, check_images=False), load_test(stage, check_images=False)
+        atomic_write_csv(stage / SAMPLE_SUBMIT, pd.DataFrame({"lesion_id": test["lesion_id"],
+                                                              **{c: "0.0" for c in CLASSES}}))
+        prior = np.bincount(train["target"], minlength=len(CLASSES)) / len(train)
+        for lesions, folder, what in [(train, TRAIN_IMAGES, "training"), (test, TEST_IMAGES, "test")]:
+            images = stage / folder / folder if layout == "nested" else stage / folder
+            looks, tones = _looks(lesions, signal, seed, prior)
+            jobs = [(lid, k, t, str(images / lid / f"{c}.jpg"), str(images / lid / f"{d}.jpg"), tuple(image_size),
+                     seed) for lid, k, t, c, d in zip(lesions["lesion_id"], looks, tones, lesions["clin_isic_id"],
+                                                      lesions["derm_isic_id"])]
+            _draw_all(jobs, workers, f"{what} images")
+            if layout == "zip":
+                _zip_folder(images, stage / f"{folder}.zip")
+        if out.exists():
+            out.rmdir()
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m src.synth", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", help="new or empty folder to write the miniature dataset into")
-    parser.add_argument("--n-train", type=int, default=300)
+    parser = argparse.ArgumentParser(prog="python -m src.synth", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("out_dir", help="new or empty folder to write into")
+    parser.add_argument("--n-train", type=int, default=300, help="lesions of a generated miniature dataset")
     parser.add_argument("--n-test", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--layout", choices=["plain", "nested"], default="plain")
+    parser.add_argument("--layout", choices=LAYOUTS, default="plain",
+                        help="image folders plain, twice nested (as unzipping makes them), or the official zips")
+    parser.add_argument("--from-csvs", metavar="DIR", help="draw images for the MILK10k CSVs in DIR instead")
+    parser.add_argument("--test-metadata", metavar="CSV", help="with --from-csvs: the test metadata, if not in DIR")
+    parser.add_argument("--signal", choices=SIGNALS, default="weak",
+                        help="with --from-csvs: a weak class signal in the images, or none (see above)")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
+                        help="with --from-csvs: drawing processes")
     args = parser.parse_args(argv)
+    if args.from_csvs:
+        out = images_for_csvs(args.out_dir, args.from_csvs, args.test_metadata, args.signal, args.layout,
+                              args.seed, args.workers)
+        print(f"wrote the CSVs of {args.from_csvs} and their images ({args.signal} signal, {args.layout}) to {out}")
+        return
+    if args.layout == "zip":
+        parser.error("--layout zip needs --from-csvs")
     out = generate(args.out_dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed, layout=args.layout)
     print(f"wrote {args.n_train} training and {args.n_test} test lesions to {out}")
     print(f"test labels (never read by the pipeline): {out / HIDDEN_TEST_TRUTH}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -17,7 +19,8 @@ from src.data import (
     CLASSES, MONET, SAMPLE_SUBMIT, TEST_IMAGES, TEST_METADATA, TRAIN_GROUND_TRUTH, TRAIN_IMAGES, TRAIN_METADATA,
     TRAIN_SUPPLEMENT, load_test, load_train,
 )
-from src.synth import generate, main
+from src.data import DataError
+from src.synth import generate, images_for_csvs, main
 
 CSVS = [TRAIN_METADATA, TRAIN_GROUND_TRUTH, TRAIN_SUPPLEMENT, TEST_METADATA, SAMPLE_SUBMIT]
 HIDDEN = Path("hidden") / "MILK10k_Test_GroundTruth.csv"
@@ -160,3 +163,82 @@ def test_refuses_a_non_empty_folder_and_leaves_nothing_behind(tmp_path: Path) ->
     empty.mkdir()
     assert generate(empty, n_train=12, n_test=3, **TINY) == empty.resolve()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# --- images for real CSVs (the fixture's real rows: "MILK study team", CC-BY-NC) --------------------------------
+SMALL = dict(image_size=(48, 36))
+
+
+@pytest.fixture(scope="module")
+def rehearsal(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("rehearsal")
+    return {layout: images_for_csvs(root / layout, sample_dir, signal="weak", layout=layout, seed=3, **SMALL)
+            for layout in ("plain", "nested", "zip")}
+
+
+def test_every_image_of_the_real_csvs_is_written_in_each_layout(rehearsal, sample_dir: Path, tmp_path: Path) -> None:
+    train, test = load_train(rehearsal["plain"]), load_test(rehearsal["plain"])  # check_images: every JPEG exists
+    assert len(train) == len(load_train(sample_dir, check_images=False)) and len(test) == 479
+    for name in (TRAIN_METADATA, TRAIN_GROUND_TRUTH, TRAIN_SUPPLEMENT, TEST_METADATA):
+        assert (rehearsal["plain"] / name).read_bytes() == (sample_dir / name).read_bytes()
+    with Image.open(train.clin_path.iat[0]) as im:
+        assert im.format == "JPEG" and im.size == (48, 36)
+    nested = load_train(rehearsal["nested"])
+    assert (rehearsal["nested"] / TRAIN_IMAGES / TRAIN_IMAGES).is_dir()
+    assert [Path(p).read_bytes() for p in nested.derm_path[:5]] == [Path(p).read_bytes() for p in train.derm_path[:5]]
+    zipped = rehearsal["zip"]
+    assert sorted(p.name for p in zipped.iterdir() if p.suffix == ".zip") == [f"{TEST_IMAGES}.zip", f"{TRAIN_IMAGES}.zip"]
+    assert not (zipped / TRAIN_IMAGES).exists()
+    with zipfile.ZipFile(zipped / f"{TRAIN_IMAGES}.zip") as zf:
+        zf.extractall(tmp_path)                                     # as unzip -d <folder> would
+    names = {f"{TRAIN_IMAGES}/{lid}/{i}.jpg" for lid, i in zip(train.lesion_id, train.clin_isic_id)}
+    assert names <= {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.jpg")}
+
+
+def test_the_same_bytes_for_a_seed_whatever_the_workers(sample_dir: Path, tmp_path: Path) -> None:
+    one = images_for_csvs(tmp_path / "one", sample_dir, signal="none", seed=5, workers=1, **SMALL)
+    two = images_for_csvs(tmp_path / "two", sample_dir, signal="none", seed=5, workers=2, **SMALL)
+    files = sorted(p.relative_to(one) for p in one.rglob("*.jpg"))
+    assert len(files) == 2 * (328 + 479)
+    assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
+
+
+def _bcc_vs_nv_auc(data: Path) -> float:
+    """Cross-validated AUC of a logistic regression telling BCC from NV (the two largest classes) by the mean
+    colour at the centre of both images."""
+    train = load_train(data)
+    keep = train.target.isin([CLASSES.index("BCC"), CLASSES.index("NV")]).to_numpy()
+
+    def centre(path: str) -> np.ndarray:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), float)[12:24, 16:32].reshape(-1, 3).mean(0) / 255
+
+    x = np.stack([np.concatenate([centre(c), centre(d)]) for c, d in zip(train.clin_path[keep], train.derm_path[keep])])
+    y = (train.target[keep] == CLASSES.index("BCC")).to_numpy()
+    p = cross_val_predict(LogisticRegression(max_iter=1000), x, y, cv=StratifiedKFold(5, shuffle=True, random_state=0),
+                          method="predict_proba")[:, 1]
+    return roc_auc_score(y, p)
+
+
+def test_weak_images_carry_a_learnable_signal_and_none_carry_none(rehearsal, sample_dir: Path, tmp_path: Path) -> None:
+    weak = _bcc_vs_nv_auc(rehearsal["plain"])
+    none = _bcc_vs_nv_auc(images_for_csvs(tmp_path / "none", sample_dir, signal="none", seed=3, **SMALL))
+    assert weak > 0.6, weak                      # 40% of the lesions show their own class's look
+    assert abs(none - 0.5) < 0.1, none           # chance
+
+
+def test_a_taken_folder_or_a_missing_test_metadata_is_refused(sample_dir: Path, tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        images_for_csvs(taken, sample_dir, **SMALL)
+    only_train = tmp_path / "csvs"
+    only_train.mkdir()
+    for name in (TRAIN_METADATA, TRAIN_GROUND_TRUTH):
+        (only_train / name).write_bytes((sample_dir / name).read_bytes())
+    with pytest.raises(DataError, match="--test-metadata"):
+        images_for_csvs(tmp_path / "new", only_train, **SMALL)
+    out = images_for_csvs(tmp_path / "new", only_train, sample_dir / TEST_METADATA, signal="none", **SMALL)
+    assert len(load_test(out)) == 479 and not (out / TRAIN_SUPPLEMENT).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["csvs", "new", "taken"]    # no temporary folder left
