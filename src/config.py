@@ -59,6 +59,10 @@ class Config:
                               "convolutions): same results, half the kernel launches; convolution + BatchNorm "
                               "backbones only")
     meta_mode: str = _f("concat", "metadata fusion: 'concat' (raw features), 'mlp' (small MLP), 'none'")
+    meta_features: str = _f("base", "metadata features of the image models: 'base' (age, sex, skin tone, site, "
+                            "MONET scores, manipulation) or 'extended' (plus MONET logits, clinical-minus-dermoscopic "
+                            "differences, age hinges and interactions, as the tabular models use)")
+    meta_standardize: bool = _f(False, "z-score every metadata feature with the training fold's mean and std")
     meta_hidden: int = _f(128, "hidden width of the metadata MLP")
     meta_dropout: float = _f(0.3, "dropout inside the metadata MLP")
     head_dropout: float = _f(0.0, "dropout before the classifier")
@@ -85,6 +89,7 @@ class Config:
     batch_size: int = _f(64, "lesion pairs per step")
     stage1_epochs: int = _f(2, "epochs training the head with frozen backbones")
     stage1_lr: float = _f(1e-3, "learning rate of stage 1")
+    stage1_schedule: str = _f("constant", "stage-1 schedule: 'constant' or 'cosine' (down to 1% by its last step)")
     epochs: int = _f(15, "maximum epochs of stage 2 (everything unfrozen)")
     lr: float = _f(3e-4, "stage-2 learning rate of the head")
     backbone_lr: float = _f(5e-5, "stage-2 learning rate of the backbones")
@@ -195,6 +200,8 @@ _CHOICES = {
     "loss": {"bce", "ce"},
     "early_stop_metric": {"f1", "f1_tuned", "auc"},
     "schedule": {"cosine", "constant"},
+    "stage1_schedule": {"cosine", "constant"},
+    "meta_features": {"base", "extended"},
     "decision": {"auto", "threshold", "expected_f1", "none"},
     "threshold_method": {"exact", "optuna"},
     "wandb_mode": {"", "offline", "online", "disabled"},

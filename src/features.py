@@ -52,8 +52,11 @@ def _impute(values: np.ndarray, stats: dict[str, float]) -> tuple[np.ndarray, np
 class MetadataEncoder:
     """``fit`` on training lesions, then ``transform`` any lesions (one row per lesion)."""
 
-    def __init__(self, extended: bool = False):
+    def __init__(self, extended: bool = False, standardize: bool = False):
         self.extended = extended
+        self.standardize = standardize  # every output column z-scored with the training rows' mean and std
+        self.center: np.ndarray | None = None
+        self.scale: np.ndarray | None = None
         self.age: dict[str, float] | None = None
         self.skin_tone: dict[str, float] | None = None
         self.sites: list[str] = []
@@ -82,6 +85,10 @@ class MetadataEncoder:
         self.sites = sorted({s for s in _text(lesions["site"]) if s and s != "unknown"})
         self.monet_median = {c: _stats(_num(lesions[c]))["median"] for c in self.monet_columns}
         self.feature_names = self._names()
+        if self.standardize:
+            raw = self._raw(lesions)
+            std = raw.std(0)
+            self.center, self.scale = raw.mean(0), np.where(std > 1e-12, std, 1.0)
         return self
 
     def _names(self) -> list[str]:
@@ -97,6 +104,12 @@ class MetadataEncoder:
         return names
 
     def transform(self, lesions: pd.DataFrame) -> np.ndarray:
+        out = self._raw(lesions)
+        if self.standardize:
+            out = (out - self.center) / self.scale
+        return out.astype(np.float32)
+
+    def _raw(self, lesions: pd.DataFrame) -> np.ndarray:
         if self.age is None or self.skin_tone is None:
             raise RuntimeError("MetadataEncoder.transform called before fit (or load)")
         self._check(lesions)
@@ -129,7 +142,7 @@ class MetadataEncoder:
                       n_missing]
         out = np.column_stack([np.asarray(x, dtype=np.float64) for x in parts])
         assert out.shape[1] == self.n_features and np.isfinite(out).all()
-        return out.astype(np.float32)
+        return out
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -137,14 +150,18 @@ class MetadataEncoder:
             raise RuntimeError("MetadataEncoder.to_dict called before fit")
         return {"version": ENCODER_VERSION, "extended": self.extended, "monet": list(MONET), "age": self.age,
                 "skin_tone": self.skin_tone, "sites": self.sites, "monet_median": self.monet_median,
-                "feature_names": self.feature_names}
+                "feature_names": self.feature_names, "standardize": self.standardize,
+                "center": None if self.center is None else self.center.tolist(),
+                "scale": None if self.scale is None else self.scale.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MetadataEncoder":
         if d.get("version") != ENCODER_VERSION or list(d.get("monet", [])) != list(MONET):
             raise DataError(f"metadata encoder: saved version {d.get('version')} / MONET columns do not match "
                             f"this code (version {ENCODER_VERSION}); refit it")
-        enc = cls(extended=bool(d["extended"]))
+        enc = cls(extended=bool(d["extended"]), standardize=bool(d.get("standardize", False)))
+        if enc.standardize:
+            enc.center, enc.scale = np.asarray(d["center"], np.float64), np.asarray(d["scale"], np.float64)
         enc.age, enc.skin_tone = dict(d["age"]), dict(d["skin_tone"])
         enc.sites, enc.monet_median = list(d["sites"]), dict(d["monet_median"])
         enc.feature_names = enc._names()

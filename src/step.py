@@ -116,6 +116,14 @@ def lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
     return f
 
 
+def stage1_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
+    """Stage 1's learning-rate factor per step: constant, or cosine from 1 to 0.01 over its ``stage1_epochs``."""
+    if cfg.stage1_schedule == "constant":
+        return lambda step: 1.0
+    total = max(1, cfg.stage1_epochs * steps_per_epoch)
+    return lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+
+
 @dataclass
 class Stage:
     """What one stage trains with: the optimiser and its schedule, the EMA (stage 2, ``ema_decay``), the runner
@@ -158,7 +166,7 @@ def build_stage(cfg: Config, model: nn.Module, number: int, steps_per_epoch: int
     fused = device.type == "cuda"
     if number == 1:
         opt = torch.optim.AdamW(model.head_parameters(), lr=cfg.stage1_lr, weight_decay=cfg.weight_decay, fused=fused)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, stage1_lambda(cfg, steps_per_epoch))
     else:
         groups = [{"params": list(model.backbone_parameters()), "lr": cfg.backbone_lr},
                   {"params": model.head_parameters(), "lr": cfg.lr}]

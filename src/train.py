@@ -66,7 +66,7 @@ def fold_inputs(cfg: Config, fold: int, data: Prepared) -> FoldInputs:
     tr_rows = np.flatnonzero(data.folds != fold)
     va_rows = np.flatnonzero(data.folds == fold)
     train_df, val_df = data.train.iloc[tr_rows], data.train.iloc[va_rows]
-    encoder = MetadataEncoder().fit(train_df)
+    encoder = MetadataEncoder(extended=cfg.meta_features == "extended", standardize=cfg.meta_standardize).fit(train_df)
     y_all = data.train[CLASSES].to_numpy(np.float32)
     aux_vocab = sorted(v for v in train_df["diagnosis_full"].unique() if v) if cfg.aux_weight > 0 else []
     aux_index = {v: i for i, v in enumerate(aux_vocab)}

@@ -151,3 +151,24 @@ def test_real_rows_train_to_test():
     xt = enc.transform(train)
     np.testing.assert_array_equal(col(enc, xt, "age_missing"), train.age_approx.isna())
     assert col(enc, xt, "age_missing").sum() == 2 and col(enc, xt, "site_unknown").sum() == 3
+
+
+def test_standardized_features_are_z_scores_of_the_training_rows_and_survive_save_load(sample_dir, tmp_path):
+    train = load_train(sample_dir, check_images=False)
+    fit_rows, other = train.iloc[:200], train.iloc[200:]
+    plain = MetadataEncoder(extended=True).fit(fit_rows)
+    z = MetadataEncoder(extended=True, standardize=True).fit(fit_rows)
+    x, xz = plain.transform(fit_rows).astype(float), z.transform(fit_rows).astype(float)
+    varying = x.std(0) > 1e-9
+    np.testing.assert_allclose(xz.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(xz.std(0)[varying], 1, atol=1e-4)
+    np.testing.assert_allclose(xz[:, varying], ((x - x.mean(0)) / x.std(0))[:, varying], atol=1e-4)
+    z.save(tmp_path / "enc.json")
+    again = MetadataEncoder.load(tmp_path / "enc.json")
+    np.testing.assert_array_equal(again.transform(other), z.transform(other))
+    assert not MetadataEncoder.load(_saved(plain, tmp_path)).standardize
+
+
+def _saved(enc, tmp_path):
+    enc.save(tmp_path / "plain.json")
+    return tmp_path / "plain.json"
