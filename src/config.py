@@ -66,6 +66,8 @@ class Config:
     meta_hidden: int = _f(128, "hidden width of the metadata MLP")
     meta_dropout: float = _f(0.3, "dropout inside the metadata MLP")
     head_dropout: float = _f(0.0, "dropout before the classifier")
+    embed_norm: bool = _f(False, "scale each image-embedding dimension to zero mean and unit variance before the "
+                          "classifier (batch statistics in training, running ones in evaluation; no parameters)")
     img_size: int = _f(256, "square input size of both images")
 
     # --- augmentation (applied on the device, per sample) -------------------------------------

@@ -106,7 +106,8 @@ def create_backbone(name: str, pretrained: bool, pretrained_path: str = "") -> n
 class DualNet(nn.Module):
     def __init__(self, backbone: str, n_meta: int, n_classes: int = 11, n_aux: int = 0, *,
                  shared_backbone: bool = False, meta_mode: str = "concat", meta_hidden: int = 128,
-                 meta_dropout: float = 0.3, head_dropout: float = 0.0, pretrained: bool = True,
+                 meta_dropout: float = 0.3, head_dropout: float = 0.0, embed_norm: bool = False,
+                 pretrained: bool = True,
                  pretrained_path: str = "", fuse_backbones: bool = False):
         super().__init__()
         clin = create_backbone(backbone, pretrained, pretrained_path)
@@ -134,6 +135,10 @@ class DualNet(nn.Module):
         else:
             self.meta, meta_dim = None, 0
         self.dropout = nn.Dropout(head_dropout)
+        # embed_norm: each embedding dimension scaled to zero mean and unit variance (batch statistics in training,
+        # running ones in evaluation; no learned parameters), so the classifier sees the embeddings on the scale of
+        # the standardised metadata whether the backbones are frozen or fine-tuned
+        self.embed_norm = nn.BatchNorm1d(2 * feat, eps=1e-8, affine=False) if embed_norm else None
         self.head = nn.Linear(2 * feat + meta_dim, n_classes)
         self.aux_head = nn.Linear(2 * feat + meta_dim, n_aux) if n_aux else None
 
@@ -170,7 +175,8 @@ class DualNet(nn.Module):
         return torch.cat([self.clin(clin), self.derm(derm)], dim=1)
 
     def forward_head(self, emb: torch.Tensor, meta: torch.Tensor):
-        parts = [emb.float()]
+        emb = emb.float()
+        parts = [self.embed_norm(emb) if self.embed_norm is not None else emb]
         if self.meta is not None:
             parts.append(self.meta(meta))
         z = self.dropout(torch.cat(parts, dim=1))
@@ -185,6 +191,7 @@ class DualNet(nn.Module):
 def build_model(cfg, n_meta: int, n_aux: int = 0) -> DualNet:
     model = DualNet(cfg.backbone, n_meta, n_aux=n_aux, shared_backbone=cfg.shared_backbone, meta_mode=cfg.meta_mode,
                    meta_hidden=cfg.meta_hidden, meta_dropout=cfg.meta_dropout, head_dropout=cfg.head_dropout,
+                   embed_norm=cfg.embed_norm,
                    pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path,
                    fuse_backbones=cfg.fuse_backbones)
     model.branch_streams = cfg.branch_streams and not cfg.compile and not model.fused

@@ -134,7 +134,32 @@ def test_forward_shapes_with_meta_mlp_and_aux():
     assert logits.shape == (3, 11) and aux.shape == (3, 5)
 
 
-@pytest.mark.slow
+def test_embed_norm_puts_the_embeddings_on_a_unit_scale_without_parameters():
+    torch.manual_seed(0)
+    plain = DualNet("test_efficientnet", n_meta=7, pretrained=False)
+    torch.manual_seed(0)
+    normed = DualNet("test_efficientnet", n_meta=7, pretrained=False, embed_norm=True)
+    assert count_parameters(plain) == count_parameters(normed)
+    x, meta = torch.randn(16, 3, 32, 32), torch.randn(16, 7)
+    normed.eval()
+    with torch.no_grad():                                     # a random-init backbone in evaluation (frozen
+        emb = normed.embed(x, x)                              # BatchNorm) gives tiny embeddings
+    assert float(emb.std(0).mean()) < 0.05
+    seen = []
+    normed.head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    normed.train()
+    for b in normed.backbones():                              # as in stage 1
+        b.eval()
+    normed(x, x, meta)
+    z = seen[-1][:, :emb.shape[1]]
+    torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1]), atol=1e-4, rtol=0)
+    assert float((z.std(0, unbiased=False) - 1).abs().max()) < 0.02
+    normed.eval()                                             # evaluation uses the running statistics
+    again = normed(x, x, meta)[0]
+    normed.load_state_dict(normed.state_dict())
+    torch.testing.assert_close(normed(x, x, meta)[0], again)
+
+
 def test_local_weights_file_and_clear_error_offline(tmp_path, monkeypatch):
     ref = create_backbone("test_efficientnet", pretrained=False)
     path = tmp_path / "w.pth"
