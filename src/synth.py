@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from contextlib import contextmanager
 import multiprocessing
 import os
 import shutil
@@ -33,6 +34,7 @@ import time
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -98,6 +100,25 @@ _MONET_SHIFT = {"AKIEC": (0.8, 0.0, 0.8, -0.5), "BCC": (0.6, 1.0, 0.3, -0.6), "I
                 "SCCKA": (1.2, 0.4, 0.4, -0.6), "VASC": (0.0, 1.4, 1.0, -0.4)}
 
 
+@contextmanager
+def staged(out_dir: str | os.PathLike) -> Iterator[tuple[Path, Path]]:
+    """(a temporary sibling folder to fill, ``out_dir``): renamed into place when the block ends without error,
+    removed otherwise; ``out_dir`` must be new or an empty folder."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not an empty folder; choose a new one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield stage, out
+        if out.exists():
+            out.rmdir()
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
 def generate(
     out_dir: str | os.PathLike, n_train: int = 300, n_test: int = 60, seed: int = 0, layout: str = "plain",
     image_size: tuple[int, int] = (600, 450),
@@ -109,9 +130,6 @@ def generate(
     """
     if layout not in ("plain", "nested"):
         raise ValueError(f"layout must be 'plain' or 'nested', got {layout!r}")
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not an empty folder; choose a new one")
     rng = np.random.default_rng(seed)
     n = n_train + n_test
     lesion_ids = np.sort(rng.choice(10_000_000, n, replace=False))
@@ -123,9 +141,7 @@ def generate(
     labels[~split] = _draw_classes(n_train, rng)
     labels[split] = _draw_classes(n_test, rng)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out_dir) as (stage, out):
         for is_test, meta_name, folder in [(False, TRAIN_METADATA, TRAIN_IMAGES), (True, TEST_METADATA, TEST_IMAGES)]:
             idx = np.flatnonzero(split == is_test)
             meta = _metadata(lesion_ids[idx], isic_ids[idx], labels[idx], is_test, rng)
@@ -139,12 +155,6 @@ def generate(
             else:
                 atomic_write_csv(stage / TRAIN_GROUND_TRUTH, truth)
                 atomic_write_csv(stage / TRAIN_SUPPLEMENT, _supplement(isic_ids[idx], labels[idx], rng))
-        if out.exists():
-            out.rmdir()
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out
 
 
@@ -377,12 +387,7 @@ def images_for_csvs(out_dir: str | os.PathLike, train_dir: str | os.PathLike,
     if test_csv is None or not Path(test_csv).is_file():
         raise DataError(f"{src.root}: no {TEST_METADATA} there; pass the official test metadata with "
                         "--test-metadata PATH")
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not an empty folder; choose a new one")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out_dir) as (stage, out):
         for name, path in [(TRAIN_METADATA, src.train_metadata), (TRAIN_GROUND_TRUTH, src.train_ground_truth),
                            (TRAIN_SUPPLEMENT, src.train_supplement), (TEST_METADATA, test_csv)]:
             if path is not None:
@@ -400,12 +405,6 @@ def images_for_csvs(out_dir: str | os.PathLike, train_dir: str | os.PathLike,
             _draw_all(jobs, workers, f"{what} images")
             if layout == "zip":
                 _zip_folder(images, stage / f"{folder}.zip")
-        if out.exists():
-            out.rmdir()
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out
 
 
