@@ -46,7 +46,9 @@ def _decode_lesion(job: tuple[int, str, str, str, int]) -> tuple[int, np.ndarray
         try:
             out[v] = decode_image(path, size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            raise DataError(f"{path}: not a decodable JPEG (lesion_id {lesion_id}, {VIEWS[v]}_path): {err}") from None
+            raise DataError(f"{path}: not a decodable JPEG (lesion_id {lesion_id}, {VIEWS[v]}_path): {err}; "
+                            "`bash run.sh download --verify-only --dest <data_dir>` lists every broken image, "
+                            "then replace them (re-download with --force)") from None
     return i, out
 
 

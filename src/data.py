@@ -3,6 +3,13 @@
 The metadata has one row per image and two images per lesion (a clinical close-up and a dermoscopic
 image); ``load_train`` and ``load_test`` pair them into one row per lesion.  Every problem found in an
 input file raises :class:`DataError` naming the file, the CSV line (the header is line 1) and the column.
+
+One rule for every CSV the project reads (this module and the scorer, src/scoring.py): a UTF-8 byte-order
+mark at the start is accepted, and so are CRLF line ends. In the metadata's optional fields (OPTIONAL:
+age, sex, skin tone, site and the MONET scores) an empty field and the usual missing-value markers
+(MISSING_MARKERS: NaN, NA, N/A, null, None, ... in any case) all mean "missing" and are imputed the same way
+(src/features.py); anything else that is not a number where one is needed ('seventy', 'inf') is an error.
+In the ground truth and in predictions a missing value is always an error.
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ TRAIN_IMAGES = "MILK10k_Training_Input"
 TEST_IMAGES = "MILK10k_Test_Input"
 
 _LESION_FIELDS = ["age_approx", "sex", "skin_tone_class", "site"]
+OPTIONAL = [*_LESION_FIELDS, *MONET]
+MISSING_MARKERS = {"", "nan", "-nan", "na", "n/a", "#n/a", "null", "none", "<na>"}  # what pandas reads as NaN
 _HELP = "see input/README.md for where the MILK10k files go"
 
 
@@ -133,11 +142,22 @@ def check_jpeg(path: str | os.PathLike) -> None:
 
 # --- reading and validation ---------------------------------------------------------------------
 
+def _near_names(root: Path, name: str) -> list[str]:
+    """Files in ``root`` that are ``name`` but for letter case, or ``name`` compressed (``.zip``, ``.gz``)."""
+    if not root.is_dir():
+        return []
+    want = name.lower()
+    return sorted(p.name for p in root.iterdir()
+                  if p.name != name and (p.name.lower() == want or p.name.lower().startswith(want + ".")))
+
+
 def _require(path: Path | None, root: Path, name: str) -> Path:
     if path is not None:
         return path
     where = f"{root} does not exist" if not root.is_dir() else f"looked for {root / name}"
-    raise DataError(f"{root}: required file {name} not found ({where}); {_HELP}")
+    near = _near_names(root, name)
+    hint = (f"; {', '.join(near)} is there: rename or unpack it to {name}" if near else "")
+    raise DataError(f"{root}: required file {name} not found ({where}){hint}; {_HELP}")
 
 
 def _where(df: pd.DataFrame, i: int, path: Path, column: str) -> str:
@@ -153,7 +173,8 @@ def _first(mask: pd.Series | np.ndarray) -> int:
 def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     """Read every field as text ('' when empty) and insist on exactly ``columns``."""
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False,
+                         encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot be read as CSV: {str(e).strip()}") from None
     filled = np.flatnonzero((df != "").any(axis=1).to_numpy())
@@ -218,6 +239,9 @@ def _read_metadata(path: Path) -> pd.DataFrame:
             f"{_where(df, i, path, 'image_type')}: unknown image type '{df.image_type.iat[i]}' (expected {allowed})"
         )
     _check_unique(df, "isic_id", path)
+    for column in OPTIONAL:  # every missing-value marker reads as an empty field
+        marker = df[column].str.strip().str.lower().isin(MISSING_MARKERS)
+        df[column] = df[column].where(~marker, "")
 
     counts = (
         df.groupby(["lesion_id", "image_type"]).size().unstack(fill_value=0)
@@ -286,6 +310,13 @@ def _lesions(
     """Pair the two images of each lesion into one row; optionally check that every JPEG exists."""
     if images is None:
         if check_images:
+            zipped = root / f"{folder}.zip"
+            if zipped.is_file():
+                raise DataError(
+                    f"{root}: image folder {folder} not found, but {zipped.name} is there, not unzipped: unzip it "
+                    f"with `unzip -q {zipped} -d {root}` (the twice-nested or plain layout both work), or let "
+                    f"`bash run.sh download --dest {root}` unpack and verify it"
+                )
             raise DataError(
                 f"{root}: image folder {folder} not found (looked for {root / folder / folder} and "
                 f"{root / folder}); {_HELP}"

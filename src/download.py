@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import csv
 import http.client
+import multiprocessing
+import os
 import re
 import shutil
 import sys
@@ -42,6 +44,8 @@ GROUND_TRUTH_COLUMNS = (
 )
 SUPPLEMENT_COLUMNS = ("isic_id", "diagnosis_full", "diagnosis_confirm_type", "invasion_thickness_interval")
 
+METADATA_OF = {"MILK10k_Training_Input": "MILK10k_Training_Metadata.csv",
+               "MILK10k_Test_Input": "MILK10k_Test_Metadata.csv"}
 # name -> what verification expects: CSVs by header and data-row count, zips by extracted image count.
 FILES: dict[str, dict] = {
     "MILK10k_Training_Metadata.csv": {"kind": "csv", "rows": 10480, "columns": METADATA_COLUMNS},
@@ -109,28 +113,90 @@ def _csv_problems(path: Path, columns: tuple[str, ...], rows: int) -> list[str]:
     return problems
 
 
-def _image_problems(dest: Path, folder: str, images: int) -> list[str]:
+def _listed_images(dest: Path, folder: str) -> dict[str, int] | None:
+    """``<lesion_id>/<isic_id>.jpg`` -> CSV line, for every image the split's metadata lists (None without it)."""
+    meta = dest / METADATA_OF[folder]
+    try:
+        with open(meta, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            if "lesion_id" not in header or "isic_id" not in header:
+                return None
+            lid, iid = header.index("lesion_id"), header.index("isic_id")
+            return {f"{row[lid]}/{row[iid]}.jpg": reader.line_num for row in reader if len(row) > max(lid, iid)}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+
+
+def _decode_problem(path: str) -> str | None:
+    """Why ``path`` is not a JPEG that decodes completely, or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.format != "JPEG":
+                return f"holds {im.format} data, not a JPEG"
+    except Exception as exc:  # noqa: BLE001 - PIL raises several kinds for broken files
+        return f"not a decodable JPEG ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _show(paths: list, limit: int = 5) -> str:
+    return ", ".join(map(str, paths[:limit])) + (f" ... ({len(paths)} in all)" if len(paths) > limit else "")
+
+
+def _image_problems(dest: Path, folder: str, images: int, decode: bool = False, workers: int = 1) -> list[str]:
+    """The unzipped images against the metadata's list (missing and unexpected files named) and their count;
+    with ``decode`` every JPEG is decoded in full (``workers`` processes)."""
     root = image_root(dest, folder)
+    fix = f"re-download it: `bash run.sh download --dest {dest} --only {folder}.zip --force`"
     if not root.is_dir():
         return [f"{Path(dest) / folder}: missing (the unzipped {folder}.zip)"]
-    n = sum(1 for _ in root.glob("*/*.jpg"))
-    if n != images:
-        return [f"{root}: {n} images as <lesion_id>/<isic_id>.jpg, expected {images}"]
-    return []
+    found = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*.jpg"))
+    problems = []
+    listed = _listed_images(Path(dest), folder)
+    if listed is not None:
+        missing = [f"{root / name} ({METADATA_OF[folder]} line {line})" for name, line in listed.items()
+                   if name not in set(found)]
+        extra = [str(root / name) for name in found if name not in listed]
+        if missing:
+            problems.append(f"{root}: {len(missing)} image(s) listed in {METADATA_OF[folder]} are missing: "
+                            f"{_show(missing)}; {fix}")
+        if extra:
+            problems.append(f"{root}: {len(extra)} image(s) not listed in {METADATA_OF[folder]}: {_show(extra)}")
+    if len(found) != images:
+        problems.append(f"{root}: {len(found)} images as <lesion_id>/<isic_id>.jpg, expected {images}")
+    if decode and found:
+        paths = [str(root / name) for name in found]
+        print(f"{folder}: decoding {len(paths)} images ({workers} process(es))", flush=True)
+        if workers > 1:
+            with multiprocessing.Pool(workers) as pool:
+                why = pool.map(_decode_problem, paths, chunksize=64)
+        else:
+            why = [_decode_problem(p) for p in paths]
+        broken = [f"{p}: {w}" for p, w in zip(paths, why) if w]
+        if broken:
+            problems.append(f"{root}: {len(broken)} image(s) do not decode: {_show(broken, 10)}; delete them and "
+                            f"{fix}")
+    return problems
 
 
-def _problems(dest: Path, name: str, expect: dict[str, int] | None) -> list[str]:
+def _problems(dest: Path, name: str, expect: dict[str, int] | None, decode: bool = False,
+              workers: int = 1) -> list[str]:
     spec = FILES[name]
     count = expected_count(name, expect)
     if spec["kind"] == "csv":
         return _csv_problems(dest / name, spec["columns"], count)
-    return _image_problems(dest, spec["folder"], count)
+    return _image_problems(dest, spec["folder"], count, decode, workers)
 
 
-def verify(dest: str | Path = "input", files=None, expect: dict[str, int] | None = None) -> list[str]:
-    """Problems with the release in ``dest`` ([] = ok): each file present, CSV header exact, row and image counts."""
+def verify(dest: str | Path = "input", files=None, expect: dict[str, int] | None = None, decode: bool = True,
+           workers: int = 1) -> list[str]:
+    """Problems with the release in ``dest`` ([] = ok): each file present, CSV header exact, row and image counts,
+    every image the metadata lists present and (``decode``) every JPEG decodable."""
     dest = Path(dest)
-    return [p for name in _check_names(files or FILES) for p in _problems(dest, name, expect)]
+    return [p for name in _check_names(files or FILES) for p in _problems(dest, name, expect, decode, workers)]
 
 
 def _open(url: str, offset: int, timeout: float):
@@ -278,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-zip", action="store_true", help="keep the zips after extraction")
     parser.add_argument("--timeout", type=float, default=60, help="seconds without data before a retry")
     parser.add_argument("--retries", type=int, default=3, help="attempts per file")
+    parser.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
+                        help="processes that decode every image during verification")
     args = parser.parse_args(argv)
     try:
         files = _check_names(args.only) if args.only else None
@@ -285,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.verify_only:
             download(args.dest, args.base_url, files, force=args.force, timeout=args.timeout,
                      retries=args.retries, keep_zip=args.keep_zip, expect=expect)
-        problems = verify(args.dest, files, expect)
+        problems = verify(args.dest, files, expect, workers=args.workers)
     except DownloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,8 @@
 Per class a lesion is predicted positive iff its probability is > 0.5 (strictly); the class score is
 F1 = 2TP / (2TP + FP + FN), 1.0 when TP + FP + FN == 0; the leaderboard value is the plain mean over
 the 11 classes.  The readers refuse every file the leaderboard refuses, naming file, line and column.
+A UTF-8 byte-order mark and CRLF line ends are accepted (the official scorer reads with pandas, which
+accepts both); a missing value (empty, NaN, NA, ...) is always refused (see src/data.py for the one rule).
 
     python -m src.scoring TRUTH.csv PRED.csv [--json]
 """
@@ -20,13 +22,13 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from .data import CLASSES
+from .data import CLASSES, MISSING_MARKERS
 
 ID_COLUMN = "lesion_id"
 _ID_ALIASES = ("lesion_id", "image")
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")
 _NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
-_MISSING = {"", "nan", "-nan", "na", "n/a", "#n/a", "null", "none", "<na>"}  # what pandas reads as NaN
+_MISSING = MISSING_MARKERS
 
 
 class SubmissionError(ValueError):
@@ -42,7 +44,7 @@ def _read_table(path: str | Path, what: str) -> tuple[pd.DataFrame, dict[str, in
     """Parse ``lesion_id`` + CLASSES into floats: the frame, each id's CSV line, the integer-only columns."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # a byte-order mark is accepted, as pandas does
             rows = list(_numbered(csv.reader(fh)))
     except UnicodeDecodeError as e:
         raise SubmissionError(f"{path}: not UTF-8 text ({e})") from None

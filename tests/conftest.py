@@ -2,6 +2,7 @@
 derived from the demo's (exp/demo/config.py)."""
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -32,6 +33,39 @@ def run_cli(*args, env: dict | None = None, **kw) -> subprocess.Popen:
     """``python -m src.cli ARGS`` in the repo, output captured as text."""
     return subprocess.Popen([sys.executable, "-m", "src.cli", *args], cwd=REPO, env={**ENV, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+# CSV files edited by line number (header = line 1) and column name
+def read_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as fh:
+        return list(csv.reader(fh))
+
+
+def write_rows(path: Path, rows: list[list[str]]) -> None:
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh, lineterminator="\n").writerows(rows)
+
+
+def get_field(path: Path, line: int, column: str) -> str:
+    rows = read_rows(path)
+    return rows[line - 1][rows[0].index(column)]
+
+
+def set_field(path: Path, line: int, column: str, value: str) -> None:
+    rows = read_rows(path)
+    rows[line - 1][rows[0].index(column)] = value
+    write_rows(path, rows)
+
+
+def drop_column(path: Path, column: str) -> None:
+    rows = read_rows(path)
+    j = rows[0].index(column)
+    write_rows(path, [r[:j] + r[j + 1:] for r in rows])
+
+
+def add_column(path: Path, column: str) -> None:
+    write_rows(path, [r + ([column] if i == 0 else ["0"]) for i, r in enumerate(read_rows(path))])
+
 
 
 @pytest.fixture(scope="session")

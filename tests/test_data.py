@@ -1,7 +1,6 @@
 """The data layer on the real fixture rows (attribution: "MILK study team", CC-BY-NC) and on generated data."""
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -18,44 +17,13 @@ from src.data import (
 )
 from src.synth import generate
 
+from .conftest import add_column, drop_column, get_field, read_rows, set_field, write_rows
+
 LESION_COLUMNS = [
     "lesion_id", "age_approx", "sex", "skin_tone_class", "site", "clin_isic_id", "derm_isic_id", "clin_path",
     "derm_path", "clin_manipulation", "derm_manipulation", *[f"clin_{m}" for m in MONET], *[f"derm_{m}" for m in MONET],
 ]
 TRAIN_COLUMNS = [*LESION_COLUMNS, *CLASSES, "target", "diagnosis_full"]
-
-
-# --- helpers: edit CSV files by line number (header = line 1) and column name ---------------------
-
-def read_rows(path: Path) -> list[list[str]]:
-    with open(path, newline="") as fh:
-        return list(csv.reader(fh))
-
-
-def write_rows(path: Path, rows: list[list[str]]) -> None:
-    with open(path, "w", newline="") as fh:
-        csv.writer(fh, lineterminator="\n").writerows(rows)
-
-
-def get_field(path: Path, line: int, column: str) -> str:
-    rows = read_rows(path)
-    return rows[line - 1][rows[0].index(column)]
-
-
-def set_field(path: Path, line: int, column: str, value: str) -> None:
-    rows = read_rows(path)
-    rows[line - 1][rows[0].index(column)] = value
-    write_rows(path, rows)
-
-
-def drop_column(path: Path, column: str) -> None:
-    rows = read_rows(path)
-    j = rows[0].index(column)
-    write_rows(path, [r[:j] + r[j + 1:] for r in rows])
-
-
-def add_column(path: Path, column: str) -> None:
-    write_rows(path, [r + ([column] if i == 0 else ["0"]) for i, r in enumerate(read_rows(path))])
 
 
 @pytest.fixture
