@@ -21,6 +21,8 @@ usage: bash run.sh COMMAND [args]
   blend EXP [EXP ...]       blend experiments (weights fitted on out-of-fold predictions) into a submission
   tune EXP [key=value ...]  Optuna study over loss weighting and learning rate (resumable, shareable)
   score TRUTH.csv PRED.csv  score a prediction CSV exactly as the leaderboard does (--json for machines)
+  spread EXP [--fold-seeds 42,7,2026]
+                            EXP under several fold splits: honest macro F1 of every decision rule, mean +- std
   bench [options]           training/inference throughput benchmark (--help for options)
   setup                     only create/refresh the virtual environment
 
@@ -54,6 +56,7 @@ case "$cmd" in
   score) setup; exec "$PY" -m src.scoring "$@" ;;
   blend) setup; exec "$PY" -m src.cli blend "$@" ;;
   tune) setup; exec "$PY" -m src.cli tune "$@" ;;
+  spread) setup; exec "$PY" -m src.cli spread "$@" ;;
   bench) setup; exec "$PY" -m src.bench "$@" ;;
   *)
     if [[ -f "exp/$cmd/config.py" ]]; then

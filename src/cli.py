@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_blend(rest)
         if cmd == "tune":
             return cmd_tune(rest)
+        if cmd == "spread":
+            from .spread import main as spread_main
+
+            return spread_main(rest)
         if cmd == "fold":  # worker of GPUS=... parallel folds: CONFIG_JSON FOLD
             from .parallel_folds import run_one_fold
 

@@ -4,6 +4,7 @@ One test reads the real rows of tests/fixtures/milk10k_sample (MILK10k, "MILK st
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -116,3 +117,20 @@ def test_unknown_model_is_refused():
     assert parse_models(" hgb , logreg") == ["hgb", "logreg"]
     with pytest.raises(ConfigError, match="xgb"):
         parse_models("logreg,xgb")
+
+
+def test_spread_runs_the_experiment_under_each_fold_seed_and_reports_mean_and_std(mini_data, tmp_path, capsys):
+    from src.spread import main as spread_main
+
+    ov = [f"data_dir={mini_data}", f"output_dir={tmp_path}", f"submission_dir={tmp_path / 'subs'}",
+          "wandb_mode=disabled", "tabular_models=logreg"]
+    assert spread_main(["exp000", "--fold-seeds", "1,2", *ov]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "spread" / "exp000.json").read_text())
+    rows = saved["per_seed"]
+    assert set(rows) == {"1", "2"} and (tmp_path / "exp000_fs1" / "oof.csv").is_file()
+    assert (tmp_path / "folds_k5_s1.csv").read_text() != (tmp_path / "folds_k5_s2.csv").read_text()
+    values = [rows[s]["expected_f1"] for s in ("1", "2")]
+    assert saved["summary"]["expected_f1"]["mean"] == pytest.approx(np.mean(values))
+    assert saved["summary"]["expected_f1"]["std"] == pytest.approx(np.std(values))
+    assert "mean +- std" in out and not list((tmp_path / "subs").glob("*.csv"))   # no submission is written

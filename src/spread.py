@@ -1,0 +1,85 @@
+"""How much an experiment's honest estimate moves with the fold split: the experiment run under several fold seeds,
+each in its own folder, and the honest out-of-fold macro F1 of every decision rule reported as mean +- std.
+
+    bash run.sh spread EXP [--fold-seeds 42,7,2026] [key=value ...]
+
+A difference between two experiments smaller than these spreads is noise. The runs are ordinary experiments named
+``<EXP>_fs<seed>`` (resumable, fingerprinted like any other); no submission is written. The table also goes to
+``<output_dir>/spread/<EXP>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .blend import BLEND, HONEST_KEY, blend_experiments
+from .config import Config, load_config
+from .data import load_test, load_train
+from .decision import RULES, choose_rule
+from .io_utils import atomic_write_json
+
+
+def seed_config(name: str, seed: int, overrides: list[str]) -> Config:
+    return load_config(name, [*overrides, f"fold_seed={seed}", f"name={name}_fs{seed}"])
+
+
+def honest_of(cfg: Config) -> dict:
+    """Every rule's honest out-of-fold macro F1 of a complete experiment, the AUC, and the rule ``decision`` picks."""
+    train, test = load_train(cfg.data_dir, check_images=False), load_test(cfg.data_dir, check_images=False)
+    scores = blend_experiments([cfg], train, test).scores[BLEND]
+    honest = {r: scores[HONEST_KEY[r]] for r in RULES}
+    rule, _ = choose_rule(cfg.decision, honest)
+    return {**honest, "auc": scores["auc"], "chosen": rule, "chosen_score": honest[rule]}
+
+
+def run(name: str, seeds: list[int], overrides: list[str]) -> dict:
+    from .cli import train_experiment
+
+    rows = {}
+    for seed in seeds:
+        cfg = seed_config(name, seed, overrides)
+        result = train_experiment(cfg)
+        if not result.get("complete"):
+            raise RuntimeError(f"{cfg.name}: folds {result.get('missing_folds')} did not finish")
+        rows[seed] = honest_of(cfg)
+    keys = [*RULES, "chosen_score", "auc"]
+    summary = {k: {"mean": float(np.mean([r[k] for r in rows.values()])),
+                   "std": float(np.std([r[k] for r in rows.values()]))} for k in keys}
+    return {"experiment": name, "fold_seeds": seeds, "per_seed": rows, "summary": summary}
+
+
+def format_spread(result: dict) -> str:
+    cols = [*RULES, "auc"]
+    lines = [f"honest out-of-fold macro F1 of {result['experiment']} by decision rule",
+             f"{'fold seed':>12} " + " ".join(f"{c:>15}" for c in cols) + "  chosen"]
+    for seed, row in result["per_seed"].items():
+        lines.append(f"{seed:>12} " + " ".join(f"{row[c]:>15.4f}" for c in cols) +
+                     f"  {row['chosen']} {row['chosen_score']:.4f}")
+    s = result["summary"]
+    lines.append(f"{'mean +- std':>12} " + " ".join(f"{s[c]['mean']:.4f} +- {s[c]['std']:.4f}".rjust(15)
+                                                     for c in cols))
+    lines.append(f"the rule each run submits: {s['chosen_score']['mean']:.4f} +- {s['chosen_score']['std']:.4f} over "
+                 f"{len(result['per_seed'])} fold seeds")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bash run.sh spread", description=__doc__.split("\n\n")[0])
+    ap.add_argument("exp")
+    ap.add_argument("--fold-seeds", default="42,7,2026", help="comma list of fold seeds")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = ap.parse_intermixed_args(argv)
+    seeds = [int(s) for s in args.fold_seeds.split(",") if s.strip()]
+    result = run(args.exp, seeds, args.overrides)
+    out = Path(load_config(args.exp, args.overrides).output_dir) / "spread" / f"{args.exp}.json"
+    atomic_write_json(out, result)
+    print(format_spread(result))
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
