@@ -59,9 +59,13 @@ def test_projection_is_positive_and_follows_the_formula(tiny_run):
     p, rate = saved["projection"], {k: v["pairs_per_s"] for k, v in saved["rows"].items()}
     assert p["total_s"] > 0 and p["minutes"] == pytest.approx(p["total_s"] / 60)
     a = p["assumptions"]
-    assert (a["n_folds"], a["stage1_epochs"], a["stage2_epochs"], a["val_pairs"]) == (5, 2, 15, 1048)
+    exp001 = load_config("exp001")
+    assert (a["n_folds"], a["stage1_epochs"], a["stage2_epochs"], a["val_pairs"]) == \
+        (5, exp001.stage1_epochs, exp001.epochs, 1048)
     assert a["train_pairs_per_epoch"] == 4192  # 5240 - 1048 lesions, a multiple of batch 8
-    expected = 5 * (2 * 4192 / rate["c1"] + 15 * 4192 / rate["c"] + 17 * 1048 / rate["e1"] + (1048 + 479) / rate["e"])
+    s1, s2 = exp001.stage1_epochs, exp001.epochs
+    expected = 5 * (s1 * 4192 / rate["c1"] + s2 * 4192 / rate["c"] + (s1 + s2) * 1048 / rate["e1"]
+                    + (1048 + 479) / rate["e"])
     assert p["total_s"] == pytest.approx(expected)
     assert p["cache_build_s"] > 0
 
@@ -90,7 +94,7 @@ def test_fuse_flag_fuses_row_a_and_skips_a2(tmp_path):
 
 
 def test_projection_uses_the_batch_and_epoch_override():
-    cfg = load_config("exp001", {"batch_size": 64})
+    cfg = load_config("exp001", {"batch_size": 64, "stage1_epochs": 2})
     rows = {k: {"pairs_per_s": r} for k, r in {"c1": 400.0, "c": 100.0, "e1": 800.0, "e": 100.0}.items()}
     data = types.SimpleNamespace(cache_seconds=2.0, n=100)
     p = bench.project(cfg, rows, data, epochs=3)

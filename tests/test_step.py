@@ -123,7 +123,7 @@ def test_build_stage_freezes_the_backbones_in_stage_1_only():
 def test_stage1_schedule_is_constant_or_a_cosine_down_to_one_percent():
     from src.step import stage1_lambda
 
-    assert {stage1_lambda(load_config("exp001"), 10)(s) for s in (0, 7, 100)} == {1.0}
+    assert {stage1_lambda(load_config("exp001", ["stage1_schedule=constant"]), 10)(s) for s in (0, 7, 100)} == {1.0}
     f = stage1_lambda(load_config("exp001", ["stage1_schedule=cosine", "stage1_epochs=2"]), 10)
     assert f(0) == pytest.approx(1.0) and f(10) == pytest.approx(0.505) and f(20) == pytest.approx(0.01)
     values = [f(s) for s in range(21)]
