@@ -24,6 +24,7 @@ on the order or the number of worker processes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 from contextlib import contextmanager
 import multiprocessing
@@ -32,7 +33,6 @@ import shutil
 import tempfile
 import time
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -313,7 +313,8 @@ def _draw_images(
 # images for real CSVs
 # ----------------------------------------------------------------------------------------------------
 def _lesion_rng(seed: int, lesion_id: str) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(lesion_id.encode())]))
+    words = np.frombuffer(hashlib.sha256(lesion_id.encode()).digest(), dtype=np.uint32)
+    return np.random.default_rng(np.random.SeedSequence([seed, *words.tolist()]))
 
 
 def _looks(lesions: pd.DataFrame, signal: str, seed: int, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -388,11 +389,18 @@ def images_for_csvs(out_dir: str | os.PathLike, train_dir: str | os.PathLike,
         raise DataError(f"{src.root}: no {TEST_METADATA} there; pass the official test metadata with "
                         "--test-metadata PATH")
     with staged(out_dir) as (stage, out):
-        for name, path in [(TRAIN_METADATA, src.train_metadata), (TRAIN_GROUND_TRUTH, src.train_ground_truth),
-                           (TRAIN_SUPPLEMENT, src.train_supplement), (TEST_METADATA, test_csv)]:
-            if path is not None:
-                shutil.copyfile(path, stage / name)
-        train, test = load_train(stage, check_images=False), load_test(stage, check_images=False)
+        copied = {stage / name: Path(path) for name, path in
+                  [(TRAIN_METADATA, src.train_metadata), (TRAIN_GROUND_TRUTH, src.train_ground_truth),
+                   (TRAIN_SUPPLEMENT, src.train_supplement), (TEST_METADATA, test_csv)] if path is not None}
+        for copy, original in copied.items():
+            shutil.copyfile(original, copy)
+        try:
+            train, test = load_train(stage, check_images=False), load_test(stage, check_images=False)
+        except DataError as err:  # name the user's files, not their copies
+            message = str(err)
+            for copy, original in copied.items():
+                message = message.replace(str(copy), str(original))
+            raise DataError(message.replace(str(stage), str(src.root))) from None
         atomic_write_csv(stage / SAMPLE_SUBMIT, pd.DataFrame({"lesion_id": test["lesion_id"],
                                                               **{c: "0.0" for c in CLASSES}}))
         prior = np.bincount(train["target"], minlength=len(CLASSES)) / len(train)

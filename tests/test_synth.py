@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -203,28 +204,27 @@ def test_the_same_bytes_for_a_seed_whatever_the_workers(sample_dir: Path, tmp_pa
     assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
 
 
-def _bcc_vs_nv_auc(data: Path) -> float:
-    """Cross-validated AUC of a logistic regression telling BCC from NV (the two largest classes) by the mean
+def _bcc_auc(data: Path) -> float:
+    """Cross-validated AUC of a logistic regression telling BCC (the largest class) from the rest by the mean
     colour at the centre of both images."""
     train = load_train(data)
-    keep = train.target.isin([CLASSES.index("BCC"), CLASSES.index("NV")]).to_numpy()
 
     def centre(path: str) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), float)[12:24, 16:32].reshape(-1, 3).mean(0) / 255
 
-    x = np.stack([np.concatenate([centre(c), centre(d)]) for c, d in zip(train.clin_path[keep], train.derm_path[keep])])
-    y = (train.target[keep] == CLASSES.index("BCC")).to_numpy()
+    x = np.stack([np.concatenate([centre(c), centre(d)]) for c, d in zip(train.clin_path, train.derm_path)])
+    y = (train.target == CLASSES.index("BCC")).to_numpy()
     p = cross_val_predict(LogisticRegression(max_iter=1000), x, y, cv=StratifiedKFold(5, shuffle=True, random_state=0),
                           method="predict_proba")[:, 1]
     return roc_auc_score(y, p)
 
 
 def test_weak_images_carry_a_learnable_signal_and_none_carry_none(rehearsal, sample_dir: Path, tmp_path: Path) -> None:
-    weak = _bcc_vs_nv_auc(rehearsal["plain"])
-    none = _bcc_vs_nv_auc(images_for_csvs(tmp_path / "none", sample_dir, signal="none", seed=3, **SMALL))
-    assert weak > 0.6, weak                      # 40% of the lesions show their own class's look
-    assert abs(none - 0.5) < 0.1, none           # chance
+    # over seeds 0-4 this probe read 0.60-0.68 on weak images and 0.45-0.56 on signal-free ones (328 lesions)
+    weak = _bcc_auc(rehearsal["plain"])
+    none = _bcc_auc(images_for_csvs(tmp_path / "none", sample_dir, signal="none", seed=3, **SMALL))
+    assert weak > 0.6 and none < 0.57 and weak - none > 0.05, (weak, none)
 
 
 def test_a_taken_folder_or_a_missing_test_metadata_is_refused(sample_dir: Path, tmp_path: Path) -> None:
@@ -242,3 +242,14 @@ def test_a_taken_folder_or_a_missing_test_metadata_is_refused(sample_dir: Path, 
     out = images_for_csvs(tmp_path / "new", only_train, sample_dir / TEST_METADATA, signal="none", **SMALL)
     assert len(load_test(out)) == 479 and not (out / TRAIN_SUPPLEMENT).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["csvs", "new", "taken"]    # no temporary folder left
+
+
+def test_a_bad_csv_is_named_by_its_own_path_not_its_copy(sample_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "csvs"
+    shutil.copytree(sample_dir, src)
+    rows = (src / TRAIN_GROUND_TRUTH).read_text().splitlines()
+    rows[4] = rows[4].replace("1.0", "0.5", 1)
+    (src / TRAIN_GROUND_TRUTH).write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(src.resolve() / TRAIN_GROUND_TRUTH))}: line 5"):
+        images_for_csvs(tmp_path / "out", src, signal="none", **SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["csvs"]
