@@ -17,12 +17,12 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import SplineTransformer, StandardScaler
 from threadpoolctl import threadpool_limits
 
 from .config import Config, ConfigError
@@ -34,7 +34,8 @@ from .preflight import check_outputs
 from .scoring import fold_metrics
 from .tracking import Tracker
 
-MODELS = ("logreg", "hgb", "mlp")
+MODELS = ("lrx", "logreg", "hgb", "mlp")
+FINE_MIN = 40  # lrx: a diagnosis_full with at least this many training lesions is a target class of its own
 
 # (encoder, features of the training rows, of the held-out rows, of the test rows) for a training mask.
 FeatureBuilder = Callable[[np.ndarray], tuple[MetadataEncoder, np.ndarray, np.ndarray, np.ndarray]]
@@ -48,8 +49,51 @@ def parse_models(text: str) -> list[str]:
     return names
 
 
-def make_model(name: str, seed: int, y: np.ndarray) -> BaseEstimator:
-    """One unweighted multiclass classifier; the linear and neural ones see standardised features."""
+class InteractionFeatures(BaseEstimator, TransformerMixin):
+    """The extended metadata features (``MetadataEncoder(extended=True)``, columns named by ``names``) plus what a
+    linear model cannot make itself: cubic B-splines (5 quantile knots) of age and the 14 MONET logits, quadratic
+    B-splines (4 uniform knots) of skin tone, each site's indicator times each MONET logit, and the products of
+    every pair of MONET logits (each logit / 3). Fitted on the training rows only; 381 columns on MILK10k."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+
+    def fit(self, x: np.ndarray, y=None) -> "InteractionFeatures":
+        n = list(self.names)
+        self.age_, self.tone_ = n.index("age"), n.index("skin_tone")
+        self.logits_ = [i for i, c in enumerate(n) if c.startswith("logit_")]
+        self.sites_ = [i for i, c in enumerate(n) if c.startswith("site_")]
+        self.spline_ = SplineTransformer(n_knots=5, degree=3, knots="quantile", extrapolation="constant").fit(
+            x[:, [self.age_, *self.logits_]])
+        self.tone_spline_ = SplineTransformer(n_knots=4, degree=2, knots="uniform", extrapolation="constant").fit(
+            x[:, [self.tone_]])
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        logits, sites = x[:, self.logits_], x[:, self.sites_]
+        i, j = np.triu_indices(len(self.logits_), 1)
+        return np.column_stack([x, self.spline_.transform(x[:, [self.age_, *self.logits_]]),
+                                self.tone_spline_.transform(x[:, [self.tone_]]),
+                                (sites[:, :, None] * logits[:, None, :]).reshape(len(x), -1),
+                                (logits[:, i] / 3) * (logits[:, j] / 3)])
+
+
+def fine_targets(y: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(target code of each row, the class of each code): a (class, diagnosis_full) pair with at least FINE_MIN
+    rows is its own target; the rest of a class is one target."""
+    pairs = pd.Series([f"{CLASSES[t]}|{f}" for t, f in zip(y, fine)])
+    labels = np.where(pairs.map(pairs.value_counts()).to_numpy() >= FINE_MIN, pairs.to_numpy(),
+                      [f"{CLASSES[t]}|" for t in y])
+    uniq, codes = np.unique(labels, return_inverse=True)
+    return codes, np.array([CLASSES.index(u.split("|")[0]) for u in uniq])
+
+
+def make_model(name: str, seed: int, y: np.ndarray, names: list[str] | None = None) -> BaseEstimator:
+    """One unweighted multiclass classifier; the linear and neural ones see standardised features. ``names``:
+    the feature columns' names (needed by 'lrx')."""
+    if name == "lrx":
+        return make_pipeline(InteractionFeatures(names or []), StandardScaler(),
+                             LogisticRegression(C=0.01, max_iter=5000))
     if name == "logreg":
         return make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=5000))
     if name == "hgb":
@@ -65,19 +109,23 @@ def make_model(name: str, seed: int, y: np.ndarray) -> BaseEstimator:
     raise ConfigError(f"unknown tabular model {name!r}; use one of {list(MODELS)}")
 
 
-def fit_predict(names: list[str], seed: int, x: np.ndarray, y: np.ndarray, *evaluate: np.ndarray) -> list[np.ndarray]:
+def fit_predict(names: list[str], seed: int, x: np.ndarray, y: np.ndarray, *evaluate: np.ndarray,
+                fine: np.ndarray | None = None, columns: list[str] | None = None) -> list[np.ndarray]:
     """Fit each model on (x, y) (class indices) and return, per array of ``evaluate``, the models' mean
-    probabilities over all 11 classes; a class absent from ``y`` gets probability 0."""
+    probabilities over all 11 classes; a class absent from ``y`` gets probability 0. 'lrx' learns the fine targets
+    of ``fine`` (the rows' diagnosis_full, see ``fine_targets``) and sums their probabilities back to the classes;
+    ``columns`` names the feature columns."""
     out = [np.zeros((len(e), len(CLASSES))) for e in evaluate]
     for name in names:
-        xf, yf = x, y
+        codes, code_class = fine_targets(y, fine) if name == "lrx" and fine is not None else (y, np.arange(len(CLASSES)))
+        xf, yf = x, codes
         if name == "mlp":  # a class seen once is repeated so the stratified split can hold it out
-            once = np.flatnonzero(np.isin(y, np.flatnonzero(np.bincount(y) == 1)))
-            xf, yf = np.concatenate([x, x[once]]), np.concatenate([y, y[once]])
+            once = np.flatnonzero(np.isin(codes, np.flatnonzero(np.bincount(codes) == 1)))
+            xf, yf = np.concatenate([x, x[once]]), np.concatenate([codes, codes[once]])
         with threadpool_limits(1):  # small fits; OpenMP threads on a busy machine only spin
-            model = make_model(name, seed, yf).fit(xf, yf)
+            model = make_model(name, seed, yf, columns).fit(xf, yf)
         for acc, e in zip(out, evaluate):
-            acc[:, model.classes_] += model.predict_proba(e) / len(names)
+            np.add.at(acc.T, code_class[model.classes_], model.predict_proba(e).T / len(names))
     return out
 
 
@@ -100,7 +148,9 @@ def _cross_fit(cfg: Config, exp: ExperimentDir, todo: list[int], names: list[str
         start = time.time()
         held = folds == k
         encoder, x_tr, x_va, x_te = build(~held)
-        oof, test_probs = fit_predict(names, cfg.seed * 1000 + k, x_tr, y[~held], x_va, x_te)
+        columns = [f"input_{i}" for i in range(x_tr.shape[1] - encoder.n_features)] + encoder.feature_names
+        oof, test_probs = fit_predict(names, cfg.seed * 1000 + k, x_tr, y[~held], x_va, x_te,
+                                      fine=train["diagnosis_full"].to_numpy()[~held], columns=columns)
         encoder.save(exp.begin_fold(k, current) / "encoder.json")
         metrics = fold_metrics(train.loc[held, CLASSES].to_numpy(np.float32), oof.astype(np.float32))
         metrics.update(fold=k, models=names, n_features=int(x_tr.shape[1]), n_train=int((~held).sum()),

@@ -106,7 +106,8 @@ def test_rare_and_absent_classes(model):
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 3, 7], [40, 30, 1, 25])  # class 3 seen once; every other class absent
     x = rng.normal(size=(len(y), 6)) + y[:, None] * 0.3
-    out, = fit_predict([model], 0, x, y, rng.normal(size=(20, 6)))
+    columns = ["age", "skin_tone", "logit_a", "logit_b", "site_x", "site_unknown"]
+    out, = fit_predict([model], 0, x, y, rng.normal(size=(20, 6)), columns=columns)
     assert out.shape == (20, len(CLASSES))
     np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-9)
     absent = np.setdiff1d(np.arange(len(CLASSES)), y)
@@ -134,3 +135,37 @@ def test_spread_runs_the_experiment_under_each_fold_seed_and_reports_mean_and_st
     assert saved["summary"]["expected_f1"]["mean"] == pytest.approx(np.mean(values))
     assert saved["summary"]["expected_f1"]["std"] == pytest.approx(np.std(values))
     assert "mean +- std" in out and not list((tmp_path / "subs").glob("*.csv"))   # no submission is written
+
+
+def test_interaction_features_add_splines_site_and_monet_products(sample_dir):
+    from src.features import MetadataEncoder
+    from src.tabular import InteractionFeatures
+
+    train = load_train(sample_dir, check_images=False)
+    enc = MetadataEncoder(extended=True).fit(train)
+    x = enc.transform(train).astype(float)
+    feats = InteractionFeatures(enc.feature_names).fit(x[:200])
+    out = feats.transform(x)
+    n_sites = sum(c.startswith("site_") for c in enc.feature_names)
+    assert out.shape == (len(x), x.shape[1] + 15 * 7 + 5 + n_sites * 14 + 91)
+    np.testing.assert_array_equal(out[:, :x.shape[1]], x)            # the encoder's columns come first, unchanged
+    logits = x[:, [i for i, c in enumerate(enc.feature_names) if c.startswith("logit_")]]
+    np.testing.assert_allclose(out[:, -91], logits[:, 0] * logits[:, 1] / 9)
+    assert np.isfinite(out).all()
+
+
+def test_fine_targets_are_summed_back_to_their_classes():
+    from src.tabular import FINE_MIN, fine_targets
+
+    y = np.array([1] * (FINE_MIN + 5) + [1] * 3 + [7] * (FINE_MIN) + [7] * 2)
+    fine = np.array(["Basal cell carcinoma"] * (FINE_MIN + 5) + ["rare bcc"] * 3 + ["Melanoma Invasive"] * FINE_MIN
+                    + [""] * 2)
+    codes, code_class = fine_targets(y, fine)
+    assert len(set(codes)) == 4                              # two common diagnoses, and each class's remainder
+    assert (code_class[codes] == y).all()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(len(y), 4))
+    (q,) = fit_predict(["lrx"], 0, x, y, x[:5], fine=fine, columns=["age", "skin_tone", "logit_a", "logit_b"])
+    assert q.shape == (5, 11)
+    np.testing.assert_allclose(q.sum(1), 1.0)
+    assert set(np.flatnonzero(q.sum(0) > 0)) == {1, 7}      # only the classes seen get probability
