@@ -60,8 +60,9 @@ class Config:
                               "backbones only")
     meta_mode: str = _f("concat", "metadata fusion: 'concat' (raw features), 'mlp' (small MLP), 'none'")
     meta_features: str = _f("base", "metadata features of the image models: 'base' (age, sex, skin tone, site, "
-                            "MONET scores, manipulation) or 'extended' (plus MONET logits, clinical-minus-dermoscopic "
-                            "differences, age hinges and interactions, as the tabular models use)")
+                            "MONET scores, manipulation), 'extended' (plus MONET logits, clinical-minus-dermoscopic "
+                            "differences, age hinges and interactions) or 'interactions' (extended plus splines of age "
+                            "and the MONET logits, site x MONET and MONET x MONET, as exp000's model uses)")
     meta_standardize: bool = _f(False, "z-score every metadata feature with the training fold's mean and std")
     meta_hidden: int = _f(128, "hidden width of the metadata MLP")
     meta_dropout: float = _f(0.3, "dropout inside the metadata MLP")
@@ -96,6 +97,7 @@ class Config:
     lr: float = _f(3e-4, "stage-2 learning rate of the head")
     backbone_lr: float = _f(5e-5, "stage-2 learning rate of the backbones")
     weight_decay: float = _f(1e-2, "AdamW weight decay")
+    stage1_weight_decay: float = _f(1e-2, "AdamW weight decay of the classifier in stage 1 (backbones frozen)")
     warmup_epochs: float = _f(1.0, "linear warmup of stage 2, in epochs")
     schedule: str = _f("cosine", "stage-2 schedule: 'cosine' or 'constant'")
     patience: int = _f(4, "early stopping: stage-2 epochs without a better validation score")
@@ -203,7 +205,7 @@ _CHOICES = {
     "early_stop_metric": {"f1", "f1_tuned", "auc"},
     "schedule": {"cosine", "constant"},
     "stage1_schedule": {"cosine", "constant"},
-    "meta_features": {"base", "extended"},
+    "meta_features": {"base", "extended", "interactions"},
     "decision": {"auto", "threshold", "expected_f1", "none"},
     "threshold_method": {"exact", "optuna"},
     "wandb_mode": {"", "offline", "online", "disabled"},
@@ -271,7 +273,7 @@ _RANGES = {
     "eval_batch_size": (1, None, True, True), "seed": (0, None, True, True), "fold_seed": (0, None, True, True),
     "stage1_epochs": (0, None, True, True), "epochs": (0, None, True, True), "patience": (1, None, True, True),
     "stage1_lr": (0, None, False, True), "lr": (0, None, False, True), "backbone_lr": (0, None, True, True),
-    "weight_decay": (0, None, True, True), "warmup_epochs": (0, None, True, True), "grad_clip": (0, None, True, True),
+    "weight_decay": (0, None, True, True), "stage1_weight_decay": (0, None, True, True), "warmup_epochs": (0, None, True, True), "grad_clip": (0, None, True, True),
     "ema_decay": (0, 1, True, False), "max_steps_per_epoch": (0, None, True, True),
     "num_workers": (-1, None, True, True), "meta_hidden": (1, None, True, True),
     "meta_dropout": (0, 1, True, False), "head_dropout": (0, 1, True, False), "label_smoothing": (0, 1, True, False),

@@ -165,7 +165,8 @@ def build_stage(cfg: Config, model: nn.Module, number: int, steps_per_epoch: int
         p.requires_grad_(number == 2)
     fused = device.type == "cuda"
     if number == 1:
-        opt = torch.optim.AdamW(model.head_parameters(), lr=cfg.stage1_lr, weight_decay=cfg.weight_decay, fused=fused)
+        opt = torch.optim.AdamW(model.head_parameters(), lr=cfg.stage1_lr, weight_decay=cfg.stage1_weight_decay,
+                                fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, stage1_lambda(cfg, steps_per_epoch))
     else:
         groups = [{"params": list(model.backbone_parameters()), "lr": cfg.backbone_lr},

@@ -17,19 +17,19 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import SplineTransformer, StandardScaler
+from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from .config import Config, ConfigError
 from .data import CLASSES
 from .decision import choose_rule, honest_scores
 from .experiment import ExperimentDir, Lesions, data_fingerprint, fingerprint, load_lesions, probs_frame
-from .features import MetadataEncoder
+from .features import InteractionFeatures, MetadataEncoder
 from .preflight import check_outputs
 from .scoring import fold_metrics
 from .tracking import Tracker
@@ -47,35 +47,6 @@ def parse_models(text: str) -> list[str]:
     if not names or bad:
         raise ConfigError(f"tabular_models={text!r}: expected a comma list of {list(MODELS)}")
     return names
-
-
-class InteractionFeatures(BaseEstimator, TransformerMixin):
-    """The extended metadata features (``MetadataEncoder(extended=True)``, columns named by ``names``) plus what a
-    linear model cannot make itself: cubic B-splines (5 quantile knots) of age and the 14 MONET logits, quadratic
-    B-splines (4 uniform knots) of skin tone, each site's indicator times each MONET logit, and the products of
-    every pair of MONET logits (each logit / 3). Fitted on the training rows only; 381 columns on MILK10k."""
-
-    def __init__(self, names: list[str]):
-        self.names = names
-
-    def fit(self, x: np.ndarray, y=None) -> "InteractionFeatures":
-        n = list(self.names)
-        self.age_, self.tone_ = n.index("age"), n.index("skin_tone")
-        self.logits_ = [i for i, c in enumerate(n) if c.startswith("logit_")]
-        self.sites_ = [i for i, c in enumerate(n) if c.startswith("site_")]
-        self.spline_ = SplineTransformer(n_knots=5, degree=3, knots="quantile", extrapolation="constant").fit(
-            x[:, [self.age_, *self.logits_]])
-        self.tone_spline_ = SplineTransformer(n_knots=4, degree=2, knots="uniform", extrapolation="constant").fit(
-            x[:, [self.tone_]])
-        return self
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        logits, sites = x[:, self.logits_], x[:, self.sites_]
-        i, j = np.triu_indices(len(self.logits_), 1)
-        return np.column_stack([x, self.spline_.transform(x[:, [self.age_, *self.logits_]]),
-                                self.tone_spline_.transform(x[:, [self.tone_]]),
-                                (sites[:, :, None] * logits[:, None, :]).reshape(len(x), -1),
-                                (logits[:, i] / 3) * (logits[:, j] / 3)])
 
 
 def fine_targets(y: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

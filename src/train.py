@@ -20,6 +20,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from . import faults
@@ -31,7 +33,7 @@ from .data import CLASSES
 from .dist import DistContext
 from .experiment import (ExperimentDir, StaleOutputs, data_fingerprint, fingerprint, fingerprint_differences,
                          load_lesions, probs_frame)
-from .features import MetadataEncoder
+from .features import InteractionFeatures, MetadataEncoder
 from .inference import predict, selection_score
 from .io_utils import atomic_write, atomic_write_json
 from .preflight import check_image_run
@@ -62,18 +64,30 @@ class FoldInputs:
     aux_tr: np.ndarray
 
 
+def metadata_features(cfg: Config, train_df: pd.DataFrame) -> tuple[MetadataEncoder, Callable]:
+    """The fold's metadata encoder and its feature function (``meta_features``, ``meta_standardize``), every
+    statistic fitted on the fold's training lesions only."""
+    interactions = cfg.meta_features == "interactions"
+    encoder = MetadataEncoder(extended=cfg.meta_features != "base",
+                              standardize=cfg.meta_standardize and not interactions).fit(train_df)
+    if not interactions:
+        return encoder, encoder.transform
+    steps = [InteractionFeatures(encoder.feature_names)] + ([StandardScaler()] if cfg.meta_standardize else [])
+    pipe = make_pipeline(*steps).fit(encoder.transform(train_df).astype(np.float64))
+    return encoder, lambda df: pipe.transform(encoder.transform(df).astype(np.float64)).astype(np.float32)
+
+
 def fold_inputs(cfg: Config, fold: int, data: Prepared) -> FoldInputs:
     tr_rows = np.flatnonzero(data.folds != fold)
     va_rows = np.flatnonzero(data.folds == fold)
     train_df, val_df = data.train.iloc[tr_rows], data.train.iloc[va_rows]
-    encoder = MetadataEncoder(extended=cfg.meta_features == "extended", standardize=cfg.meta_standardize).fit(train_df)
+    encoder, features = metadata_features(cfg, train_df)
     y_all = data.train[CLASSES].to_numpy(np.float32)
     aux_vocab = sorted(v for v in train_df["diagnosis_full"].unique() if v) if cfg.aux_weight > 0 else []
     aux_index = {v: i for i, v in enumerate(aux_vocab)}
     aux_all = np.array([aux_index.get(v, -100) for v in data.train["diagnosis_full"]], dtype=np.int64)
     return FoldInputs(fold, tr_rows, va_rows, val_df["lesion_id"].tolist(), data.test["lesion_id"].tolist(),
-                      encoder, encoder.transform(train_df), encoder.transform(val_df),
-                      encoder.transform(data.test), y_all[tr_rows], y_all[va_rows],
+                      encoder, features(train_df), features(val_df), features(data.test), y_all[tr_rows], y_all[va_rows],
                       data.train["target"].to_numpy()[tr_rows], aux_vocab, aux_all[tr_rows])
 
 
@@ -190,7 +204,7 @@ def start_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext) -> Fol
         atomic_write_json(fdir / "aux_vocab.json", inputs.aux_vocab)
 
     torch.manual_seed(cfg.seed * 1000 + fold)
-    model, augment = setup_model(cfg, inputs.encoder.n_features, len(inputs.aux_vocab), device)
+    model, augment = setup_model(cfg, inputs.meta_tr.shape[1], len(inputs.aux_vocab), device)
     model.branch_streams = model.branch_streams and dist.world == 1  # DDP's reducer expects one stream
     criterion = make_criterion(cfg, class_weights(cfg, inputs.y_tr))
 

@@ -128,3 +128,11 @@ def test_stage1_schedule_is_constant_or_a_cosine_down_to_one_percent():
     assert f(0) == pytest.approx(1.0) and f(10) == pytest.approx(0.505) and f(20) == pytest.approx(0.01)
     values = [f(s) for s in range(21)]
     assert all(a > b for a, b in zip(values, values[1:]))
+
+
+def test_stage1_has_its_own_weight_decay():
+    cfg = load_config("exp001", ["backbone=test_efficientnet", "pretrained=false", "img_size=32",
+                                 "stage1_weight_decay=0.7", "weight_decay=0.02"])
+    model, _ = setup_model(cfg, 5, 0, torch.device("cpu"))
+    assert build_stage(cfg, model, 1, 4, torch.device("cpu")).opt.param_groups[0]["weight_decay"] == 0.7
+    assert {g["weight_decay"] for g in build_stage(cfg, model, 2, 4, torch.device("cpu")).opt.param_groups} == {0.02}

@@ -18,13 +18,14 @@ OVERRIDES = dict(
     backbone="tf_efficientnetv2_s.in1k",
     img_size=256,
     meta_mode="concat",
-    meta_features="extended",   # MONET logits, clinical-minus-dermoscopic differences, age hinges (+0.009)
-    meta_standardize=True,      # every metadata feature z-scored on the training fold (+0.043)
+    meta_features="interactions",  # exp000's features: MONET logits, splines, site x MONET, MONET x MONET
+    meta_standardize=True,      # every metadata feature z-scored on the training fold
     loss="bce",
     pos_weight_power=1.0,
     stage1_epochs=10,           # frozen backbones: cheap epochs, and the classifier needs them (+0.044)
     stage1_lr=1e-2,
     stage1_schedule="cosine",
+    stage1_weight_decay=1.0,    # the classifier over ~900 features needs the regularisation a logistic regression has
     epochs=15,
     batch_size=64,
 )
