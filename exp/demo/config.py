@@ -24,4 +24,5 @@ OVERRIDES = dict(
     patience=4,
     num_workers=0,
     eval_batch_size=128,
+    meta_features="extended",                      # 400 lesions are too few for exp001's 381 interaction features
 )
