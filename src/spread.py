@@ -66,14 +66,24 @@ def format_spread(result: dict) -> str:
     return "\n".join(lines)
 
 
+def fold_seeds(text: str) -> list[int]:
+    """'42,7,2026' -> [42, 7, 2026]: distinct non-negative integers, at least two (a spread needs two runs)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of non-negative integers, e.g. 42,7,2026")
+    seeds = list(dict.fromkeys(int(p) for p in parts))
+    if len(seeds) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least two distinct fold seeds, e.g. 42,7,2026")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bash run.sh spread", description=__doc__.split("\n\n")[0])
     ap.add_argument("exp")
-    ap.add_argument("--fold-seeds", default="42,7,2026", help="comma list of fold seeds")
+    ap.add_argument("--fold-seeds", type=fold_seeds, default="42,7,2026", help="comma list of fold seeds")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_intermixed_args(argv)
-    seeds = [int(s) for s in args.fold_seeds.split(",") if s.strip()]
-    result = run(args.exp, seeds, args.overrides)
+    result = run(args.exp, args.fold_seeds, args.overrides)
     out = Path(load_config(args.exp, args.overrides).output_dir) / "spread" / f"{args.exp}.json"
     atomic_write_json(out, result)
     print(format_spread(result))

@@ -169,3 +169,19 @@ def test_fine_targets_are_summed_back_to_their_classes():
     assert q.shape == (5, 11)
     np.testing.assert_allclose(q.sum(1), 1.0)
     assert set(np.flatnonzero(q.sum(0) > 0)) == {1, 7}      # only the classes seen get probability
+
+
+@pytest.mark.parametrize("text", ["4,a", "42", "7,7", "-1,3", ""])
+def test_spread_refuses_bad_fold_seeds_before_running_anything(text, tmp_path, capsys):
+    from src.spread import main as spread_main
+
+    with pytest.raises(SystemExit) as exc:
+        spread_main(["exp000", "--fold-seeds", text, f"output_dir={tmp_path}"])
+    assert exc.value.code == 2 and "--fold-seeds" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_spread_fold_seeds_parse_in_order_without_repeats():
+    from src.spread import fold_seeds
+
+    assert fold_seeds(" 42, 7,2026,7 ") == [42, 7, 2026]
