@@ -54,6 +54,10 @@ class Prepared:
     data_print: dict = field(default_factory=dict)  # experiment.data_fingerprint of these lesions and images
     _on_device: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def lesions(self) -> Lesions:
+        return Lesions(self.train, self.test, self.folds)
+
     def images(self, cfg: Config, device: torch.device) -> tuple:
         """(train images, test images, on_device): the memory-mapped caches, or their copies in device memory as
         Config.cache_on_device decides. The copies are made once per process and device and every later fold
@@ -169,7 +173,6 @@ def epoch_order(cfg: Config, n: int, targets: np.ndarray, fold: int, epoch: int,
 
 
 def steps_per_epoch(cfg: Config, n_train: int) -> int:
-    """Optimiser steps of one epoch over ``n_train`` lesions (capped by ``max_steps_per_epoch``)."""
+    """Optimiser steps of one epoch over ``n_train`` lesions (the last partial global batch dropped)."""
     n_global = n_train if n_train < cfg.batch_size else (n_train // cfg.batch_size) * cfg.batch_size
-    steps = math.ceil(n_global / cfg.batch_size)
-    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+    return math.ceil(n_global / cfg.batch_size)

@@ -17,23 +17,23 @@ from sklearn.metrics import roc_auc_score
 
 from .config import Config, apply_overrides, load_config, parse_cli_overrides
 from .data import CLASSES
-from .decision import RULES, apply_rule, fold_probabilities, tune_thresholds
+from .decision import RULES, fold_probabilities, honest_oof, tune_thresholds
 from .experiment import ExperimentDir, Lesions, data_fingerprint
 from .folds import load_or_make_folds
 from .scoring import SubmissionError, log_loss, macro_f1
 
 EPS = 1e-7
-# Out-of-fold scores reported for every input and the blend: key -> (short label, meaning).
+# Out-of-fold scores reported for every input and the blend: key -> (short label, meaning); each decision rule's
+# honest score comes from the rule registry (src/decision.py).
 SCORES = {
     "log_loss": ("logloss", "mean binary log-loss over the 11 classes"),
     "auc": ("auc", "mean per-class ROC AUC"),
     "f1_raw": ("f1@0.5", "macro F1 of the raw probabilities cut at 0.5"),
     "f1_argmax": ("argmax", "macro F1 with only the top class positive"),
     "f1_threshold_optimistic": ("thr_opt", "per-class thresholds tuned on all OOF rows, scored on the same rows"),
-    "f1_threshold_honest": ("thr_hon", "per-class thresholds tuned on the other folds"),
-    "f1_expected_f1_honest": ("ef1_hon", "expected-F1 thresholds of each held-out fold as its own batch"),
+    **{r.score_key: (r.label, r.meaning) for r in RULES.values()},
 }
-HONEST_KEY = {"threshold": "f1_threshold_honest", "expected_f1": "f1_expected_f1_honest", "none": "f1_raw"}
+HONEST_KEY = {name: r.score_key for name, r in RULES.items()}
 BLEND = "blend"  # the blend's row in the score tables
 
 
@@ -144,10 +144,6 @@ def fit_weights(y: np.ndarray, probs: list[np.ndarray]) -> np.ndarray:
     return min(candidates, key=lambda w: log_loss(y, np.tensordot(w, stack, axes=1)))
 
 
-def rule_kwargs(cfg: Config) -> dict:
-    return {"method": cfg.threshold_method, "n_trials": cfg.threshold_trials, "seed": cfg.seed}
-
-
 @dataclass(frozen=True)
 class Evaluation:
     scores: dict[str, float]
@@ -163,29 +159,16 @@ def nested_weights(y: np.ndarray, stack: np.ndarray, folds: np.ndarray) -> dict[
     return {int(f): fit_weights(y[folds != f], list(stack[:, folds != f])) for f in np.unique(folds)}
 
 
-def honest_rule(rule: str, y: np.ndarray, stack: np.ndarray, folds: np.ndarray, weights: dict[int, np.ndarray],
-                kw: dict) -> tuple[np.ndarray, dict]:
-    """``rule`` applied to each held-out fold with everything fitted without that fold's labels: the blend weights
-    (``weights``, from :func:`nested_weights`) and, for 'threshold', the thresholds (tuned on the other folds'
-    rows blended with those weights). With one input this is ``decision.honest_oof``."""
-    if rule == "threshold" and len(weights) < 2:
-        raise ValueError("rule 'threshold' needs at least two folds to tune without the held-out labels")
-    out = np.empty(stack.shape[1:])
-    per_fold = []
-    for f, w in weights.items():
-        held = folds == f
-        p_held = np.tensordot(w, stack[:, held], axes=1)
-        if rule == "threshold":
-            t = tune_thresholds(y[~held], np.tensordot(w, stack[:, ~held], axes=1), **kw)
-        else:
-            t, _ = apply_rule(rule, p_held)
-        out[held] = fold_probabilities(p_held, t)
-        per_fold.append(t.tolist())
-    return out, {"folds": list(weights), "per_fold_thresholds": per_fold,
-                 "per_fold_weights": [w.tolist() for w in weights.values()]}
+def honest_rule(rule: str, y: np.ndarray, stack: np.ndarray, folds: np.ndarray,
+                weights: dict[int, np.ndarray]) -> tuple[np.ndarray, dict]:
+    """``decision.honest_oof`` of the blend: each held-out fold decided with everything fitted without its labels,
+    the blend weights (``weights``, from :func:`nested_weights`) included."""
+    out, info = honest_oof(rule, y, np.tensordot(weights[min(weights)], stack, axes=1), folds,
+                           fold_probs=lambda f: np.tensordot(weights[f], stack, axes=1))
+    return out, {**info, "per_fold_weights": [w.tolist() for w in weights.values()]}
 
 
-def evaluate(y: np.ndarray, stack: np.ndarray, folds: np.ndarray, kw: dict) -> Evaluation:
+def evaluate(y: np.ndarray, stack: np.ndarray, folds: np.ndarray) -> Evaluation:
     """Every score of :data:`SCORES` for the out-of-fold probabilities of the inputs ``stack`` (inputs, rows,
     classes) blended; one input is scored as it is. The blend's own scores are honest like its inputs': each fold is
     blended with weights fitted on the other folds (only ``thr_opt`` uses all rows, as its name says)."""
@@ -194,8 +177,8 @@ def evaluate(y: np.ndarray, stack: np.ndarray, folds: np.ndarray, kw: dict) -> E
     for f, w in weights.items():
         nested[folds == f] = np.tensordot(w, stack[:, folds == f], axes=1)
     full = np.tensordot(fit_weights(y, list(stack)), stack, axes=1)
-    thresholds = tune_thresholds(y, full, **kw)
-    honest = {rule: honest_rule(rule, y, stack, folds, weights, kw) for rule in RULES}
+    thresholds = tune_thresholds(y, full)
+    honest = {rule: honest_rule(rule, y, stack, folds, weights) for rule in RULES}
     aucs = [roc_auc_score(y[:, j], nested[:, j]) for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
     scores = {
         "log_loss": log_loss(y, nested),
@@ -203,13 +186,12 @@ def evaluate(y: np.ndarray, stack: np.ndarray, folds: np.ndarray, kw: dict) -> E
         "f1_raw": macro_f1(y, nested),
         "f1_argmax": macro_f1(y, np.eye(y.shape[1])[nested.argmax(1)]),
         "f1_threshold_optimistic": macro_f1(y, fold_probabilities(full, thresholds)),
-        "f1_threshold_honest": macro_f1(y, honest["threshold"][0]),
-        "f1_expected_f1_honest": macro_f1(y, honest["expected_f1"][0]),
+        **{r.score_key: macro_f1(y, honest[name][0]) for name, r in RULES.items()},
     }
     in_sample = {}
     if len(stack) > 1:  # the optimism of fitting the weights on the rows they are scored on, measured
         fixed = {f: fit_weights(y, list(stack)) for f in weights}
-        in_sample = {HONEST_KEY[r]: macro_f1(y, honest_rule(r, y, stack, folds, fixed, kw)[0]) for r in RULES}
+        in_sample = {HONEST_KEY[r]: macro_f1(y, honest_rule(r, y, stack, folds, fixed)[0]) for r in RULES}
     return Evaluation(scores, thresholds, honest, in_sample)
 
 
@@ -258,12 +240,11 @@ def blend_experiments(cfgs: list[Config], train: pd.DataFrame, test: pd.DataFram
     current = data_fingerprint(Lesions(train, test, folds))
     for cfg in cfgs:
         check_current(cfg, current)
-    kw = rule_kwargs(cfgs[0])
     stack = np.stack([m.oof for m in members])
     weights = fit_weights(y, list(stack))
     blend_oof = np.tensordot(weights, stack, axes=1)
     blend_test = np.tensordot(weights, np.stack([m.test for m in members]), axes=1)
-    evals = {m.cfg.name: evaluate(y, m.oof[None], folds, kw) for m in members}
-    evals[BLEND] = evaluate(y, stack, folds, kw)
+    evals = {m.cfg.name: evaluate(y, m.oof[None], folds) for m in members}
+    evals[BLEND] = evaluate(y, stack, folds)
     return Blend(cfgs, {c.name: float(w) for c, w in zip(cfgs, weights)}, blend_oof, blend_test, test_ids, folds,
                  evals)

@@ -13,52 +13,69 @@ from .config import ConfigError, describe, load_config
 DEMO = "demo"  # exp/demo/config.py: the demo's settings, applied on top of any experiment
 
 
-def train_experiment(cfg) -> dict:
-    """All missing folds of one experiment, in whatever execution mode the environment asks for."""
-    if cfg.model == "tabular":
-        from .tabular import run_tabular
-
-        return run_tabular(cfg)
-    if cfg.model == "stack":
-        from .stacker import run_stack
-
-        return run_stack(cfg)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .parallel_folds import run_distributed
-
-        return run_distributed(cfg)
-    if os.environ.get("GPUS", "").strip():
-        from .parallel_folds import run_parallel
-
-        return run_parallel(cfg, os.environ["GPUS"])
-    from .train import run_folds
-
-    return run_folds(cfg)
+RUN_ARGS = ("folds", "retrain")  # arguments of running an experiment, given as key=value like the settings
 
 
-def cmd_run(name: str, args: list[str]) -> int:
-    if "--help" in args or "-h" in args:
-        cfg = load_config(name, [a for a in args if a not in ("--help", "-h")])
-        print(describe(cfg))
+def split_run_args(args: list[str]) -> tuple[list[str], str, bool]:
+    """(settings, folds, retrain): ``folds=`` and ``retrain=`` are the run's own arguments, not settings."""
+    from .config import parse_bool
+
+    settings, folds, retrain = [], "", False
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        if sep and name.strip() == "folds":
+            folds = value
+        elif sep and name.strip() == "retrain":
+            retrain = parse_bool("retrain", value, "command line")
+        else:
+            settings.append(arg)
+    return settings, folds, retrain
+
+
+def cmd_run(name: str, args: list[str], demo: bool = False) -> int:
+    """Run experiment ``name`` (train its missing folds, collect, score), then write its submission."""
+    from .runner import run_experiment
+    from .submission import finalize
+
+    settings, folds, retrain = split_run_args(args)
+    if "--help" in settings or "-h" in settings:
+        print(describe(load_config(name, [a for a in settings if a not in ("--help", "-h")],
+                                   preset=DEMO if demo else None)))
         return 0
-    cfg = load_config(name, args)
+    cfg = load_config(name, settings, preset=DEMO if demo else None)
+    if demo:
+        make_demo_data(cfg)
     t0 = time.time()
-    result = train_experiment(cfg)
+    result = run_experiment(cfg, folds=folds, retrain=retrain)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     for k, why in result.get("failed_folds", {}).items():
         print(f"[{cfg.name}] fold {k} failed: {why}", flush=True)
     if not result.get("complete"):
-        again = shlex.join(["bash", "run.sh", cfg.name, *(a for a in args if not a.startswith("folds="))])
+        command = ["bash", "run.sh", *(["demo"] if demo else []), cfg.experiment, *settings]
         print(f"[{cfg.name}] not complete: missing folds {result.get('missing_folds')}; "
-              f"`{again}` finishes them", flush=True)
-        return 0 if cfg.folds else 1
+              f"`{shlex.join(command)}` finishes them", flush=True)
+        return 0 if folds else 1
     print(f"[{cfg.name}] out-of-fold macro F1 (raw, > 0.5): {result['macro_f1']:.4f}  "
           f"({time.time() - t0:.0f}s)", flush=True)
-    from .submission import finalize
-
-    finalize(cfg, [cfg])
+    if demo:
+        summary = finalize(cfg, [cfg], name=f"demo_{cfg.name}")
+        print_demo_summary(cfg, summary)
+        print(f"demo wall time: {time.time() - t0:.0f}s")
+    else:
+        finalize(cfg, [cfg])
     return 0
+
+
+def make_demo_data(cfg) -> None:
+    """The generated miniature MILK10k the demo trains on, made on first use."""
+    from .config import experiment_module
+    from .synth import generate
+
+    data_dir = Path(cfg.data_dir)
+    if not (data_dir / "MILK10k_Training_Metadata.csv").is_file():
+        print(f"[demo] generating a miniature MILK10k in {data_dir}", flush=True)
+        generate(data_dir, **experiment_module(DEMO).SYNTH)
 
 
 def best_constant_macro_f1(y) -> float:
@@ -75,31 +92,15 @@ def best_constant_macro_f1(y) -> float:
 def cmd_demo(args: list[str]) -> int:
     """``demo [EXP] [key=value ...]``: EXP (default exp001) with the demo's settings on the generated data;
     ``demo blend EXP ... [--name N]`` blends demo experiments."""
-    from .config import experiment_module, parse_cli_overrides
-    from .synth import generate
+    from .config import experiment_module
 
     if args and args[0] == "blend":
         from .submission import main as blend_main
 
         demo = experiment_module(DEMO).OVERRIDES
         return blend_main(args[1:] + [f"{k}={demo[k]}" for k in ("data_dir", "output_dir", "submission_dir")])
-    name = args.pop(0) if args and "=" not in args[0] else "exp001"
-    cfg = load_config(name, parse_cli_overrides(args), preset=DEMO)
-    data_dir = Path(cfg.data_dir)
-    t0 = time.time()
-    if not (data_dir / "MILK10k_Training_Metadata.csv").is_file():
-        print(f"[demo] generating a miniature MILK10k in {data_dir}", flush=True)
-        generate(data_dir, **experiment_module(DEMO).SYNTH)
-    result = train_experiment(cfg)
-    if not result.get("complete"):
-        print(f"[demo] folds missing: {result.get('missing_folds')}")
-        return 1
-    from .submission import finalize
-
-    summary = finalize(cfg, [cfg], name=f"demo_{cfg.name}")
-    print_demo_summary(cfg, summary)
-    print(f"demo wall time: {time.time() - t0:.0f}s")
-    return 0
+    name = args.pop(0) if args and "=" not in args[0] and not args[0].startswith("-") else "exp001"
+    return cmd_run(name, args, demo=True)
 
 
 def print_demo_summary(cfg, summary: dict) -> None:
@@ -107,15 +108,16 @@ def print_demo_summary(cfg, summary: dict) -> None:
     import numpy as np
 
     from .data import CLASSES, load_train
+    from .decision import RULES
     from .scoring import read_prediction_csv, read_truth_csv, score
 
     y = load_train(cfg.data_dir, check_images=False)[CLASSES].to_numpy(np.float32)
     blend = summary.get("scores", {}).get("blend", {})
     print("\n=== demo summary (out-of-fold macro F1, leaderboard rules) ===")
-    for key, label in (("f1_raw", "raw probabilities at 0.5"), ("f1_argmax", "argmax (one positive per row)"),
-                       ("f1_threshold_optimistic", "folded thresholds, optimistic"),
-                       ("f1_threshold_honest", "folded thresholds, honest"),
-                       ("f1_expected_f1_honest", "expected-F1 rule, honest")):
+    rows = [("f1_argmax", "argmax (one positive per row)"),
+            ("f1_threshold_optimistic", "folded thresholds, optimistic"),
+            *((r.score_key, f"{r.name} rule, honest") for r in RULES.values())]
+    for key, label in rows:
         if isinstance(blend.get(key), (int, float)):
             print(f"{label:<40}: {blend[key]:.4f}")
     print(f"{'best constant prediction, same labels':<40}: {best_constant_macro_f1(y):.4f}")
@@ -145,7 +147,7 @@ USER_ERRORS = {
     "src.data": ("DataError",), "src.experiment": ("StaleOutputs", "ExperimentBusy"),
     "src.preflight": ("SetupError",), "src.blend": ("BlendError",), "src.scoring": ("SubmissionError",),
     "src.stacker": ("StackError",), "src.model": ("WeightsUnavailable",),
-    "src.speed.fuse": ("FusionUnsupported",), "src.train": ("NonFiniteLoss",),
+    "src.speed.fuse": ("FusionUnsupported",), "src.train": ("NonFiniteLoss", "CheckpointError"),
 }
 FIXABLE_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
@@ -184,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return spread_main(rest)
         if cmd == "fold":  # worker of GPUS=... parallel folds: CONFIG_JSON FOLD
-            from .parallel_folds import run_one_fold
+            from .executors import run_worker
 
-            return run_one_fold(rest[0], int(rest[1]))
+            return run_worker(rest[0], int(rest[1]))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

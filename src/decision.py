@@ -8,15 +8,18 @@ Rules: 'threshold' (thresholds maximising each class's F1 on labelled out-of-fol
 'expected_f1' (label-free: maximise the F1 expected under the predicted probabilities of the batch
 itself), 'none' (the plain 0.5 cut).  Macro F1 is a sum of per-class terms, so tuning each class on
 its own is an exact maximisation of the macro value.  ``decision=auto`` (the default) carries the rule
-with the best honest out-of-fold estimate (``choose_rule``).
+with the best honest out-of-fold estimate (``choose_rule``). A new rule is one entry of ``RULES``: blending,
+the submission, tuning, the spread over fold seeds and the demo summary iterate over it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from .scoring import f1_per_class
 
-RULES = ("threshold", "expected_f1", "none")
 NOISE = 0.01  # differences of honest macro F1 below this are within the spread of one cross-validation run
 MARGIN = 1e-6  # folded values keep this distance from 0.5, so no CSV round trip can flip a decision
 
@@ -82,36 +85,13 @@ def _exact_threshold(y: np.ndarray, p: np.ndarray) -> float:
     return float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])
 
 
-def _optuna_thresholds(y: np.ndarray, p: np.ndarray, n_trials: int, seed: int) -> np.ndarray:
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    names = [f"t{j}" for j in range(p.shape[1])]
-
-    def objective(trial) -> float:
-        t = np.array([trial.suggest_float(n, 0.0, 1.0) for n in names])
-        return float(f1_per_class(y, fold_probabilities(p, t)).mean())
-
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    study.enqueue_trial(dict.fromkeys(names, 0.5))
-    study.optimize(objective, n_trials=n_trials)
-    return np.array([study.best_params[n] for n in names])
-
-
-def tune_thresholds(y_true, probs, method: str = "exact", n_trials: int = 300, seed: int = 0) -> np.ndarray:
-    """Per-class thresholds maximising the leaderboard F1 on (y_true, probs).
-
-    'exact' scores every distinct cut (midpoints between sorted distinct probabilities, plus all and no
-    positives) and keeps, among the best, the threshold closest to 0.5.  'optuna' searches the same
-    objective with a seeded TPE study over one threshold per class (starting from 0.5 everywhere).
-    """
+def tune_thresholds(y_true, probs) -> np.ndarray:
+    """Per-class thresholds maximising the leaderboard F1 on (y_true, probs): every distinct cut is scored
+    (midpoints between sorted distinct probabilities, plus all and no positives) and, among the best, the threshold
+    closest to 0.5 is kept. Macro F1 is a mean of per-class terms, so this is the exact maximum of the macro value."""
     p = _as_probs(probs)
     y = _as_labels(y_true, p.shape)
-    if method == "exact":
-        return np.array([_exact_threshold(y[:, j], p[:, j]) for j in range(p.shape[1])])
-    if method == "optuna":
-        return _optuna_thresholds(y, p, n_trials, seed)
-    raise ValueError(f"unknown threshold method {method!r}; use 'exact' or 'optuna'")
+    return np.array([_exact_threshold(y[:, j], p[:, j]) for j in range(p.shape[1])])
 
 
 def expected_f1_thresholds(probs) -> np.ndarray:
@@ -133,61 +113,95 @@ def expected_f1_thresholds(probs) -> np.ndarray:
     return out
 
 
-def apply_rule(rule: str, probs, y_true=None, **kw) -> tuple[np.ndarray, np.ndarray]:
-    """(thresholds, folded probabilities) of a rule on one batch.
+# ----------------------------------------------------------------------------------------------------
+# the rules: one registry that blend, submission, tune, spread and the demo summary iterate over
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """A decision rule: ``fit(y_fit, p_fit, batch)`` gives the thresholds for the rows of ``batch``; a ``labelled``
+    rule learns them from labelled rows (y_fit, p_fit), a label-free one from the batch itself. ``score_key`` names
+    its honest out-of-fold score in the score tables, ``label`` its column; ``rank`` breaks ties in
+    ``choose_rule`` (lower first: label-free rules need no labelled rows to transfer)."""
 
-    'threshold' tunes on (y_true, probs) with ``tune_thresholds(**kw)``; the label-free rules ignore kw.
-    """
+    name: str
+    labelled: bool
+    fit: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+    score_key: str
+    label: str
+    meaning: str
+    rank: int
+
+
+RULES: dict[str, Rule] = {r.name: r for r in (
+    Rule("threshold", True, lambda y, p, batch: tune_thresholds(y, p), "f1_threshold_honest", "thr_hon",
+         "per-class thresholds tuned on the other folds", 1),
+    Rule("expected_f1", False, lambda y, p, batch: expected_f1_thresholds(batch), "f1_expected_f1_honest", "ef1_hon",
+         "expected-F1 thresholds of each held-out fold as its own batch", 0),
+    Rule("none", False, lambda y, p, batch: np.full(np.shape(batch)[1], 0.5), "f1_raw", "f1@0.5",
+         "macro F1 of the raw probabilities cut at 0.5", 2),
+)}
+
+
+def get_rule(name: str) -> Rule:
+    if name not in RULES:
+        raise ValueError(f"unknown decision rule {name!r}; use one of {tuple(RULES)}")
+    return RULES[name]
+
+
+def apply_rule(rule: str, probs, y_true=None) -> tuple[np.ndarray, np.ndarray]:
+    """(thresholds, folded probabilities) of a rule on one batch; a labelled rule is tuned on (y_true, probs)."""
+    r = get_rule(rule)
     p = _as_probs(probs)
-    if rule == "threshold":
-        if y_true is None:
-            raise ValueError("rule 'threshold' needs labels")
-        t = tune_thresholds(y_true, p, **kw)
-    elif rule == "expected_f1":
-        t = expected_f1_thresholds(p)
-    elif rule == "none":
-        t = np.full(p.shape[1], 0.5)
-    else:
-        raise ValueError(f"unknown decision rule {rule!r}; use one of {RULES}")
+    if r.labelled and y_true is None:
+        raise ValueError(f"rule {rule!r} needs labels")
+    t = r.fit(None if y_true is None else _as_labels(y_true, p.shape), p, p)
     return t, fold_probabilities(p, t)
 
 
-def honest_oof(rule: str, y_true, probs, folds: np.ndarray, **kw) -> tuple[np.ndarray, dict]:
-    """Fold out-of-fold probabilities without using any held-out label.
-
-    'threshold': each fold gets thresholds tuned on the other folds' rows; 'expected_f1': each fold
-    is its own batch; 'none': the 0.5 cut.  Returns the folded probabilities and
-    {"folds": [...], "per_fold_thresholds": [[...] per fold]}.
-    """
+def honest_oof(rule: str, y_true, probs, folds: np.ndarray,
+               fold_probs: Callable[[int], np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
+    """Decide every fold's rows without using any of their labels: a labelled rule is tuned on the other folds'
+    rows, a label-free one takes the fold as its own batch. ``fold_probs(f)`` gives the probabilities that fold
+    ``f`` is decided with (a blend with weights fitted without that fold); default ``probs`` for every fold.
+    Returns the folded probabilities and {"folds": [...], "per_fold_thresholds": [[...] per fold]}."""
+    r = get_rule(rule)
     p = _as_probs(probs)
     y = _as_labels(y_true, p.shape)
     folds = np.asarray(folds).reshape(-1)
     if folds.shape != (len(p),):
         raise ValueError(f"need one fold id per row ({len(p)}), got {folds.shape}")
     ids = np.unique(folds)
-    if rule == "threshold" and len(ids) < 2:
-        raise ValueError("rule 'threshold' needs at least two folds to tune without the held-out labels")
+    if r.labelled and len(ids) < 2:
+        raise ValueError(f"rule {rule!r} needs at least two folds to tune without the held-out labels")
     out = np.empty_like(p)
     per_fold = []
     for f in ids:
+        q = p if fold_probs is None else _as_probs(fold_probs(int(f)))
         held = folds == f
-        if rule == "threshold":
-            t, _ = apply_rule(rule, p[~held], y[~held], **kw)
-        else:
-            t, _ = apply_rule(rule, p[held], **kw)
-        out[held] = fold_probabilities(p[held], t)
-        per_fold.append(t.tolist())
+        t = r.fit(y[~held], q[~held], q[held])
+        out[held] = fold_probabilities(q[held], t)
+        per_fold.append(np.asarray(t).tolist())
     return out, {"folds": ids.tolist(), "per_fold_thresholds": per_fold}
+
+
+def usable_rules(folds: np.ndarray) -> list[str]:
+    """The rules that can be scored honestly on these folds (a labelled rule needs two folds or more)."""
+    return [n for n, r in RULES.items() if not r.labelled or len(np.unique(folds)) > 1]
+
+
+def honest_scores(y_true, probs, folds: np.ndarray) -> dict[str, float]:
+    """The one honest score: each usable rule's out-of-fold macro F1 with no fold decided by its own labels."""
+    return {r: float(f1_per_class(y_true, honest_oof(r, y_true, probs, folds)[0]).mean()) for r in usable_rules(folds)}
 
 
 def choose_rule(setting: str, honest: dict[str, float]) -> tuple[str, str]:
     """The rule a submission carries and why. ``setting`` is the config's ``decision``: a rule is kept as asked;
-    'auto' takes the rule with the best honest out-of-fold macro F1 in ``honest`` (rule -> score), label-free
-    rules first among equals (they need no labelled rows to transfer)."""
+    'auto' takes the rule with the best honest out-of-fold macro F1 in ``honest`` (rule -> score), the lower
+    ``rank`` first among equals."""
     listed = ", ".join(f"{r} {honest[r]:.4f}" for r in sorted(honest, key=honest.get, reverse=True))
     if setting != "auto":
         return setting, f"decision={setting} as configured (honest CV: {listed})"
-    order = [r for r in ("expected_f1", "threshold", "none") if r in honest]
+    order = sorted((r for r in RULES if r in honest), key=lambda r: RULES[r].rank)
     best = max(order, key=lambda r: honest[r])
     runner_up = max((honest[r] for r in order if r != best), default=honest[best])
     margin = honest[best] - runner_up
@@ -195,8 +209,12 @@ def choose_rule(setting: str, honest: dict[str, float]) -> tuple[str, str]:
     return best, f"decision=auto: {best} has the best honest CV ({listed}){note}"
 
 
-def honest_scores(y_true, probs, folds: np.ndarray, **kw) -> dict[str, float]:
-    """Honest out-of-fold macro F1 of every rule (``honest_oof``); 'threshold' only with two folds or more."""
-    rules = [r for r in RULES if r != "threshold" or len(np.unique(folds)) > 1]
-    return {r: f1_per_class(y_true, honest_oof(r, y_true, probs, folds, **(kw if r == "threshold" else {}))[0]).mean()
-            for r in rules}
+def decide(rule: str, y_true, oof, batch) -> np.ndarray:
+    """The thresholds a submission of ``batch`` carries under ``rule``: tuned on all labelled out-of-fold rows
+    (y_true, oof) for a labelled rule, from the batch itself for a label-free one."""
+    r = get_rule(rule)
+    b = _as_probs(batch)
+    if r.labelled:
+        o = _as_probs(oof)
+        return r.fit(_as_labels(y_true, o.shape), o, b)
+    return r.fit(None, None, b)

@@ -28,22 +28,14 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from .config import Config
+from .config import Config, experiment_keys
 from .data import CLASSES, load_test, load_train
 from .folds import load_or_make_folds
 from .io_utils import atomic_write_csv, atomic_write_json
 from .scoring import fold_metrics, read_prediction_csv
+from .settings import KEYS, RETIRED
 
-# Config keys that change where files go, how fast they come or how the submission is decided, but not what a
-# fold computes: a fold made under other values of these is still the same fold. Every other key of an image
-# experiment is a result setting; tabular and stacking experiments depend only on TABULAR_RESULTS.
-NOT_RESULTS = frozenset({
-    "name", "data_dir", "output_dir", "submission_dir", "cache_dir", "folds_csv", "folds", "retrain",
-    "pretrained_path", "device", "num_workers", "cache_on_device", "channels_last", "branch_streams", "compile",
-    "compile_mode", "fuse_backbones", "eval_batch_size", "decision", "threshold_method", "threshold_trials",
-    "tune_trials", "tune_folds", "tune_epochs", "tune_storage", "wandb_project", "wandb_mode",
-})
-TABULAR_RESULTS = ("model", "tabular_models", "seed", "n_folds", "fold_seed", "stack_inputs")
+FINGERPRINT_VERSION = 2
 PATH_COLUMNS = ("clin_path", "derm_path")
 
 
@@ -85,12 +77,13 @@ def load_lesions(cfg: Config, check_images: bool = False) -> Lesions:
 # ----------------------------------------------------------------------------------------------------
 # fingerprints: the settings and data that made a result
 # ----------------------------------------------------------------------------------------------------
-def result_settings(cfg: Config) -> dict:
-    """The config keys that change what ``cfg``'s folds compute (see NOT_RESULTS)."""
-    values = cfg.to_dict()
-    if cfg.model in ("tabular", "stack"):
-        return {k: values[k] for k in TABULAR_RESULTS}
-    return {k: v for k, v in values.items() if k not in NOT_RESULTS and k not in ("tabular_models", "stack_inputs")}
+def result_settings(cfg: Config, shared: Sequence[str] | None = None) -> dict:
+    """The settings that change what ``cfg``'s folds compute, as each key's declaration says (``results``): the
+    shared ones its experiment's kind reads (``shared``; None = all of them), its experiment's own, and which
+    experiment's code made them."""
+    names = [k for k, spec in KEYS.items() if spec.results and (shared is None or k in shared)]
+    own = {k: cfg.own[k] for k, spec in experiment_keys(cfg.experiment).items() if spec.results}
+    return {**{k: getattr(cfg, k) for k in names}, **own, "experiment": cfg.experiment}
 
 
 def _digest(parts: Iterable[bytes]) -> str:
@@ -119,13 +112,29 @@ def data_fingerprint(lesions: Lesions, images: bool = False, inputs: Sequence[Pa
     return out
 
 
-def fingerprint(cfg: Config, data: dict) -> dict:
-    return {"settings": result_settings(cfg), "data": data}
+def fingerprint(cfg: Config, data: dict, shared: Sequence[str] | None = None) -> dict:
+    return {"version": FINGERPRINT_VERSION, "settings": result_settings(cfg, shared), "data": data}
+
+
+def _comparable(saved: dict, current: dict) -> tuple[dict, dict]:
+    """The saved and current settings as they can be compared. A fingerprint of an earlier version (no
+    ``version``) lists the keys of that version: keys today's settings no longer have are dropped unless they are
+    RETIRED at another value than today's code is equivalent to; it never named the experiment."""
+    old, new = dict(saved.get("settings", {})), dict(current["settings"])
+    if saved.get("version") == FINGERPRINT_VERSION:
+        return old, new
+    new.pop("experiment", None)
+    for k in [k for k in old if k not in new]:
+        if k in RETIRED and old[k] != RETIRED[k]:
+            new[k] = RETIRED[k]
+        else:
+            del old[k]
+    return old, new
 
 
 def fingerprint_differences(saved: dict, current: dict) -> list[str]:
     """What differs between two fingerprints, as 'key: saved -> current' lines."""
-    old, new = saved.get("settings", {}), current["settings"]
+    old, new = _comparable(saved, current)
     out = [f"{k}={old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(set(old) | set(new))
            if old.get(k) != new.get(k)]
     saved_data = saved.get("data") or {}
@@ -173,20 +182,20 @@ class ExperimentDir:
 
     # --- starting ---------------------------------------------------------------------------------
     @contextmanager
-    def session(self, current: dict) -> Iterator[list[int]]:
-        """Lock the folder, refuse (or with ``retrain=true`` remove) folds whose fingerprint differs from
-        ``current``, save the resolved config and yield the listed folds that are not complete."""
+    def session(self, current: dict, folds: Sequence[int] | None = None, retrain: bool = False) -> Iterator[list[int]]:
+        """Lock the folder, refuse (or with ``retrain`` remove) folds whose fingerprint differs from ``current``,
+        save the resolved config and yield the folds of ``folds`` (default: all) that are not complete."""
         self.path.mkdir(parents=True, exist_ok=True)
         with folder_lock(self.path):
             stale = self.stale_folds(current)
-            if stale and not self.cfg.retrain:
+            if stale and not retrain:
                 raise StaleOutputs(self._stale_message(stale))
             for k in stale:
                 shutil.rmtree(self.fold_path(k))
                 print(f"[{self.cfg.name}] fold {k}: removed, it was made under other settings or data "
                       "(retrain=true)", flush=True)
             self.cfg.save(self.path / "config.json")
-            yield self.folds_to_do()
+            yield self.folds_to_do(folds)
 
     def stale_folds(self, current: dict) -> dict[int, list[str]]:
         """Fold -> what differs, for every fold folder (complete or in progress) made under other settings or
@@ -207,9 +216,8 @@ class ExperimentDir:
         for name in ("fingerprint.json", "config.json"):
             if (path / name).is_file():
                 saved = json.loads((path / name).read_text(encoding="utf-8"))
-                if name == "config.json":
-                    return {"settings": result_settings(Config(**{k: v for k, v in saved.items()
-                                                                 if k in Config.__dataclass_fields__}))}
+                if name == "config.json":  # a fold from before fingerprints: its saved settings
+                    return {"settings": {k: v for k, v in saved.items() if k in KEYS and KEYS[k].results}}
                 return saved
         return None
 
@@ -234,8 +242,8 @@ class ExperimentDir:
         """A fold is complete once its metrics.json (always written last) exists."""
         return (self.fold_path(fold) / "metrics.json").is_file()
 
-    def folds_to_do(self) -> list[int]:
-        return [k for k in self.cfg.fold_list() if not self.fold_done(k)]
+    def folds_to_do(self, folds: Sequence[int] | None = None) -> list[int]:
+        return [k for k in (range(self.cfg.n_folds) if folds is None else folds) if not self.fold_done(k)]
 
     def missing(self) -> list[str]:
         """What the experiment still lacks to be blended or stacked: each fold's metrics.json, then the joined

@@ -214,3 +214,56 @@ class InteractionFeatures(BaseEstimator, TransformerMixin):
                                 self.tone_spline_.transform(x[:, [self.tone_]]),
                                 (sites[:, :, None] * logits[:, None, :]).reshape(len(x), -1),
                                 (logits[:, i] / 3) * (logits[:, j] / 3)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the one builder of metadata features, for image, tabular and stacked models alike
+# ----------------------------------------------------------------------------------------------------
+FEATURE_KINDS = ("base", "extended", "interactions")
+
+
+class MetadataFeatures:
+    """A lesion table -> the feature matrix a model sees, every statistic fitted on the training rows only.
+
+    ``kind``: 'base' (age, sex, skin tone, site, MONET scores, manipulation), 'extended' (plus MONET logits,
+    clinical-minus-dermoscopic differences, age hinges and interactions) or 'interactions' (extended plus
+    ``InteractionFeatures``: splines of age and the MONET logits, site x MONET, MONET x MONET). ``standardize``:
+    every output column z-scored with the training rows' mean and standard deviation. ``encoder`` is the fitted
+    ``MetadataEncoder`` (saved as a fold's encoder.json)."""
+
+    def __init__(self, kind: str = "base", standardize: bool = False):
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"metadata features {kind!r}: use one of {FEATURE_KINDS}")
+        self.kind, self.standardize = kind, standardize
+        self.encoder: MetadataEncoder | None = None
+        self._pipe = None
+
+    def fit(self, lesions: pd.DataFrame) -> "MetadataFeatures":
+        interactions = self.kind == "interactions"
+        self.encoder = MetadataEncoder(extended=self.kind != "base",
+                                       standardize=self.standardize and not interactions).fit(lesions)
+        self._pipe = None
+        if interactions:
+            from sklearn.pipeline import make_pipeline
+            from sklearn.preprocessing import StandardScaler
+
+            steps = [InteractionFeatures(self.encoder.feature_names)] + ([StandardScaler()] if self.standardize else [])
+            self._pipe = make_pipeline(*steps).fit(self.encoder.transform(lesions).astype(np.float64))
+        return self
+
+    def transform(self, lesions: pd.DataFrame) -> np.ndarray:
+        if self.encoder is None:
+            raise RuntimeError("MetadataFeatures.transform called before fit")
+        x = self.encoder.transform(lesions)
+        if self._pipe is None:
+            return x
+        return self._pipe.transform(x.astype(np.float64)).astype(np.float32)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The encoder's column names (the columns of ``transform`` for 'base' and 'extended')."""
+        return list(self.encoder.feature_names) if self.encoder is not None else []
+
+    def save(self, path: str | os.PathLike) -> None:
+        """The fitted encoder (encoder.json)."""
+        self.encoder.save(path)

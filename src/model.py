@@ -1,12 +1,13 @@
-r"""The dual-image metadata-fusion network.
+r"""The dual-image metadata-fusion network, as parts an experiment puts together.
 
 clinical image -> backbone A -> pooled embedding --\
-dermoscopic    -> backbone B -> pooled embedding ---+--> [concat] -> dropout -> linear -> 11 logits
-metadata features -> (identity | small MLP) -------/                                 \-> aux logits (optional)
+dermoscopic    -> backbone B -> pooled embedding ---+--> head(embeddings, metadata features) -> 11 logits
+metadata features ---------------------------------/                                       \-> aux logits (optional)
 
-With ``fuse_backbones`` the two backbones become one network of twice the width (src/speed/fuse.py): the same
-arithmetic and the same results, in half the kernel launches; with ``branch_streams`` they run on two CUDA streams
-(src/speed/streams.py).
+``DualNet(clin, derm, head)``: two backbones (or one shared: ``derm is clin``) and a fusion head. The library's
+head is ``LinearHead`` (concatenation and one linear layer, the reference design); an experiment with another idea
+writes its own head in its folder (any module with ``forward(embeddings, meta) -> (logits, aux_logits | None)``).
+Speed machinery (fused backbones, CUDA streams, compilation) is applied from outside by src/speed/apply.py.
 """
 from __future__ import annotations
 
@@ -19,10 +20,7 @@ import timm
 import torch
 from torch import nn
 
-from .speed.fuse import FusionUnsupported, fuse_pair, fuse_state, split_fused_state
-from .speed.streams import TwoStreams
-
-__all__ = ["DualNet", "FusionUnsupported", "WeightsUnavailable", "build_model", "count_parameters",
+__all__ = ["DualNet", "DualNetBase", "LinearHead", "WeightsUnavailable", "backbones", "count_parameters",
            "create_backbone", "ensure_weights"]
 
 WEIGHTS_ENV = "MILK10K_WEIGHTS"
@@ -103,49 +101,34 @@ def create_backbone(name: str, pretrained: bool, pretrained_path: str = "") -> n
         raise WeightsUnavailable(_weights_help(name, f"{type(exc).__name__}: {reason}")) from None
 
 
-class DualNet(nn.Module):
-    def __init__(self, backbone: str, n_meta: int, n_classes: int = 11, n_aux: int = 0, *,
-                 shared_backbone: bool = False, meta_mode: str = "concat", meta_hidden: int = 128,
-                 meta_dropout: float = 0.3, head_dropout: float = 0.0, embed_norm: bool = False,
-                 pretrained: bool = True,
-                 pretrained_path: str = "", fuse_backbones: bool = False):
+class LinearHead(nn.Module):
+    """The reference fusion: [clinical embedding, dermoscopic embedding, metadata features] -> one linear layer
+    (and a second one for the auxiliary diagnoses when ``n_aux``)."""
+
+    def __init__(self, emb_dim: int, n_meta: int, n_classes: int = 11, n_aux: int = 0):
         super().__init__()
-        clin = create_backbone(backbone, pretrained, pretrained_path)
-        self.shared = shared_backbone
-        self.fused = fuse_backbones and not shared_backbone
-        self.branch_streams = False  # set by build_model from the config; CUDA only
-        self._streams = TwoStreams()
-        cfg = clin.pretrained_cfg or {}
-        self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-        feat = clin.num_features
-        if self.fused:
-            self.pair = fuse_pair(clin, create_backbone(backbone, pretrained, pretrained_path))
-        else:
-            self.clin = clin
-            self.derm = clin if shared_backbone else create_backbone(backbone, pretrained, pretrained_path)
-        if meta_mode == "mlp" and n_meta:
-            self.meta = nn.Sequential(
-                nn.Linear(n_meta, meta_hidden), nn.BatchNorm1d(meta_hidden), nn.SiLU(), nn.Dropout(meta_dropout),
-                nn.Linear(meta_hidden, meta_hidden), nn.BatchNorm1d(meta_hidden), nn.SiLU(),
-            )
-            meta_dim = meta_hidden
-        elif meta_mode == "concat" and n_meta:
-            self.meta, meta_dim = nn.Identity(), n_meta
-        else:
-            self.meta, meta_dim = None, 0
-        self.dropout = nn.Dropout(head_dropout)
-        # embed_norm: each embedding dimension scaled to zero mean and unit variance (batch statistics in training,
-        # running ones in evaluation; no learned parameters), so the classifier sees the embeddings on the scale of
-        # the standardised metadata whether the backbones are frozen or fine-tuned
-        self.embed_norm = nn.BatchNorm1d(2 * feat, eps=1e-8, affine=False) if embed_norm else None
-        self.head = nn.Linear(2 * feat + meta_dim, n_classes)
-        self.aux_head = nn.Linear(2 * feat + meta_dim, n_aux) if n_aux else None
+        self.classifier = nn.Linear(emb_dim + n_meta, n_classes)
+        self.aux = nn.Linear(emb_dim + n_meta, n_aux) if n_aux else None
+
+    def forward(self, emb: torch.Tensor, meta: torch.Tensor):
+        z = torch.cat([emb, meta], dim=1) if meta.shape[1] else emb
+        return self.classifier(z), (self.aux(z) if self.aux is not None else None)
+
+
+class DualNetBase(nn.Module):
+    """What training needs of a dual-image network: its backbones (to freeze, and for their learning rate), the
+    rest (the head), the normalisation of its input images and ``forward(clin, derm, meta)``."""
+
+    head: nn.Module
+    mean: tuple
+    std: tuple
+    shared: bool = False
 
     def backbones(self) -> list[nn.Module]:
-        if self.fused:
-            return [self.pair]
-        return [self.clin] if self.shared else [self.clin, self.derm]
+        raise NotImplementedError
+
+    def embed(self, clin: torch.Tensor, derm: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def backbone_parameters(self):
         for b in self.backbones():
@@ -155,50 +138,39 @@ class DualNet(nn.Module):
         backbone_ids = {id(p) for p in self.backbone_parameters()}
         return [p for p in self.parameters() if id(p) not in backbone_ids]
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Checkpoints load whichever way either model holds its backbones (fused or two separate ones)."""
-        has_pair = any(k.startswith("pair.") for k in state_dict)
-        if self.fused and not has_pair:
-            state_dict = fuse_state(state_dict)
-        elif not self.fused and has_pair:
-            state_dict = split_fused_state(state_dict)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    def forward(self, clin: torch.Tensor, derm: torch.Tensor, meta: torch.Tensor):
+        return self.head(self.embed(clin, derm).float(), meta)
+
+
+class DualNet(DualNetBase):
+    """Two backbones (``derm is clin`` for one shared backbone) and a fusion head."""
+
+    def __init__(self, clin: nn.Module, derm: nn.Module, head: nn.Module):
+        super().__init__()
+        self.clin, self.derm, self.head = clin, derm, head
+        self.shared = derm is clin
+        cfg = clin.pretrained_cfg or {}
+        self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+    def backbones(self) -> list[nn.Module]:
+        return [self.clin] if self.shared else [self.clin, self.derm]
 
     def embed(self, clin: torch.Tensor, derm: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            return self.pair(torch.cat([clin, derm], dim=1))
         if self.shared:
             both = self.clin(torch.cat([clin, derm]))
             return torch.cat(both.split(clin.shape[0]), dim=1)
-        if self.branch_streams and clin.is_cuda:
-            return torch.cat(self._streams(self.clin, self.derm, clin, derm), dim=1)
         return torch.cat([self.clin(clin), self.derm(derm)], dim=1)
 
-    def forward_head(self, emb: torch.Tensor, meta: torch.Tensor):
-        emb = emb.float()
-        parts = [self.embed_norm(emb) if self.embed_norm is not None else emb]
-        if self.meta is not None:
-            parts.append(self.meta(meta))
-        z = self.dropout(torch.cat(parts, dim=1))
-        logits = self.head(z)
-        aux = self.aux_head(z) if self.aux_head is not None else None
-        return logits, aux
 
-    def forward(self, clin: torch.Tensor, derm: torch.Tensor, meta: torch.Tensor):
-        return self.forward_head(self.embed(clin, derm), meta)
+def backbones(cfg) -> tuple[nn.Module, nn.Module]:
+    """The clinical and the dermoscopic backbone of ``cfg`` (the same module with ``shared_backbone``)."""
+    clin = create_backbone(cfg.backbone, cfg.pretrained, cfg.pretrained_path)
+    derm = clin if cfg.shared_backbone else create_backbone(cfg.backbone, cfg.pretrained, cfg.pretrained_path)
+    return clin, derm
 
 
-def build_model(cfg, n_meta: int, n_aux: int = 0) -> DualNet:
-    model = DualNet(cfg.backbone, n_meta, n_aux=n_aux, shared_backbone=cfg.shared_backbone, meta_mode=cfg.meta_mode,
-                   meta_hidden=cfg.meta_hidden, meta_dropout=cfg.meta_dropout, head_dropout=cfg.head_dropout,
-                   embed_norm=cfg.embed_norm,
-                   pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path,
-                   fuse_backbones=cfg.fuse_backbones)
-    model.branch_streams = cfg.branch_streams and not cfg.compile and not model.fused
-    return model
-
-
-def count_parameters(model: DualNet) -> dict[str, int]:
+def count_parameters(model: DualNetBase) -> dict[str, int]:
     backbone = sum(p.numel() for p in model.backbone_parameters())
     head = sum(p.numel() for p in model.head_parameters())
     return {"total": backbone + head, "backbones": backbone, "head": head}

@@ -36,12 +36,12 @@ def honest_of(cfg: Config) -> dict:
 
 
 def run(name: str, seeds: list[int], overrides: list[str]) -> dict:
-    from .cli import train_experiment
+    from .runner import run_experiment
 
     rows = {}
     for seed in seeds:
         cfg = seed_config(name, seed, overrides)
-        result = train_experiment(cfg)
+        result = run_experiment(cfg)
         if not result.get("complete"):
             raise RuntimeError(f"{cfg.name}: folds {result.get('missing_folds')} did not finish")
         rows[seed] = honest_of(cfg)

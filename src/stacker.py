@@ -2,24 +2,27 @@
 
 Features of a lesion: the logits of every input experiment's probabilities (``cfg.stack_inputs``,
 read from ``<output_dir>/<input>/oof.csv`` for training lesions and ``test.csv`` for test lesions)
-and the plain ``MetadataEncoder`` features.  Fold k's model is fitted on the other folds' rows only,
+and the base metadata features.  Fold k's model is fitted on the other folds' rows only,
 so the stacker's out-of-fold predictions never see their own fold's labels; it writes the same files
 as every experiment, so it can itself be blended, thresholded and submitted.  The models are those of
-src/tabular.py, chosen with ``cfg.tabular_models`` ('logreg', 'hgb' or a comma list averaged).
+src/tabular.py, chosen with ``cfg.tabular_models`` ('logreg', 'hgb' or a comma list averaged). ``StackRecipe``
+is the tabular recipe with the inputs' logits as extra columns; ``STACK_KEYS`` its keys.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from .config import Config, ConfigError
-from .experiment import ExperimentDir, data_fingerprint, fingerprint, load_lesions
-from .features import MetadataEncoder
+from .config import Config, ConfigError, key
+from .experiment import ExperimentDir, Lesions, data_fingerprint, load_lesions
+from .features import MetadataFeatures
 from .scoring import SubmissionError, read_prediction_csv
-from .tabular import cross_fit
+from .tabular import TABULAR_KEYS, TabularData, TabularRecipe
 
 LOGIT_CLIP = 1e-6
 SAME_FOLDS = ("n_folds", "fold_seed", "folds_csv")
@@ -58,10 +61,10 @@ def _check_input(cfg: Config, name: str) -> Path:
     saved = folder / "config.json"
     if saved.is_file():
         theirs = json.loads(saved.read_text(encoding="utf-8"))
-        for key in SAME_FOLDS:
-            if key in theirs and theirs[key] != getattr(cfg, key):
-                raise StackError(f"stack input {name!r}: {saved} has {key}={theirs[key]!r} but the stacker uses "
-                                 f"{getattr(cfg, key)!r}; stacked experiments must share one fold split")
+        for k in SAME_FOLDS:
+            if k in theirs and theirs[k] != getattr(cfg, k):
+                raise StackError(f"stack input {name!r}: {saved} has {k}={theirs[k]!r} but the stacker uses "
+                                 f"{getattr(cfg, k)!r}; stacked experiments must share one fold split")
     return folder
 
 
@@ -82,16 +85,30 @@ def load_inputs(cfg: Config, train: pd.DataFrame, test: pd.DataFrame) -> tuple[n
     return logit(oof), logit(tst), files
 
 
-def run_stack(cfg: Config) -> dict:
-    """Run the stacker ``cfg`` over ``cfg.stack_inputs`` (complete folds are kept); returns collect()'s metrics."""
-    lesions = load_lesions(cfg)
-    train, test = lesions.train, lesions.test
-    z_train, z_test, files = load_inputs(cfg, train, test)
+STACK_KEYS = {
+    **TABULAR_KEYS,
+    "stack_inputs": key("", "comma list of experiments whose out-of-fold and test probabilities the stacker uses",
+                        results=True, text=True),
+}
 
-    def build(rows: np.ndarray):
-        encoder = MetadataEncoder(extended=False).fit(train[rows])
-        return (encoder, np.hstack([z_train[rows], encoder.transform(train[rows])]),
-                np.hstack([z_train[~rows], encoder.transform(train[~rows])]),
-                np.hstack([z_test, encoder.transform(test)]))
 
-    return cross_fit(cfg, lesions, build, fingerprint(cfg, data_fingerprint(lesions, inputs=files)))
+def base_features(cfg: Config) -> MetadataFeatures:
+    return MetadataFeatures("base")
+
+
+@dataclass(frozen=True)
+class StackRecipe(TabularRecipe):
+    """The tabular recipe over the logits of ``stack_inputs``' predictions plus the base metadata features."""
+
+    features: Callable = base_features
+
+    def data_print(self, cfg: Config, lesions: Lesions) -> dict:
+        files = [Path(cfg.output_dir) / n / f for n in input_names(cfg) for f in ("oof.csv", "test.csv")]
+        for name in input_names(cfg):
+            _check_input(cfg, name)
+        return data_fingerprint(lesions, inputs=files)
+
+    def prepare(self, cfg: Config, lesions: Lesions | None = None) -> TabularData:
+        lesions = lesions if lesions is not None else load_lesions(cfg)
+        z_train, z_test, _ = load_inputs(cfg, lesions.train, lesions.test)
+        return TabularData(lesions, z_train, z_test)

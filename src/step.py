@@ -1,9 +1,11 @@
-"""One training step and what it needs: the model on its device, the loss, mixing, and each stage's optimiser.
+"""One training step and the library's parts for it: the model on its device, the loss, mixing, each stage's
+optimiser.
 
 Stage 1 trains the head with the backbones frozen (their BatchNorm statistics too); stage 2 trains everything, the
 backbones at a lower learning rate, with warmup + cosine and an optional EMA of the weights. ``build_stage`` makes
-a stage's optimiser, schedule, EMA and runner (DDP and torch.compile wrappers) once; ``train_step`` is the step
-itself, shared by training and the benchmark.
+a stage's optimiser (an experiment's ``optimizer`` part; ``stage_optimizer`` by default), EMA and runner once;
+``train_step`` is the step itself, shared by training and the benchmark. ``weighted_loss`` and ``stage_optimizer``
+are the default loss and optimiser parts an experiment's recipe may replace.
 """
 from __future__ import annotations
 
@@ -21,12 +23,14 @@ from .augment import DeviceAugment
 from .config import Config, parse_class_mult
 from .data import CLASSES
 from .dist import DistContext
-from .model import build_model
+from .model import DualNet
+from .speed.apply import accelerate, load_plain_state, plain_state, runner as speed_runner
 
 
-def setup_model(cfg: Config, n_meta: int, n_aux: int, device: torch.device) -> tuple[nn.Module, DeviceAugment]:
-    """The network on its device (channels_last and cuDNN autotuning on CUDA) and its augmentation."""
-    model = build_model(cfg, n_meta, n_aux=n_aux).to(device)
+def setup_model(cfg: Config, net: DualNet, device: torch.device, world: int = 1) -> tuple[nn.Module, DeviceAugment]:
+    """The network with its speed machinery (src/speed/apply.py) on its device (channels_last and cuDNN autotuning
+    on CUDA), and its augmentation."""
+    model = accelerate(net, cfg, world).to(device)
     channels_last = device.type == "cuda" and cfg.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -65,6 +69,11 @@ def make_criterion(cfg: Config, weights: torch.Tensor) -> Callable:
                                              label_smoothing=cfg.label_smoothing)
 
 
+def weighted_loss(cfg: Config, y_train: np.ndarray) -> Callable:
+    """The default loss part: ``loss`` ('bce' or 'ce') with the class weights of the training rows."""
+    return make_criterion(cfg, class_weights(cfg, y_train))
+
+
 def to_probs(cfg: Config, logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits) if cfg.loss == "bce" else torch.softmax(logits, dim=1)
 
@@ -99,6 +108,11 @@ def mix(cfg: Config, clin, derm, meta, y, gen: torch.Generator):
 # ----------------------------------------------------------------------------------------------------
 # stages
 # ----------------------------------------------------------------------------------------------------
+def cosine_factor(t: float) -> float:
+    """The cosine schedule's factor at fraction ``t`` of its steps: from 1 down to 0.01."""
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
     """Stage 2's learning-rate factor per step: linear warmup over ``warmup_epochs``, then cosine from 1 to 0.01
     over the remaining steps of ``epochs`` (or constant)."""
@@ -110,18 +124,21 @@ def lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
             return (step + 1) / warm
         if cfg.schedule == "constant":
             return 1.0
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+        return cosine_factor(min(1.0, (step - warm) / max(1, total - warm)))
 
     return f
 
 
-def stage1_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
-    """Stage 1's learning-rate factor per step: constant, or cosine from 1 to 0.01 over its ``stage1_epochs``."""
-    if cfg.stage1_schedule == "constant":
-        return lambda step: 1.0
-    total = max(1, cfg.stage1_epochs * steps_per_epoch)
-    return lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+def stage_optimizer(cfg: Config, model: nn.Module, stage: int, steps_per_epoch: int, fused: bool):
+    """The default optimiser part: (AdamW, LambdaLR) of a stage. Stage 1: the head at ``stage1_lr``, constant;
+    stage 2: the backbones at ``backbone_lr`` and the head at ``lr``, warmup + ``schedule``."""
+    if stage == 1:
+        opt = torch.optim.AdamW(model.head_parameters(), lr=cfg.stage1_lr, weight_decay=cfg.weight_decay, fused=fused)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    groups = [{"params": list(model.backbone_parameters()), "lr": cfg.backbone_lr},
+              {"params": model.head_parameters(), "lr": cfg.lr}]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps_per_epoch))
 
 
 @dataclass
@@ -149,39 +166,29 @@ class Stage:
 
     def state(self) -> dict:
         return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "ema": self.ema.module.state_dict() if self.ema is not None else None}
+                "ema": plain_state(self.ema.module) if self.ema is not None else None}
 
     def load_state(self, saved: dict) -> None:
         self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])
         if self.ema is not None and saved.get("ema") is not None:
-            self.ema.module.load_state_dict(saved["ema"])
+            load_plain_state(self.ema.module, saved["ema"])
 
 
 def build_stage(cfg: Config, model: nn.Module, number: int, steps_per_epoch: int, device: torch.device,
-                dist: DistContext | None = None) -> Stage:
-    """Freeze or unfreeze the backbones and make stage ``number``'s optimiser, schedule, EMA and runner."""
+                dist: DistContext | None = None, optimizer: Callable = stage_optimizer) -> Stage:
+    """Freeze or unfreeze the backbones and make stage ``number``'s optimiser and schedule (``optimizer``, an
+    experiment's part), EMA and runner."""
     for p in model.backbone_parameters():
         p.requires_grad_(number == 2)
-    fused = device.type == "cuda"
-    if number == 1:
-        opt = torch.optim.AdamW(model.head_parameters(), lr=cfg.stage1_lr, weight_decay=cfg.stage1_weight_decay,
-                                fused=fused)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, stage1_lambda(cfg, steps_per_epoch))
-    else:
-        groups = [{"params": list(model.backbone_parameters()), "lr": cfg.backbone_lr},
-                  {"params": model.head_parameters(), "lr": cfg.lr}]
-        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps_per_epoch))
+    opt, sched = optimizer(cfg, model, number, steps_per_epoch, device.type == "cuda")
     ema = None
     if number == 2 and cfg.ema_decay > 0:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
-    runner = (dist or DistContext.single()).wrap(model)
-    if cfg.compile:
-        runner = torch.compile(runner, mode=cfg.compile_mode)
-    return Stage(number, model, runner, opt, sched, ema, [p for p in model.parameters() if p.requires_grad])
+    run = speed_runner(model, cfg, dist or DistContext.single())
+    return Stage(number, model, run, opt, sched, ema, [p for p in model.parameters() if p.requires_grad])
 
 
 def train_step(cfg: Config, stage: Stage, criterion: Callable, clin, derm, meta, y,

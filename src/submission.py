@@ -27,7 +27,7 @@ from .blend import (BLEND, HONEST_KEY, SCORES, Blend, BlendError, blend_experime
                     score_frame, score_legend)
 from .config import Config, ConfigError, load_config
 from .data import CLASSES, DataError, load_test, load_train
-from .decision import RULES, choose_rule, expected_f1_thresholds, fold_probabilities
+from .decision import RULES, choose_rule, decide as rule_thresholds, fold_probabilities
 from .experiment import probs_frame
 from .io_utils import atomic_write_many
 from .preflight import check_outputs
@@ -53,17 +53,13 @@ class Decision:
     honest_cv: float
 
 
-def decide(blend: Blend, setting: str) -> Decision:
+def decide(blend: Blend, setting: str, y: np.ndarray) -> Decision:
     """The rule ``setting`` names ('auto': the one with the best honest CV of the blend) applied to the blended
-    test probabilities; its honest out-of-fold decisions and score come along."""
+    test probabilities (a labelled rule tuned on every blended out-of-fold row, ``y`` their labels); its honest
+    out-of-fold decisions and score come along."""
     cv = {r: blend.scores[BLEND][HONEST_KEY[r]] for r in RULES}
     rule, reason = choose_rule(setting, cv)
-    if rule == "threshold":
-        thresholds = blend.evals[BLEND].thresholds
-    elif rule == "expected_f1":
-        thresholds = expected_f1_thresholds(blend.test)
-    else:
-        thresholds = np.full(len(CLASSES), 0.5)
+    thresholds = rule_thresholds(rule, y, blend.oof, blend.test)
     honest, info = blend.evals[BLEND].honest[rule]
     return Decision(rule, reason, thresholds,
                     probs_frame(blend.test_ids, fold_probabilities(blend.test, thresholds)), honest, info, cv[rule])
@@ -125,7 +121,6 @@ def write_submission(cfg: Config, name: str, blend: Blend, decision: Decision, t
         "name": name, "experiments": [c.name for c in blend.cfgs], "weights": blend.weights, "decision": rule,
         "decision_setting": first.decision, "decision_reason": decision.reason,
         "blend_in_sample_honest": blend.evals[BLEND].in_sample_honest,
-        "threshold_method": first.threshold_method if rule == "threshold" else None,
         "thresholds": dict(zip(CLASSES, map(float, decision.thresholds))), "thresholds_from": THRESHOLDS_FROM[rule],
         "cv_macro_f1_honest": decision.honest_cv, "cv_scores": blend.scores,
         "score_meanings": {k: v[1] for k, v in SCORES.items()},
@@ -177,7 +172,7 @@ def finalize(cfg: Config, experiments: Sequence[str | Config], name: str | None 
     test = load_test(cfg.data_dir, check_images=False)
     check_outputs(cfg)
     blend = blend_experiments(cfgs, train, test)
-    decision = decide(blend, cfgs[0].decision)
+    decision = decide(blend, cfgs[0].decision, train[CLASSES].to_numpy(np.float64))
     rule = decision.rule
     print(f"[blend] out-of-fold scores on {len(train)} training lesions, {len(np.unique(blend.folds))} folds:")
     print(format_scores(blend.scores, blend.weights, rule), flush=True)

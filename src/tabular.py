@@ -1,18 +1,19 @@
-"""Tabular models: scikit-learn classifiers on the lesion metadata, no images (``model=tabular``, exp000), and the
-fold loop they share with the stacker (src/stacker.py).
+"""Tabular models: scikit-learn classifiers on the lesion metadata, no images (exp000), and the recipe they share with
+the stacker (src/stacker.py).
 
-Per fold k, the models are fitted on the other folds' lesions (features from a
-``MetadataEncoder(extended=True)`` fitted on those lesions only) and predict fold k and the test set;
-the fold folders hold the same files as an image experiment's (oof.csv, test.csv, encoder.json,
-config.json, metrics.json last), so blending, stacking and submission treat both alike.
+Per fold k, the models are fitted on the other folds' lesions (the recipe's metadata features, fitted on those
+lesions only) and predict fold k and the test set; the fold folders hold the same files as an image experiment's
+(oof.csv, test.csv, encoder.json, config.json, metrics.json last), so blending, stacking and submission treat both
+alike.
 
-Every model is an unweighted softmax classifier: its probabilities estimate the class frequencies,
-which the per-class thresholds applied later need.  ``cfg.tabular_models`` lists the models whose
-probabilities are averaged: 'logreg', 'hgb', 'mlp'.
+Every model is an unweighted softmax classifier: its probabilities estimate the class frequencies, which the
+per-class thresholds applied later need. ``tabular_models`` (a key of the experiments that use this recipe,
+``TABULAR_KEYS``) lists the models whose probabilities are averaged: 'lrx', 'logreg', 'hgb', 'mlp'.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -25,11 +26,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, key
 from .data import CLASSES
-from .decision import choose_rule, honest_scores
 from .experiment import ExperimentDir, Lesions, data_fingerprint, fingerprint, load_lesions, probs_frame
-from .features import InteractionFeatures, MetadataEncoder
+from .features import InteractionFeatures, MetadataFeatures
 from .preflight import check_outputs
 from .scoring import fold_metrics
 from .tracking import Tracker
@@ -37,8 +37,6 @@ from .tracking import Tracker
 MODELS = ("lrx", "logreg", "hgb", "mlp")
 FINE_MIN = 40  # lrx: a diagnosis_full with at least this many training lesions is a target class of its own
 
-# (encoder, features of the training rows, of the held-out rows, of the test rows) for a training mask.
-FeatureBuilder = Callable[[np.ndarray], tuple[MetadataEncoder, np.ndarray, np.ndarray, np.ndarray]]
 
 
 def parse_models(text: str) -> list[str]:
@@ -100,66 +98,78 @@ def fit_predict(names: list[str], seed: int, x: np.ndarray, y: np.ndarray, *eval
     return out
 
 
-def cross_fit(cfg: Config, lesions: Lesions, build: FeatureBuilder, current: dict) -> dict:
-    """Fit and predict every missing fold of ``cfg.fold_list()``, then collect the experiment. ``current`` is the
-    fingerprint of the settings and data (folds made under another are refused, see ExperimentDir.session)."""
-    names = parse_models(cfg.tabular_models)
-    exp = ExperimentDir(cfg)
-    check_outputs(cfg)
-    with exp.session(current) as todo:
-        return _cross_fit(cfg, exp, todo, names, lesions, build, current)
+TABULAR_KEYS = {
+    "tabular_models": key("logreg,hgb,mlp", "scikit-learn models whose probabilities are averaged: a comma list of "
+                          "'lrx' (logistic regression on interaction features and fine-grained targets), 'logreg', "
+                          "'hgb', 'mlp'", results=True, text=True),
+}
 
 
-def _cross_fit(cfg: Config, exp: ExperimentDir, todo: list[int], names: list[str], lesions: Lesions,
-               build: FeatureBuilder, current: dict) -> dict:
-    train, test, folds = lesions.train, lesions.test, lesions.folds
-    tracker = Tracker(cfg, cfg.model, job_type=cfg.model) if todo else None
-    y = train["target"].to_numpy()
-    for k in todo:
+@dataclass(frozen=True)
+class TabularData:
+    """The lesions, and per training and test lesion the extra input columns (a stacker's input logits)."""
+
+    lesions: Lesions
+    extra_train: np.ndarray | None = None
+    extra_test: np.ndarray | None = None
+
+
+def extended_features(cfg: Config) -> MetadataFeatures:
+    return MetadataFeatures("extended")
+
+
+@dataclass(frozen=True)
+class TabularRecipe:
+    """A metadata-only experiment: ``features(cfg)`` (unfitted MetadataFeatures) and the models of
+    ``cfg.tabular_models``, fitted per fold on the other folds' lesions."""
+
+    features: Callable = extended_features
+
+    images = False
+    shared_results = ("seed", "n_folds", "fold_seed")  # the shared settings a tabular fold depends on
+
+    def data_print(self, cfg: Config, lesions: Lesions) -> dict:
+        return data_fingerprint(lesions)
+
+    def check(self, cfg: Config) -> None:
+        parse_models(cfg.tabular_models)
+        check_outputs(cfg, images=False)
+
+    def check_resume(self, cfg: Config, todo: list[int], retrain: bool) -> None:
+        return None
+
+    def prepare(self, cfg: Config, lesions: Lesions | None = None) -> TabularData:
+        return TabularData(lesions if lesions is not None else load_lesions(cfg))
+
+    def train_fold(self, cfg: Config, fold: int, data: TabularData, dist=None) -> dict:
+        """Fit the fold's models on the other folds' lesions and write its predictions and metrics."""
         start = time.time()
-        held = folds == k
-        encoder, x_tr, x_va, x_te = build(~held)
-        columns = [f"input_{i}" for i in range(x_tr.shape[1] - encoder.n_features)] + encoder.feature_names
-        oof, test_probs = fit_predict(names, cfg.seed * 1000 + k, x_tr, y[~held], x_va, x_te,
-                                      fine=train["diagnosis_full"].to_numpy()[~held], columns=columns)
-        encoder.save(exp.begin_fold(k, current) / "encoder.json")
+        train, test, folds = data.lesions.train, data.lesions.test, data.lesions.folds
+        held = folds == fold
+        features = self.features(cfg).fit(train[~held])
+
+        def x(rows: pd.DataFrame, extra: np.ndarray | None) -> np.ndarray:
+            own = features.transform(rows)
+            return own if extra is None else np.hstack([extra, own])
+
+        x_tr = x(train[~held], None if data.extra_train is None else data.extra_train[~held])
+        x_va = x(train[held], None if data.extra_train is None else data.extra_train[held])
+        x_te = x(test, data.extra_test)
+        names = parse_models(cfg.tabular_models)
+        columns = [f"input_{i}" for i in range(x_tr.shape[1] - len(features.feature_names))] + features.feature_names
+        oof, test_probs = fit_predict(names, cfg.seed * 1000 + fold, x_tr, train["target"].to_numpy()[~held], x_va,
+                                      x_te, fine=train["diagnosis_full"].to_numpy()[~held], columns=columns)
+        current = fingerprint(cfg, self.data_print(cfg, data.lesions), self.shared_results)
+        exp = ExperimentDir(cfg)
+        features.save(exp.begin_fold(fold, current) / "encoder.json")
         metrics = fold_metrics(train.loc[held, CLASSES].to_numpy(np.float32), oof.astype(np.float32))
-        metrics.update(fold=k, models=names, n_features=int(x_tr.shape[1]), n_train=int((~held).sum()),
+        metrics.update(fold=fold, models=names, n_features=int(x_tr.shape[1]), n_train=int((~held).sum()),
                        wall_time_s=time.time() - start, fingerprint=current)
-        exp.write_fold(k, probs_frame(train["lesion_id"][held], oof), probs_frame(test["lesion_id"], test_probs),
+        exp.write_fold(fold, probs_frame(train["lesion_id"][held], oof), probs_frame(test["lesion_id"], test_probs),
                        metrics)
-        print(f"[{cfg.name} fold {k}] oof macro F1 {metrics['macro_f1']:.4f} ({metrics['wall_time_s']:.1f}s)", flush=True)
-        if tracker is not None:
-            tracker.log({"fold": k, "macro_f1": metrics["macro_f1"], **{f"f1/{c}": v for c, v in metrics["f1"].items()}})
-    result = finish(cfg, train, folds)
-    if tracker is not None:
-        tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
+        print(f"[{cfg.name} fold {fold}] oof macro F1 {metrics['macro_f1']:.4f} ({metrics['wall_time_s']:.1f}s)",
+              flush=True)
+        tracker = Tracker(cfg, f"fold{fold}", job_type=cfg.experiment)
+        tracker.log({"fold": fold, "macro_f1": metrics["macro_f1"], **{f"f1/{c}": v for c, v in metrics["f1"].items()}})
         tracker.finish()
-    return result
-
-
-def finish(cfg: Config, train: pd.DataFrame, folds: np.ndarray) -> dict:
-    """collect(), plus the honest out-of-fold macro F1 of every decision rule and the one ``cfg.decision`` picks."""
-    result = ExperimentDir(cfg).collect(train)
-    if not result.get("complete"):
-        return result
-    y = train[CLASSES].to_numpy(np.float64)
-    oof = pd.read_csv(cfg.exp_dir() / "oof.csv")[CLASSES].to_numpy(np.float64)
-    honest = honest_scores(y, oof, folds, method=cfg.threshold_method, n_trials=cfg.threshold_trials, seed=cfg.seed)
-    rule, reason = choose_rule(cfg.decision, honest)
-    result.update({f"macro_f1_{r}_honest": float(v) for r, v in honest.items()}, decision=rule)
-    print(f"[{cfg.name}] oof macro F1 {result['macro_f1']:.4f} at 0.5, {honest[rule]:.4f} honest with {rule}; "
-          f"{reason}", flush=True)
-    return result
-
-
-def run_tabular(cfg: Config) -> dict:
-    """Run the metadata-only experiment ``cfg`` (complete folds are kept) and return collect()'s metrics."""
-    lesions = load_lesions(cfg)
-    train, test = lesions.train, lesions.test
-
-    def build(rows: np.ndarray):
-        encoder = MetadataEncoder(extended=True).fit(train[rows])
-        return encoder, encoder.transform(train[rows]), encoder.transform(train[~rows]), encoder.transform(test)
-
-    return cross_fit(cfg, lesions, build, fingerprint(cfg, data_fingerprint(lesions)))
+        return metrics

@@ -1,10 +1,12 @@
-"""Per-fold training of the dual-image network: frozen backbones first, then everything, with early stopping.
+"""Image experiments: the parts they are built from (``ImageRecipe``) and the per-fold training of the dual-image
+network: frozen backbones first, then everything, with early stopping.
 
 ``train_fold`` reads top-down: the fold's inputs, the model, the batches, the resume point; then per epoch the
 stage, one pass over the batches, validation and a checkpoint; then the final predictions. Every epoch ends with an
 atomic checkpoint (``last.pt``); a run killed at any moment restarts from the last finished epoch and, because
 every epoch's randomness is derived from (seed, fold, epoch), ends with the same predictions as an uninterrupted
-run. A fold is complete when its ``metrics.json`` exists.
+run. A fold is complete when its ``metrics.json`` exists. Checkpoints hold plain tensors and JSON-like state only,
+in the plain two-backbone layout, and are read back with ``weights_only=True``.
 
 Per fold, under <output_dir>/<exp>/fold<k>/: best.pt, last.pt, encoder.json, config.json, aux_vocab.json, oof.csv,
 test.csv, history.csv, metrics.json.
@@ -12,6 +14,7 @@ test.csv, history.csv, metrics.json.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,28 +23,78 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from . import faults
 from .augment import DeviceAugment
-from .batches import (LoaderBatches, Prepared, epoch_order, epoch_seed, prepare, resolve_device, resolve_workers, steps_per_epoch,
-                      training_batches)
+from .batches import (LoaderBatches, Prepared, epoch_order, epoch_seed, prepare, resolve_device, resolve_workers,
+                      steps_per_epoch, training_batches)
 from .config import Config
 from .data import CLASSES
 from .dist import DistContext
-from .experiment import (ExperimentDir, StaleOutputs, data_fingerprint, fingerprint, fingerprint_differences,
-                         load_lesions, probs_frame)
-from .features import InteractionFeatures, MetadataEncoder
+from .experiment import (ExperimentDir, Lesions, StaleOutputs, data_fingerprint, fingerprint, fingerprint_differences,
+                         probs_frame)
+from .features import MetadataFeatures
 from .inference import predict, selection_score
 from .io_utils import atomic_write, atomic_write_json
+from .model import DualNet, LinearHead, backbones, count_parameters
 from .preflight import check_image_run
-from .model import count_parameters
 from .scoring import f1_per_class, fold_metrics, log_loss
-from .step import Stage, build_stage, class_weights, make_criterion, mix, setup_model, train_step
+from .speed.apply import FusedDualNet, load_plain_state, plain_state
 from .speed.device_cache import DeviceBatches
+from .step import Stage, build_stage, mix, setup_model, stage_optimizer, train_step, weighted_loss
 from .tracking import Tracker
+
+
+# ----------------------------------------------------------------------------------------------------
+# the parts an image experiment is built from
+# ----------------------------------------------------------------------------------------------------
+def base_features(cfg: Config) -> MetadataFeatures:
+    """The default features part: the base metadata features."""
+    return MetadataFeatures("base")
+
+
+def reference_network(cfg: Config, n_meta: int, n_aux: int) -> DualNet:
+    """The default network part: the two backbones of ``cfg`` and ``LinearHead`` over their embeddings and the
+    metadata features."""
+    clin, derm = backbones(cfg)
+    return DualNet(clin, derm, LinearHead(2 * clin.num_features, n_meta, len(CLASSES), n_aux))
+
+
+class CheckpointError(ValueError):
+    """A fold's checkpoint cannot be read back: damaged, truncated, or not plain tensors and JSON-like state."""
+
+
+@dataclass(frozen=True)
+class ImageRecipe:
+    """What an image experiment builds, part by part; its script (exp/<name>/train.py) replaces the parts its idea
+    changes and the runner (src/runner.py) does the rest.
+
+    features(cfg) -> MetadataFeatures (unfitted); network(cfg, n_meta, n_aux) -> DualNet; loss(cfg, y_train) ->
+    criterion(logits, targets); optimizer(cfg, model, stage, steps_per_epoch, fused) -> (optimizer, scheduler)."""
+
+    features: Callable = base_features
+    network: Callable = reference_network
+    loss: Callable = weighted_loss
+    optimizer: Callable = stage_optimizer
+
+    images = True
+    shared_results = None  # every shared setting that changes results is part of the fingerprint
+
+    def data_print(self, cfg: Config, lesions: Lesions) -> dict:
+        return data_fingerprint(lesions, images=True)
+
+    def check(self, cfg: Config) -> None:
+        check_image_run(cfg)
+
+    def check_resume(self, cfg: Config, todo: list[int], retrain: bool) -> None:
+        check_checkpoints(cfg, todo, retrain)
+
+    def prepare(self, cfg: Config, lesions: Lesions | None = None) -> Prepared:
+        return prepare(cfg, lesions=lesions)
+
+    def train_fold(self, cfg: Config, fold: int, data: Prepared, dist: DistContext | None = None) -> dict:
+        return train_fold(self, cfg, fold, data, dist)
 
 
 @dataclass
@@ -53,7 +106,7 @@ class FoldInputs:
     va_rows: np.ndarray
     va_ids: list[str]
     test_ids: list[str]
-    encoder: MetadataEncoder
+    features: MetadataFeatures
     meta_tr: np.ndarray
     meta_va: np.ndarray
     meta_te: np.ndarray
@@ -64,30 +117,20 @@ class FoldInputs:
     aux_tr: np.ndarray
 
 
-def metadata_features(cfg: Config, train_df: pd.DataFrame) -> tuple[MetadataEncoder, Callable]:
-    """The fold's metadata encoder and its feature function (``meta_features``, ``meta_standardize``), every
-    statistic fitted on the fold's training lesions only."""
-    interactions = cfg.meta_features == "interactions"
-    encoder = MetadataEncoder(extended=cfg.meta_features != "base",
-                              standardize=cfg.meta_standardize and not interactions).fit(train_df)
-    if not interactions:
-        return encoder, encoder.transform
-    steps = [InteractionFeatures(encoder.feature_names)] + ([StandardScaler()] if cfg.meta_standardize else [])
-    pipe = make_pipeline(*steps).fit(encoder.transform(train_df).astype(np.float64))
-    return encoder, lambda df: pipe.transform(encoder.transform(df).astype(np.float64)).astype(np.float32)
-
-
-def fold_inputs(cfg: Config, fold: int, data: Prepared) -> FoldInputs:
+def fold_inputs(recipe: ImageRecipe, cfg: Config, fold: int, data: Prepared) -> FoldInputs:
+    """The fold's rows, its metadata features (the recipe's features fitted on the training rows only), labels
+    and auxiliary labels."""
     tr_rows = np.flatnonzero(data.folds != fold)
     va_rows = np.flatnonzero(data.folds == fold)
     train_df, val_df = data.train.iloc[tr_rows], data.train.iloc[va_rows]
-    encoder, features = metadata_features(cfg, train_df)
+    features = recipe.features(cfg).fit(train_df)
     y_all = data.train[CLASSES].to_numpy(np.float32)
     aux_vocab = sorted(v for v in train_df["diagnosis_full"].unique() if v) if cfg.aux_weight > 0 else []
     aux_index = {v: i for i, v in enumerate(aux_vocab)}
     aux_all = np.array([aux_index.get(v, -100) for v in data.train["diagnosis_full"]], dtype=np.int64)
     return FoldInputs(fold, tr_rows, va_rows, val_df["lesion_id"].tolist(), data.test["lesion_id"].tolist(),
-                      encoder, features(train_df), features(val_df), features(data.test), y_all[tr_rows], y_all[va_rows],
+                      features, features.transform(train_df), features.transform(val_df),
+                      features.transform(data.test), y_all[tr_rows], y_all[va_rows],
                       data.train["target"].to_numpy()[tr_rows], aux_vocab, aux_all[tr_rows])
 
 
@@ -125,20 +168,74 @@ def _save_torch(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint written by this project, read as plain tensors and JSON-like state only (nothing in the file
+    can run code); a damaged or foreign file is a CheckpointError naming it."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(f"{path} cannot be read back as a checkpoint of this project ({type(exc).__name__}: "
+                              f"{first})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no model weights in it)")
+    return ckpt
+
+
+def _damaged(cfg: Config, fold: int, why: str) -> CheckpointError:
+    return CheckpointError(f"{why}; fold {fold} cannot resume from it. Add retrain=true to restart fold {fold} from "
+                           f"its first epoch (complete folds are kept), or delete {cfg.fold_dir(fold)}")
+
+
+def check_checkpoints(cfg: Config, todo: list[int], retrain: bool) -> None:
+    """Before anything trains: every unfinished fold's last.pt and best.pt read back (best.pt must exist once an
+    epoch has finished). A damaged fold is refused with what to do, or with ``retrain`` restarted afresh."""
+    for fold in todo:
+        fdir = cfg.fold_dir(fold)
+        last, best = fdir / "last.pt", fdir / "best.pt"
+        if not last.is_file():
+            continue
+        try:
+            state = FoldState.from_dict(read_checkpoint(last)["state"])
+            if state.best_epoch >= 0:
+                if not best.is_file():
+                    raise CheckpointError(f"{best} is missing though {last} records a best epoch "
+                                          f"({state.best_epoch + 1})")
+                read_checkpoint(best)
+        except CheckpointError as exc:
+            if not retrain:
+                raise _damaged(cfg, fold, str(exc)) from None
+            for f in (last, best):
+                f.unlink(missing_ok=True)
+            print(f"[{cfg.name}] fold {fold}: {exc}; restarting the fold (retrain=true)", flush=True)
+
+
 def load_resume(cfg: Config, fold: int, model, device: torch.device, dist: DistContext,
                 current: dict) -> Resume | None:
-    """Load ``last.pt`` of the fold into ``model``; None when the fold starts afresh. A checkpoint made under
-    other result settings or data (``current`` is this run's fingerprint) is refused, never continued."""
+    """Load ``last.pt`` of the fold into ``model``; None when the fold starts afresh. Its fingerprint is checked
+    before anything else in it is used: a checkpoint made under other result settings or data (``current`` is this
+    run's fingerprint) is refused, never continued."""
     path = cfg.fold_dir(fold) / "last.pt"
     if not path.is_file():
         return None
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = read_checkpoint(path, device)
     saved = ckpt.get("fingerprint")
     diff = fingerprint_differences(saved, current) if saved is not None else []
     if diff:
         raise StaleOutputs(f"{path} was made under other settings or data ({'; '.join(diff)}); rerun with its "
                            "settings, give this run its own folder with name=<another name>, or add retrain=true")
-    model.load_state_dict(ckpt["model"])
+    try:
+        load_plain_state(model, ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} holds the weights of another network (an earlier version of the project, or "
+                              f"another experiment's code: {str(exc).splitlines()[0][:120]}); fold {fold} cannot "
+                              f"resume from it: delete {cfg.fold_dir(fold)} to restart it") from None
+    fused = isinstance(model, FusedDualNet)
+    if ckpt.get("fused", False) != fused:
+        was = str(not fused).lower()
+        raise CheckpointError(f"{path} was saved with fuse_backbones={was} and its optimiser state is laid out "
+                              f"for that: resume fold {fold} with fuse_backbones={was} "
+                              f"(the switch does not change results), or delete {cfg.fold_dir(fold)} to restart it")
     state = FoldState.from_dict(ckpt["state"])
     if dist.is_main:
         print(f"[{cfg.name} fold {fold}] resuming after epoch {state.epoch + 1}/{cfg.stage1_epochs + cfg.epochs}",
@@ -168,11 +265,12 @@ class FoldRun:
         return self.cfg.stage1_epochs + self.cfg.epochs
 
 
-def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None = None) -> dict:
-    """Train fold ``fold`` of ``cfg`` (resuming from its last checkpoint), then predict its validation lesions and
-    the test lesions with the best epoch's weights. Returns the fold's metrics (main process)."""
+def train_fold(recipe: ImageRecipe, cfg: Config, fold: int, data: Prepared, dist: DistContext | None = None) -> dict:
+    """Train fold ``fold`` of ``cfg`` with the parts of ``recipe`` (resuming from its last checkpoint), then predict
+    its validation lesions and the test lesions with the best epoch's weights. Returns the fold's metrics (main
+    process)."""
     dist = dist or DistContext.single()
-    run = start_fold(cfg, fold, data, dist)
+    run = start_fold(recipe, cfg, fold, data, dist)
     resume = load_resume(cfg, fold, run.model, run.device, dist, run.current)
     state = resume.state if resume is not None else FoldState()
     tracker = open_tracker(cfg, fold, state, run.model, dist)
@@ -182,7 +280,7 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
             break
         number = 1 if epoch < cfg.stage1_epochs else 2
         if stage is None or stage.number != number:
-            stage = build_stage(cfg, run.model, number, run.steps, run.device, dist)
+            stage = build_stage(cfg, run.model, number, run.steps, run.device, dist, recipe.optimizer)
             if resume is not None and resume.stage == number:
                 stage.load_state(resume.stage_state)
         resume = None
@@ -193,20 +291,20 @@ def train_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext | None 
     return metrics
 
 
-def start_fold(cfg: Config, fold: int, data: Prepared, dist: DistContext) -> FoldRun:
+def start_fold(recipe: ImageRecipe, cfg: Config, fold: int, data: Prepared, dist: DistContext) -> FoldRun:
     """The fold's inputs (saved beside its config), its model, loss and training batches."""
     device = dist.device if dist.world > 1 else resolve_device(cfg)
-    inputs = fold_inputs(cfg, fold, data)
-    current = fingerprint(cfg, data.data_print)
+    inputs = fold_inputs(recipe, cfg, fold, data)
+    current = fingerprint(cfg, data.data_print, recipe.shared_results)
     if dist.is_main:
         fdir = ExperimentDir(cfg).begin_fold(fold, current)
-        inputs.encoder.save(fdir / "encoder.json")
+        inputs.features.save(fdir / "encoder.json")
         atomic_write_json(fdir / "aux_vocab.json", inputs.aux_vocab)
 
     torch.manual_seed(cfg.seed * 1000 + fold)
-    model, augment = setup_model(cfg, inputs.meta_tr.shape[1], len(inputs.aux_vocab), device)
-    model.branch_streams = model.branch_streams and dist.world == 1  # DDP's reducer expects one stream
-    criterion = make_criterion(cfg, class_weights(cfg, inputs.y_tr))
+    net = recipe.network(cfg, inputs.meta_tr.shape[1], len(inputs.aux_vocab))
+    model, augment = setup_model(cfg, net, device, dist.world)
+    criterion = recipe.loss(cfg, inputs.y_tr)
 
     local_batch = cfg.batch_size // dist.world
     if local_batch * dist.world != cfg.batch_size:
@@ -287,7 +385,7 @@ def end_epoch(run: FoldRun, stage: Stage, state: FoldState, epoch: int, trained:
     if improved:
         state.best_score, state.best_epoch, state.bad_epochs = score, epoch, 0
         if run.dist.is_main:
-            _save_torch(fdir / "best.pt", {"model": eval_model.state_dict(), "epoch": epoch, "score": score})
+            _save_torch(fdir / "best.pt", {"model": plain_state(eval_model), "epoch": epoch, "score": score})
     elif stage.number == 2:
         state.bad_epochs += 1
     row = {"epoch": epoch + 1, "stage": stage.number, "train_loss": train_loss,
@@ -308,7 +406,8 @@ def end_epoch(run: FoldRun, stage: Stage, state: FoldState, epoch: int, trained:
         if tracker is not None:
             tracker.log({**row, **{f"val_f1/{c}": float(v) for c, v in zip(CLASSES, per_class)}}, step=epoch + 1)
         _save_torch(fdir / "last.pt", {"state": dataclasses.asdict(state), "stage": stage.number,
-                                       "model": run.model.state_dict(), "fingerprint": run.current, **stage.state()})
+                                       "model": plain_state(run.model), "fused": isinstance(run.model, FusedDualNet),
+                                       "fingerprint": run.current, **stage.state()})
     run.dist.barrier()
 
 
@@ -316,8 +415,8 @@ def finish_fold(run: FoldRun, state: FoldState, tracker: Tracker | None) -> dict
     """Out-of-fold and test predictions with the best epoch's weights (TTA), written with the fold's metrics."""
     cfg, inputs, fold = run.cfg, run.inputs, run.inputs.fold
     t_pred = time.time()
-    best = torch.load(cfg.fold_dir(fold) / "best.pt", map_location=run.device, weights_only=False)
-    run.model.load_state_dict(best["model"])
+    best = read_checkpoint(cfg.fold_dir(fold) / "best.pt", run.device)
+    load_plain_state(run.model, best["model"])
     views = 8 if cfg.tta else 1
     oof = predict(run.model, cfg, run.train_images, inputs.va_rows, inputs.meta_va, run.augment, run.device, views,
                   "oof")
@@ -335,20 +434,3 @@ def finish_fold(run: FoldRun, state: FoldState, tracker: Tracker | None) -> dict
     print(f"[{cfg.name} fold {fold}] done: best epoch {metrics['best_epoch']}, oof macro F1 "
           f"{metrics['macro_f1']:.4f} (TTA x{views}), {metrics['wall_time_s']:.0f}s", flush=True)
     return metrics
-
-
-def run_folds(cfg: Config) -> dict:
-    """Train every missing fold of ``cfg`` in this process, then collect. Complete folds are skipped; folds made
-    under other settings or data are refused (or retrained with retrain=true) before anything is trained; the
-    output folders, the device and the weights are checked before the image cache is built."""
-    exp = ExperimentDir(cfg)
-    lesions = load_lesions(cfg, check_images=True)
-    with exp.session(fingerprint(cfg, data_fingerprint(lesions, images=True))) as todo:
-        if todo:
-            check_image_run(cfg)
-            data = prepare(cfg, lesions=lesions)
-            print(f"[{cfg.name}] folds to train: {todo} (complete: "
-                  f"{[k for k in cfg.fold_list() if k not in todo]})", flush=True)
-            for k in todo:
-                train_fold(cfg, k, data)
-        return exp.collect(lesions.train)

@@ -1,13 +1,13 @@
 """Optuna study over the loss weighting and the learning rates, scored AFTER the decision rule.
 
-Each trial trains a few folds briefly (``tune_folds``, ``tune_epochs``) and returns the honest out-of-fold macro
+Each trial trains a few folds briefly (``--folds``, ``--epochs``) and returns the honest out-of-fold macro
 F1 of the configured decision rule on those folds: loss weights and thresholds interact, so the weights are
 judged the way the submission will be. The search includes ``pos_weight_power = 0`` (no weighting).
 
 The study lives in a storage URL (default: a SQLite file under <output_dir>/<exp>/tune/), so it resumes after an
 interruption, can be inspected with optuna's own tools, and is shared: ``bash run.sh tune exp001`` started N
 times (on one machine with SQLite or a journal file, on many with PostgreSQL/MySQL) joins the same study and the
-processes together run ``tune_trials`` trials. A trial's folds are stored under a folder named by its parameters,
+processes together run ``--trials`` trials. A trial's folds are stored under a folder named by its parameters,
 so a trial interrupted mid-way and retried continues from its checkpoints.
 """
 from __future__ import annotations
@@ -17,20 +17,21 @@ import hashlib
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, parse_folds
 from .data import CLASSES
 from .io_utils import atomic_write_text
 
 RARE = ("MAL_OTH", "BEN_OTH", "DF", "INF", "VASC")
 
 
-def storage_url(cfg: Config) -> str:
-    if cfg.tune_storage:
-        return cfg.tune_storage
+def storage_url(cfg: Config, storage: str = "") -> str:
+    if storage:
+        return storage
     path = (cfg.exp_dir() / "tune" / "optuna.db").resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
@@ -86,35 +87,32 @@ def suggest(trial) -> dict:
     }
 
 
-def trial_config(cfg: Config, params: dict) -> Config:
+def trial_config(cfg: Config, params: dict, epochs: int) -> Config:
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     return cfg.replace(
-        name=f"trial_{key}", output_dir=str(cfg.exp_dir() / "tune"), folds=cfg.tune_folds,
-        epochs=cfg.tune_epochs, folds_csv=str(cfg.resolved_folds_csv()), cache_dir=str(cfg.resolved_cache_dir()),
-        wandb_mode="disabled", **params,
+        name=f"trial_{key}", output_dir=str(cfg.exp_dir() / "tune"), epochs=epochs,
+        folds_csv=str(cfg.resolved_folds_csv()), cache_dir=str(cfg.resolved_cache_dir()), wandb_mode="disabled",
+        **params,
     )
 
 
-def evaluate(cfg: Config, data) -> float:
-    """Train ``cfg``'s folds (resuming) and return the honest macro F1 after the decision rule on them."""
+def evaluate(cfg: Config, data, folds: str) -> float:
+    """Train ``cfg``'s ``folds`` (resuming; through the runner) and return the honest macro F1 after the decision
+    rule on them."""
     from .decision import choose_rule, honest_scores
-    from .experiment import ExperimentDir, fingerprint
-    from .train import train_fold
+    from .experiment import ExperimentDir
+    from .runner import run_experiment
 
+    run_experiment(cfg, folds=folds, data=data)
     exp = ExperimentDir(cfg)
     rows, probs = [], []
-    with exp.session(fingerprint(cfg, data.data_print)) as todo:
-        for k in todo:
-            train_fold(cfg, k, data)
-    for k in cfg.fold_list():
+    for k in parse_folds("--folds", folds, cfg.n_folds):
         idx = np.flatnonzero(data.folds == k)
         rows.append(idx)
         probs.append(exp.fold_oof(k).loc[data.train["lesion_id"].iloc[idx]].to_numpy())
     idx = np.concatenate(rows)
     y = data.train[CLASSES].to_numpy(np.float64)[idx]
-    p = np.concatenate(probs)
-    honest = honest_scores(y, p, data.folds[idx], method=cfg.threshold_method, n_trials=cfg.threshold_trials,
-                           seed=cfg.seed)
+    honest = honest_scores(y, np.concatenate(probs), data.folds[idx])
     return float(honest[choose_rule(cfg.decision, honest)[0]])
 
 
@@ -129,24 +127,36 @@ def _may_run(study, trial, limit: int) -> bool:
     return ahead < limit
 
 
-def check_tune(cfg: Config) -> None:
+def check_tune(cfg: Config, folds: str, epochs: int) -> None:
     """Refuse, before any trial trains, settings under which no trial could be scored."""
-    folds = cfg.tune_fold_list()
-    if cfg.decision == "threshold" and len(folds) < 2:
-        raise ConfigError(f"tune_folds={cfg.tune_folds!r}: decision=threshold tunes each fold's thresholds on the "
-                          "other folds, so a trial needs at least two folds (e.g. tune_folds=0,1), or use "
-                          "decision=expected_f1 (label-free, one fold is enough)")
-    if len(folds) < 2:
-        print(f"[tune {cfg.name}] tune_folds={cfg.tune_folds!r}: one fold, so trials are scored with the label-free "
-              "rules only (thresholds need a second fold to be tuned honestly)", flush=True)
-    if cfg.model != "image":
+    from .config import experiment_recipe
+
+    listed = parse_folds("--folds", folds, cfg.n_folds)
+    if cfg.decision == "threshold" and len(listed) < 2:
+        raise ConfigError(f"--folds {folds}: decision=threshold tunes each fold's thresholds on the other folds, so "
+                          "a trial needs at least two folds (e.g. --folds 0,1), or use decision=expected_f1 "
+                          "(label-free, one fold is enough)")
+    if len(listed) < 2:
+        print(f"[tune {cfg.name}] --folds {folds}: one fold, so trials are scored with the label-free rules only "
+              "(thresholds need a second fold to be tuned honestly)", flush=True)
+    if not experiment_recipe(cfg.experiment).images:
         raise ConfigError(f"{cfg.name}: tune searches the image models' loss weighting and learning rates; "
-                          f"model={cfg.model!r} has none")
-    if cfg.stage1_epochs + cfg.tune_epochs < 1:
-        raise ConfigError(f"stage1_epochs={cfg.stage1_epochs} and tune_epochs={cfg.tune_epochs} train nothing")
+                          f"experiment {cfg.experiment} has none")
+    if cfg.stage1_epochs + epochs < 1:
+        raise ConfigError(f"stage1_epochs={cfg.stage1_epochs} and --epochs {epochs} train nothing")
 
 
-def run_tune(cfg: Config, data=None) -> "object":
+@dataclass(frozen=True)
+class TuneArgs:
+    """The tune command's own arguments: the study's size and where it lives, and what each trial trains."""
+
+    trials: int = 20          # total trials of the study (shared by all processes)
+    folds: str = "0,1"        # folds each trial trains
+    epochs: int = 3           # stage-2 epochs of each trial
+    storage: str = ""         # Optuna storage URL; empty = sqlite:///<output_dir>/<name>/tune/optuna.db
+
+
+def run_tune(cfg: Config, args: TuneArgs = TuneArgs(), data=None) -> "object":
     import optuna
     from optuna.trial import TrialState
 
@@ -154,10 +164,10 @@ def run_tune(cfg: Config, data=None) -> "object":
     from .preflight import check_image_run
     from .tracking import Tracker
 
-    check_tune(cfg)
+    check_tune(cfg, args.folds, args.epochs)
     check_image_run(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = storage_url(cfg)
+    url = storage_url(cfg, args.storage)
     seed = int(np.random.SeedSequence([cfg.seed, os.getpid()]).generate_state(1)[0])
     study = join_study(url, f"{cfg.name}-tune", optuna.samplers.TPESampler(seed=seed))
     data = data if data is not None else prepare(cfg)
@@ -166,13 +176,13 @@ def run_tune(cfg: Config, data=None) -> "object":
 
     def objective(trial):
         nonlocal blocked
-        if not _may_run(study, trial, cfg.tune_trials):
+        if not _may_run(study, trial, args.trials):
             blocked = True
             raise optuna.TrialPruned("the study already has its trials")
         params = suggest(trial)
-        tcfg = trial_config(cfg, params)
+        tcfg = trial_config(cfg, params, args.epochs)
         trial.set_user_attr("trial_dir", str(tcfg.exp_dir()))
-        value = evaluate(tcfg, data)
+        value = evaluate(tcfg, data, args.folds)
         tracker = Tracker(cfg, f"tune/{trial.number}", job_type="tune")
         tracker.log({**{f"param/{k}": v for k, v in trial.params.items()}, "honest_macro_f1": value})
         tracker.finish()
@@ -181,7 +191,7 @@ def run_tune(cfg: Config, data=None) -> "object":
 
     while True:
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        if done >= cfg.tune_trials:
+        if done >= args.trials:
             break
         blocked = False
         study.optimize(objective, n_trials=1, catch=())
@@ -194,35 +204,49 @@ def run_tune(cfg: Config, data=None) -> "object":
     return study
 
 
-def write_best(cfg: Config, study, name: str) -> Path:
-    """exp/<name>/config.py: the tuned experiment as a child of ``cfg.name``."""
-    from .config import EXP_ROOT
+def write_best(cfg: Config, study, name: str, args: TuneArgs = TuneArgs()) -> Path:
+    """exp/<name>/: the tuned experiment as a child of ``cfg``'s experiment: config.py with the trial's values and
+    a train.py that reuses its parent's code."""
+    from .config import EXP_ROOT, PLAIN_NAME
 
+    if not PLAIN_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"--write-best {name!r}: use a plain name (letters, digits, '.', '_', '-'; no '/' and no "
+                          "'..'), e.g. --write-best exp004")
     best = study.best_trial
     params = {k: v for k, v in best.params.items() if k != "rare_mult"}
     params["class_mult"] = ",".join(f"{c}={best.params['rare_mult']:.4g}" for c in RARE)
-    lines = [f'"""{name}: {cfg.name} with the loss weighting and learning rates of Optuna trial {best.number}.',
-             "", f"Honest out-of-fold macro F1 after the '{cfg.decision}' rule on folds {cfg.tune_folds} "
-             f"({cfg.tune_epochs} stage-2 epochs per trial): {best.value:.4f}.", '"""',
-             f'PARENT = "{cfg.name}"', "OVERRIDES = dict("]
+    lines = [f'"""{name}: {cfg.experiment} with the loss weighting and learning rates of Optuna trial {best.number}.',
+             "", f"Honest out-of-fold macro F1 after the '{cfg.decision}' rule on folds {args.folds} "
+             f"({args.epochs} stage-2 epochs per trial): {best.value:.4f}.", '"""',
+             f'PARENT = "{cfg.experiment}"', "OVERRIDES = dict("]
     lines += [f"    {k}={v!r}," for k, v in sorted(params.items())]
     lines.append(")")
-    path = EXP_ROOT / name / "config.py"
-    if path.exists():
-        raise FileExistsError(f"{path} exists; choose another --write-best name")
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    folder = EXP_ROOT / name
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists; choose another --write-best name")
+    atomic_write_text(folder / "train.py", f'"""{name}: the code of {cfg.experiment}; only values differ."""\n'
+                      f"from exp.{cfg.experiment}.train import *  # noqa: F401,F403\n")
+    atomic_write_text(folder / "config.py", "\n".join(lines) + "\n")
     load_config(name)  # refuses anything the config system would refuse
-    return path
+    return folder / "config.py"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bash run.sh tune", description=__doc__.split("\n\n")[0])
     ap.add_argument("exp")
-    ap.add_argument("--write-best", metavar="NAME", help="write the best trial as exp/NAME/config.py")
+    ap.add_argument("--trials", type=int, default=TuneArgs.trials, help="total trials of the study (all processes)")
+    ap.add_argument("--folds", default=TuneArgs.folds, help="comma list of the folds each trial trains")
+    ap.add_argument("--epochs", type=int, default=TuneArgs.epochs, help="stage-2 epochs of each trial")
+    ap.add_argument("--storage", default="", help="Optuna storage URL (default: a SQLite file under the "
+                    "experiment's tune/ folder); postgresql://..., mysql://... or journal:/path/file.log to share")
+    ap.add_argument("--write-best", metavar="NAME", help="write the best trial as experiment exp/NAME/")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.exp, args.overrides)
-    study = run_tune(cfg)
-    if args.write_best:
-        print(f"wrote {write_best(cfg, study, args.write_best)}")
+    ns = ap.parse_intermixed_args(argv)
+    if ns.trials < 1 or ns.epochs < 0:
+        raise ConfigError(f"--trials {ns.trials} --epochs {ns.epochs}: need at least one trial and epochs >= 0")
+    args = TuneArgs(ns.trials, ns.folds, ns.epochs, ns.storage)
+    cfg = load_config(ns.exp, ns.overrides)
+    study = run_tune(cfg, args)
+    if ns.write_best:
+        print(f"wrote {write_best(cfg, study, ns.write_best, args)}")
     return 0

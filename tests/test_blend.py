@@ -109,8 +109,8 @@ def test_the_blends_honest_scores_never_see_the_held_out_labels(blended):
     shuffled[held] = y[held][np.random.default_rng(0).permutation(held.sum())]
     shuffled[np.flatnonzero(held)[:3]] = np.eye(len(CLASSES))[[6, 6, 4]]  # labels the fold never had
     for rule in RULES:
-        a, _ = honest_rule(rule, y, stack, folds, nested_weights(y, stack, folds), {})
-        b, _ = honest_rule(rule, shuffled, stack, folds, nested_weights(shuffled, stack, folds), {})
+        a, _ = honest_rule(rule, y, stack, folds, nested_weights(y, stack, folds))
+        b, _ = honest_rule(rule, shuffled, stack, folds, nested_weights(shuffled, stack, folds))
         np.testing.assert_array_equal(a[held], b[held])
         assert not np.array_equal(a[~held], b[~held]) or rule != "threshold"  # other folds do learn from fold 2
 

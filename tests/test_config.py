@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from src.config import Config, ConfigError, describe, experiment_module, experiment_names, load_config
+from src.config import (KEYS, SHARED, Config, ConfigError, config_from_dict, describe, experiment_module,
+                        experiment_names, experiment_recipe, load_config)
 
 
 def test_exp001_resolves_reference_recipe():
@@ -23,13 +24,15 @@ def test_cli_overrides_are_typed():
     ("lr=fast", "expected a float"),
     ("tta=maybe", "expected a bool"),
     ("loss=focal", "is not one of"),
-    ("folds=7", "outside 0..4"),
+    ("folds=7", "folds= is an argument of `bash run.sh EXP`, not a setting"),
     ("class_mult=FOO=2", "unknown class 'FOO'"),
     ("epochs", "is not key=value"),
     ("epochs=-1", "epochs=-1: must be >= 0"),
-    ("folds=a", "folds='a': expected a comma list of fold numbers"),
-    ("folds=1,1", "a fold is listed twice"),
-    ("tune_folds=0,9", "tune_folds='0,9': fold 9 is outside"),
+    ("name=../elsewhere", "use a plain name"),
+    ("name=/tmp/x", "use a plain name"),
+    ("name=a..b", "'..' is not allowed"),
+    ("meta_features=raw", "is not one of"),
+    ("stage1_weight_decay=-1", "stage1_weight_decay=-1.0: must be >= 0"),
     ("eval_batch_size=0", "eval_batch_size=0: must be >= 1"),
     ("device=tpu", "device='tpu': use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     ("lr=-1", "lr=-1.0: must be > 0"),
@@ -74,6 +77,7 @@ def test_child_experiment_inherits_and_overrides(tmp_path, monkeypatch):
                        "badkey": "OVERRIDES = dict(imgsize=3)\n"}.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.py").write_text(text)
+        (tmp_path / name / "train.py").write_text("from exp.exp001.train import *  # noqa\n")
     monkeypatch.setattr(config, "EXP_ROOT", tmp_path)
     cfg = load_config("child1")
     assert (cfg.img_size, cfg.lr, cfg.name) == (384, 0.5, "child1")
@@ -87,13 +91,17 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config("exp001", ["epochs=3"])
     cfg.save(tmp_path / "config.json")
     data = json.loads((tmp_path / "config.json").read_text())
-    assert Config(**data) == cfg
+    assert config_from_dict(data) == cfg
+    assert data["experiment"] == "exp001" and data["stage1_weight_decay"] == cfg.stage1_weight_decay
+    with pytest.raises(ConfigError, match="unknown config key 'embed_norm'"):
+        config_from_dict({**data, "embed_norm": False})
 
 
 def test_help_lists_every_key():
-    text = describe(load_config("exp001"))
-    for key in ("data_dir", "pos_weight_power", "backbone", "tta", "decision"):
+    text = describe(load_config("exp002"))
+    for key in [*KEYS, "meta_features", "stage1_weight_decay", "meta_hidden"]:
         assert f"  {key} " in text
+    assert "[exp002's own (exp/exp002/train.py)]" in text and "folds=0,2" in text
 
 
 def test_written_files_get_ordinary_permissions(tmp_path):
@@ -110,12 +118,23 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
+def test_every_numbered_folder_is_a_config_and_a_script():
+    from src.config import EXP_ROOT
+
+    numbered = sorted(p.name for p in EXP_ROOT.iterdir() if p.is_dir() and p.name[-3:].isdigit())
+    assert numbered and numbered == [n for n in experiment_names() if n[-3:].isdigit()]
+    for name in numbered:
+        assert (EXP_ROOT / name / "config.py").is_file() and (EXP_ROOT / name / "train.py").is_file(), name
+
+
 @pytest.mark.parametrize("name", experiment_names())
 def test_every_experiment_file_loads(name):
     cfg = load_config(name)
-    assert cfg.name == name
+    assert cfg.name == name and cfg.experiment == name
     module = experiment_module(name)
     assert (module.__doc__ or "").strip(), f"exp/{name}/config.py has no docstring saying what it tests"
+    recipe = experiment_recipe(name)
+    assert callable(recipe.train_fold) and callable(recipe.prepare)
 
 
 def test_the_demo_settings_apply_on_top_of_any_experiment():
@@ -125,4 +144,69 @@ def test_the_demo_settings_apply_on_top_of_any_experiment():
         assert cfg.name == name and all(getattr(cfg, k) == v for k, v in demo.items())
     # what the demo does not set stays the experiment's own
     assert load_config("exp002", preset="demo").loss == load_config("exp002").loss == "ce"
-    assert load_config("demo").to_dict() == {**load_config("exp001", preset="demo").to_dict(), "name": "demo"}
+    # keys of the demo's parent that another experiment does not have are skipped, not refused
+    assert load_config("exp000", preset="demo").own == {"tabular_models": "lrx"}
+    with pytest.raises(ConfigError, match="exp/demo is a preset"):
+        load_config("demo")
+
+
+def test_every_shared_key_is_declared_once_with_its_help_range_and_effect():
+    assert len(KEYS) <= 55 and sum(len(g) for g in SHARED.values()) == len(KEYS)   # no key in two groups
+    assert set(SHARED) == {"data", "network", "augmentation", "loss", "training", "speed", "decision", "tracking"}
+    for name, spec in KEYS.items():
+        assert spec.help.strip() and isinstance(spec.results, bool), name
+        if spec.type in ("int", "float"):
+            assert spec.low is not None or spec.high is not None, f"{name}: no range"
+        if spec.type == "str":
+            assert spec.choices is not None or spec.text, f"{name}: neither choices nor free text"
+    from src.config import key
+
+    for bad in (lambda: key(1, "x", results=True), lambda: key("a", "x", results=True), lambda: key([1], "x", results=True)):
+        with pytest.raises(TypeError):
+            bad()
+
+
+def test_every_shared_key_is_read_by_some_code():
+    """A key nothing reads is dead weight every experiment carries."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = "\n".join(p.read_text() for d in ("src", "exp") for p in (root / d).rglob("*.py")
+                     if p.name != "config.py" or p.parent.name != "src")
+    unread = [k for k in KEYS if not re.search(rf"(cfg|self\.cfg|c|first|s\.cfg)\.{k}\b|\"{k}\"", code)]
+    assert unread == []
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("OVERRIDES = dict(img_size=64\n", r"config.py, line 1: '\(' was never closed"),
+    ("PARENT = None\nOVERRIDES = dict(img_size=SIZE)\n", r"config.py, line 2: NameError: name 'SIZE' is not defined"),
+    ("OVERRIDES = [('img_size', 64)]\n", r"config.py: OVERRIDES must be a dict"),
+    ("PARENT = 1\n", r"config.py: PARENT must be an experiment name or None"),
+])
+def test_a_mistake_in_an_experiment_file_names_the_file_and_line(tmp_path, monkeypatch, text, msg):
+    monkeypatch.setenv("MILK10K_EXP_PATH", str(tmp_path))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.py").write_text(text)
+    (tmp_path / "broken" / "train.py").write_text("from exp.exp001.train import *  # noqa\n")
+    with pytest.raises(ConfigError, match=msg):
+        load_config("broken")
+
+
+def test_a_mistake_in_an_experiment_script_names_the_script(tmp_path, monkeypatch):
+    monkeypatch.setenv("MILK10K_EXP_PATH", str(tmp_path))
+    (tmp_path / "broken2").mkdir()
+    (tmp_path / "broken2" / "config.py").write_text("PARENT = None\n")
+    (tmp_path / "broken2" / "train.py").write_text("import torch\n\nRECIPE = torch.nonexistent_part\n")
+    with pytest.raises(ConfigError, match=r"broken2/train.py, line 3: AttributeError"):
+        load_config("broken2")
+
+
+def test_the_folds_to_run_are_an_argument_of_the_run_checked_before_anything(mini_data, tmp_path):
+    from src.runner import run_experiment
+
+    cfg = load_config("exp000", [f"data_dir={mini_data}", f"output_dir={tmp_path}", "wandb_mode=disabled"])
+    for folds, msg in (("7", "fold 7 is outside 0..4"), ("a", "expected a comma list"), ("1,1", "listed twice")):
+        with pytest.raises(ConfigError, match=msg):
+            run_experiment(cfg, folds=folds)
+    assert not (tmp_path / "exp000").exists()

@@ -130,18 +130,6 @@ def test_cut_between_neighbouring_doubles(a):
     assert (expected_f1_thresholds(p) < p[1]).all()
 
 
-def test_optuna_never_beats_exact_and_is_seeded():
-    y, p = synthetic(3, n=300)
-    exact = macro_f1(y, fold_probabilities(p, tune_thresholds(y, p)))
-    t1 = tune_thresholds(y, p, method="optuna", n_trials=40, seed=1)
-    t2 = tune_thresholds(y, p, method="optuna", n_trials=40, seed=1)
-    opt = macro_f1(y, fold_probabilities(p, t1))
-    assert np.array_equal(t1, t2)
-    assert macro_f1(y, p) <= opt <= exact
-    with pytest.raises(ValueError, match="unknown threshold method"):
-        tune_thresholds(y, p, method="grid")
-
-
 def test_optimistic_is_at_least_honest_on_average():
     opt, honest = [], []
     for seed in range(8):

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from src.config import ConfigError, load_config
+from src.config import ConfigError, experiment_recipe, load_config
 from src.batches import EpochSampler, PairDataset, epoch_order
 from src.speed.device_cache import DeviceBatches, cache_to_device, resolve_cache_on_device
 
@@ -61,7 +61,7 @@ def test_a_fold_trained_from_device_memory_equals_the_loader_fold(mini_data, tmp
         cfg = load_config("exp001", tiny(mini_data, tmp_path / mode, epochs=2, cache_on_device=mode,
                                          sampler_power=0.5, mixup_alpha=0.4))
         data = prepare(cfg)
-        train_fold(cfg, 0, data)
+        train_fold(experiment_recipe(cfg.experiment), cfg, 0, data)
         assert bool(data._on_device) == (mode == "yes")
         out[mode] = {f: pd.read_csv(cfg.fold_dir(0) / f) for f in ("oof.csv", "test.csv", "history.csv")}
     assert "image cache held in cpu memory" in capsys.readouterr().out

@@ -176,18 +176,17 @@ def _saved(enc, tmp_path):
 
 @pytest.mark.parametrize("kind", ["base", "extended", "interactions"])
 def test_image_models_metadata_features_are_fitted_on_the_training_rows(sample_dir, kind):
-    from src.config import load_config
-    from src.train import metadata_features
+    from src.config import experiment_recipe, load_config
 
     train = load_train(sample_dir, check_images=False)
     fit_rows, other = train.iloc[:200], train.iloc[200:]
     cfg = load_config("exp001", [f"meta_features={kind}", "meta_standardize=true"])
-    encoder, features = metadata_features(cfg, fit_rows)
-    x, z = features(fit_rows), features(other)
+    features = experiment_recipe("exp001").features(cfg).fit(fit_rows)
+    x, z = features.transform(fit_rows), features.transform(other)
     widths = {"base": MetadataEncoder().fit(fit_rows).n_features,
               "extended": MetadataEncoder(extended=True).fit(fit_rows).n_features}
     assert x.dtype == np.float32 and x.shape[1] == z.shape[1] and np.isfinite(z).all()
     assert x.shape[1] == widths[kind] if kind in widths else x.shape[1] > widths["extended"] * 3
     varying = x.std(0) > 1e-6
     np.testing.assert_allclose(x[:, varying].mean(0), 0, atol=1e-4)     # z-scored on the rows it was fitted on
-    np.testing.assert_array_equal(features(other.iloc[:5]), z[:5])      # row-wise: a lesion encodes the same alone
+    np.testing.assert_array_equal(features.transform(other.iloc[:5]), z[:5])      # row-wise: a lesion encodes the same alone

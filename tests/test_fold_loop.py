@@ -22,7 +22,7 @@ import torch
 
 import src.train as train_module
 from src.batches import Prepared, prepare
-from src.config import load_config
+from src.config import experiment_recipe, load_config
 from src.data import CLASSES
 from src.experiment import ExperimentDir, probs_frame
 from src.features import MetadataEncoder
@@ -38,7 +38,7 @@ FOLD = 1
 # ----------------------------------------------------------------------------------------------------
 def train(cfg, fold: int, data: Prepared) -> dict:
     """Train one fold in this process (resuming from its last.pt) and return its metrics."""
-    return train_module.train_fold(cfg, fold, data)
+    return train_module.train_fold(experiment_recipe(cfg.experiment), cfg, fold, data)
 
 
 def script_scores(monkeypatch, scores: list[float]) -> None:
@@ -75,9 +75,11 @@ def after_each_epoch(monkeypatch, callback) -> None:
 
 def predict_validation(cfg, fold: int, data: Prepared, weights: dict) -> np.ndarray:
     """The fold's validation lesions predicted (one view, validation order) by a network holding ``weights``."""
-    inputs = train_module.fold_inputs(cfg, fold, data)
+    recipe = experiment_recipe(cfg.experiment)
+    inputs = train_module.fold_inputs(recipe, cfg, fold, data)
     device = torch.device("cpu")
-    model, augment = train_module.setup_model(cfg, inputs.meta_tr.shape[1], len(inputs.aux_vocab), device)
+    net = recipe.network(cfg, inputs.meta_tr.shape[1], len(inputs.aux_vocab))
+    model, augment = train_module.setup_model(cfg, net, device)
     model.load_state_dict(weights)
     return train_module.predict(model, cfg, data.train_cache, inputs.va_rows, inputs.meta_va, augment, device, 1,
                                 "check")
@@ -121,7 +123,7 @@ def saved_metrics(cfg, fold: int = FOLD) -> dict:
 
 
 def checkpoint(cfg, name: str, fold: int = FOLD) -> dict:
-    return torch.load(cfg.fold_dir(fold) / name, map_location="cpu", weights_only=False)
+    return train_module.read_checkpoint(cfg.fold_dir(fold) / name)
 
 
 def temp_files(folder: Path) -> list[str]:

@@ -1,4 +1,6 @@
 """fuse_backbones: two backbones run as one grouped network give the results of two separate ones."""
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -6,18 +8,27 @@ import timm
 import torch
 from torch import nn
 
-from src.config import load_config
+from src.config import experiment_recipe, load_config
 from src.model import DualNet, count_parameters
+from src.speed.apply import FusedDualNet, accelerate, load_plain_state, plain_state
 from src.speed.fuse import FusionUnsupported, PairDropPath, fuse_pair, fuse_state, split_fused_state
 
 from .conftest import tiny
 
 
-def _pair(name: str, n_meta: int = 5, **kw):
+def _net(name: str, n_meta: int = 5, experiment: str = "exp001") -> DualNet:
+    """``experiment``'s network (its recipe's network part) over backbone ``name``, untrained, with 3 aux classes."""
+    cfg = load_config(experiment, [f"backbone={name}", "pretrained=false"])
+    return experiment_recipe(experiment).network(cfg, n_meta, 3)
+
+
+def _pair(name: str, n_meta: int = 5, experiment: str = "exp001"):
+    """A two-backbone network and the same weights fused (its own copy: nothing shared between the two)."""
     torch.manual_seed(0)
-    two = DualNet(name, n_meta, n_aux=3, pretrained=False, **kw)
-    fused = DualNet(name, n_meta, n_aux=3, pretrained=False, fuse_backbones=True, **kw)
-    fused.load_state_dict(two.state_dict())
+    two = _net(name, n_meta, experiment)
+    cfg = load_config(experiment, [f"backbone={name}", "pretrained=false", "fuse_backbones=true"])
+    fused = accelerate(copy.deepcopy(two), cfg)
+    assert isinstance(fused, FusedDualNet)
     return two, fused
 
 
@@ -36,7 +47,7 @@ def _run(model, *x, seed=3):
 # In float64 the two agree to rounding; in float32, ReLU6 kinks let rounding flip a few gradient elements.
 @pytest.mark.parametrize("name", ["test_efficientnet", "tf_efficientnet_lite0"])
 def test_forward_backward_and_statistics_match_two_backbones(name):
-    two, fused = _pair(name, meta_mode="mlp")
+    two, fused = _pair(name, experiment="exp002")  # exp002's head: the metadata through an MLP with dropout
     assert count_parameters(two) == count_parameters(fused)
     assert len(list(fused.backbone_parameters())) * 2 == len(list(two.backbone_parameters()))
     two, fused = two.double(), fused.double()
@@ -94,17 +105,17 @@ def test_checkpoints_load_either_way():
     with torch.no_grad():  # the fused model moves away from the two-backbone one
         for p in fused.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    back = DualNet("test_efficientnet", 5, n_aux=3, pretrained=False)
-    back.load_state_dict(fused.state_dict())
-    again = DualNet("test_efficientnet", 5, n_aux=3, pretrained=False, fuse_backbones=True)
-    again.load_state_dict(back.state_dict())
+    back = _net("test_efficientnet")
+    load_plain_state(back, plain_state(fused))
+    again = FusedDualNet(_net("test_efficientnet"))
+    load_plain_state(again, plain_state(back))
     for k, t in fused.state_dict().items():
         torch.testing.assert_close(t, again.state_dict()[k])
     x = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 5)]
     back.eval(), fused.eval()
     _close(back(*x)[0], fused(*x)[0])
     # split halves are saved as their own tensors, not as views of the whole fused weight
-    one = split_fused_state(fused.state_dict())["clin.conv_stem.weight"]
+    one = plain_state(fused)["clin.conv_stem.weight"]
     assert one.untyped_storage().nbytes() == one.numel() * one.element_size()
     assert fuse_state(split_fused_state(fused.state_dict())).keys() == fused.state_dict().keys()
 
@@ -162,19 +173,25 @@ def test_networks_that_cannot_be_fused_are_refused():
 
 def test_a_fused_fold_trains_like_a_two_backbone_fold(mini_data, tmp_path):
     from src.batches import prepare
-    from src.train import train_fold
+    from src.train import read_checkpoint, reference_network, train_fold
 
     oof = {}
+    recipe = experiment_recipe("exp001")
     for fuse in (False, True):
         cfg = load_config("exp001", tiny(mini_data, tmp_path / str(fuse), epochs=2, fuse_backbones=fuse))
-        train_fold(cfg, 0, prepare(cfg))
+        train_fold(recipe, cfg, 0, prepare(cfg))
         oof[fuse] = pd.read_csv(cfg.fold_dir(0) / "oof.csv")
     np.testing.assert_array_equal(oof[False]["lesion_id"], oof[True]["lesion_id"])
     probs = [oof[f].drop(columns="lesion_id").to_numpy() for f in (False, True)]
     np.testing.assert_allclose(probs[0], probs[1], atol=1e-4)  # 6e-6 seen: float rounding only
     assert float(np.abs(probs[0] - probs[0].mean(0)).max()) > 1e-2  # the predictions are not constant
-    # the fused fold's best checkpoint serves a two-backbone model
-    ckpt = torch.load(tmp_path / "True" / "exp001" / "fold0" / "best.pt", weights_only=False)
-    assert any(k.startswith("pair.") for k in ckpt["model"])
-    n_meta = ckpt["model"]["head.weight"].shape[1] - 2 * 256  # test_efficientnet: 256 features per image
-    DualNet("test_efficientnet", n_meta, pretrained=False).load_state_dict(ckpt["model"])
+    # the fused fold's best checkpoint is in the plain layout: it serves a two-backbone model as it is, and a
+    # fused one through load_plain_state
+    ckpt = read_checkpoint(tmp_path / "True" / "exp001" / "fold0" / "best.pt")
+    assert not any(k.startswith("pair.") for k in ckpt["model"])
+    n_meta = ckpt["model"]["head.classifier.weight"].shape[1] - 2 * 256  # test_efficientnet: 256 features per image
+    two = reference_network(cfg, n_meta, 0)
+    two.load_state_dict(ckpt["model"])
+    fused = FusedDualNet(reference_network(cfg, n_meta, 0))
+    load_plain_state(fused, ckpt["model"])
+    assert plain_state(fused).keys() == two.state_dict().keys()

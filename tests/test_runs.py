@@ -12,7 +12,8 @@ from src.blend import BlendError
 from src.config import ConfigError, load_config
 from src.experiment import ExperimentBusy, ExperimentDir, StaleOutputs, folder_lock
 from src.preflight import SetupError
-from src.train import NonFiniteLoss, run_folds
+from src.runner import run_experiment
+from src.train import NonFiniteLoss
 
 from .conftest import run_cli, tiny
 
@@ -21,12 +22,16 @@ def _cfg(mini_data, out, **extra):
     return load_config("exp001", tiny(mini_data, out, **{"epochs": 1, "n_folds": 2, **extra}))
 
 
+def run_folds(cfg, folds="", retrain=False):
+    return run_experiment(cfg, folds=folds, retrain=retrain)
+
+
 @pytest.fixture(scope="module")
 def finished(mini_data, tmp_path_factory):
     """A complete two-fold exp001 at 32 px, and fold 0 of it alone at 48 px elsewhere."""
     root = tmp_path_factory.mktemp("runs")
     run_folds(_cfg(mini_data, root / "a"))
-    run_folds(_cfg(mini_data, root / "b", img_size=48, folds="0"))
+    run_folds(_cfg(mini_data, root / "b", img_size=48), folds="0")
     return root
 
 
@@ -67,7 +72,7 @@ def test_settings_that_do_not_change_results_reuse_the_folds(mini_data, finished
 
 def test_retrain_true_replaces_only_the_stale_folds(mini_data, finished, tmp_path):
     out = _copy(finished, tmp_path, "b")
-    result = run_folds(_cfg(mini_data, out, retrain=True))
+    result = run_folds(_cfg(mini_data, out), retrain=True)
     assert result["complete"]
     exp = ExperimentDir(_cfg(mini_data, out))
     prints = [exp.saved_fingerprint(k) for k in (0, 1)]
@@ -125,9 +130,9 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_lives(mini_d
 
 
 def test_divergence_stops_the_fold_and_is_never_checkpointed(mini_data, tmp_path):
-    cfg = _cfg(mini_data, tmp_path, stage1_lr=1e30, lr=1e30, backbone_lr=1e30, folds="0")
+    cfg = _cfg(mini_data, tmp_path, stage1_lr=1e30, lr=1e30, backbone_lr=1e30)
     with pytest.raises(NonFiniteLoss, match="epoch 1 .*diverged.*Lower the learning rates"):
-        run_folds(cfg)
+        run_folds(cfg, folds="0")
     fold = tmp_path / "exp001" / "fold0"
     assert not (fold / "last.pt").exists() and not (fold / "best.pt").exists()
     assert not (fold / "metrics.json").exists()
@@ -174,11 +179,11 @@ def test_missing_weights_stop_the_run_before_the_image_cache(mini_data, tmp_path
 
 
 def test_tuning_settings_that_cannot_score_a_trial_are_refused_before_training(mini_data, tmp_path):
-    from src.tune import run_tune
+    from src.tune import TuneArgs, run_tune
 
-    cfg = load_config("exp001", tiny(mini_data, tmp_path, tune_folds="0", tune_trials=1, decision="threshold"))
-    with pytest.raises(ConfigError, match="tune_folds='0': decision=threshold .* at least two folds"):
-        run_tune(cfg)
+    cfg = load_config("exp001", tiny(mini_data, tmp_path, decision="threshold"))
+    with pytest.raises(ConfigError, match="--folds 0: decision=threshold .* at least two folds"):
+        run_tune(cfg, TuneArgs(trials=1, folds="0"))
     assert not (tmp_path / "exp001" / "tune").exists()
 
 

@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.config import Config
+from src.config import Config, load_config
 from src.data import CLASSES, load_test, load_train
 from src.folds import load_or_make_folds
 from src.io_utils import atomic_write_csv, atomic_write_json
-from src.stacker import StackError, run_stack
+from src.runner import run_experiment
+from src.stacker import StackError
 from src.experiment import ExperimentDir, probs_frame
 
 HALF = len(CLASSES) // 2
@@ -29,9 +30,9 @@ def _no_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
-def base_config(data_dir: Path, out: Path, name: str, **kw) -> Config:
-    return Config(name=name, data_dir=str(data_dir), output_dir=str(out), folds_csv=str(out / "folds.csv"),
-                  wandb_mode="disabled", **kw)
+def base_config(data_dir: Path, out: Path, name: str, experiment: str = "exp001", **kw) -> Config:
+    return load_config(experiment, {"name": name, "data_dir": str(data_dir), "output_dir": str(out),
+                                    "folds_csv": str(out / "folds.csv"), "wandb_mode": "disabled", **kw})
 
 
 def fake_input(data_dir: Path, out: Path, name: str, known: np.ndarray, seed: int) -> Config:
@@ -66,10 +67,10 @@ def stacked(mini_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("stack")
     fake_input(mini_data, out, "fakeA", np.arange(HALF), seed=1)
     fake_input(mini_data, out, "fakeB", np.arange(HALF, len(CLASSES)), seed=2)
-    cfg = base_config(mini_data, out, "stack", model="stack", stack_inputs="fakeA,fakeB", tabular_models="logreg")
+    cfg = base_config(mini_data, out, "stack", "stack001", stack_inputs="fakeA,fakeB", tabular_models="logreg")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "disabled")
-        return out, cfg, run_stack(cfg)
+        return out, cfg, run_experiment(cfg)
 
 
 def log_loss(path: Path, train: pd.DataFrame) -> float:
@@ -116,13 +117,13 @@ def relabel(data_dir: Path, dest: Path, lesions: set[str]) -> Path:
 def test_fold_predictions_never_see_their_own_labels(mini_data, stacked, tmp_path, models):
     out, cfg, _ = stacked
     folds = pd.read_csv(cfg.resolved_folds_csv())
-    reference = cfg.replace(name=f"ref_{models}", tabular_models=models, folds=str(FOLD))
-    run_stack(reference)
+    reference = cfg.replace(name=f"ref_{models}", tabular_models=models)
+    run_experiment(reference, folds=str(FOLD))
     expected = pd.read_csv(reference.fold_dir(FOLD) / "oof.csv")
     for changed, same in ((FOLD, True), (OTHER, False)):
         data = relabel(mini_data, tmp_path / f"labels{changed}", set(folds.loc[folds["fold"] == changed, "lesion_id"]))
         run = reference.replace(name=f"relabel{changed}_{models}", data_dir=str(data))
-        run_stack(run)
+        run_experiment(run, folds=str(FOLD))
         got = pd.read_csv(run.fold_dir(FOLD) / "oof.csv")
         assert got["lesion_id"].tolist() == expected["lesion_id"].tolist()
         if same:
@@ -134,16 +135,16 @@ def test_fold_predictions_never_see_their_own_labels(mini_data, stacked, tmp_pat
 def test_missing_incomplete_or_foreign_inputs_are_named(mini_data, stacked, tmp_path):
     out, cfg, _ = stacked
     with pytest.raises(StackError, match="'nothere' is not complete"):
-        run_stack(cfg.replace(name="s1", stack_inputs="fakeA,nothere"))
+        run_experiment(cfg.replace(name="s1", stack_inputs="fakeA,nothere"))
     shutil.copytree(out / "fakeA", out / "fakeC")
     (out / "fakeC" / "fold4" / "metrics.json").unlink()
     with pytest.raises(StackError, match=r"'fakeC' is not complete: .*fold4/metrics\.json"):
-        run_stack(cfg.replace(name="s2", stack_inputs="fakeA,fakeC"))
+        run_experiment(cfg.replace(name="s2", stack_inputs="fakeA,fakeC"))
     shutil.copytree(out / "fakeA", out / "fakeD")
     saved = json.loads((out / "fakeD" / "config.json").read_text())
     (out / "fakeD" / "config.json").write_text(json.dumps({**saved, "fold_seed": 7}))
     with pytest.raises(StackError, match="'fakeD'.*fold_seed=7"):
-        run_stack(cfg.replace(name="s3", stack_inputs="fakeD"))
+        run_experiment(cfg.replace(name="s3", stack_inputs="fakeD"))
     assert not (out / "s1").joinpath("fold0").exists()
 
 
@@ -154,4 +155,4 @@ def test_malformed_input_names_line_and_column(mini_data, stacked):
     oof.loc[4, "MEL"] = 1.5
     oof.to_csv(out / "fakeE" / "oof.csv", index=False)
     with pytest.raises(StackError, match=r"fakeE/oof\.csv: line 6, column MEL"):
-        run_stack(cfg.replace(name="s4", stack_inputs="fakeE"))
+        run_experiment(cfg.replace(name="s4", stack_inputs="fakeE"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.config import load_config
+from src.config import experiment_recipe, load_config
 from src.data import CLASSES
 from src.step import build_stage, class_weights, lr_lambda, mix, setup_model
 
@@ -104,35 +104,54 @@ def test_cutmix_pastes_one_box_into_both_images_and_weights_targets_by_its_area(
     pytest.fail("no seed produced a box")
 
 
+TINY = ["backbone=test_efficientnet", "pretrained=false", "img_size=32"]
+
+
+def _model(cfg):
+    """exp001's network (its recipe's network part, 5 metadata features, no aux head) set up on the CPU."""
+    model, _ = setup_model(cfg, experiment_recipe(cfg.experiment).network(cfg, 5, 0), torch.device("cpu"))
+    return model
+
+
 def test_build_stage_freezes_the_backbones_in_stage_1_only():
-    cfg = load_config("exp001", ["backbone=test_efficientnet", "pretrained=false", "img_size=32"])
-    model, _ = setup_model(cfg, 5, 0, torch.device("cpu"))
-    s1 = build_stage(cfg, model, 1, steps_per_epoch=4, device=torch.device("cpu"))
+    cfg = load_config("exp001", TINY)
+    model = _model(cfg)
+    s1 = build_stage(cfg, model, 1, steps_per_epoch=4, device=torch.device("cpu"),
+                     optimizer=experiment_recipe("exp001").optimizer)
     assert not any(p.requires_grad for p in model.backbone_parameters())
     assert {id(p) for p in s1.params} == {id(p) for p in model.head_parameters()}
     assert s1.opt.param_groups[0]["lr"] == cfg.stage1_lr
     s1.train_mode()
     assert model.training and not any(b.training for b in model.backbones())  # BatchNorm statistics frozen
-    s2 = build_stage(cfg, model, 2, steps_per_epoch=4, device=torch.device("cpu"))
+    s2 = build_stage(cfg, model, 2, steps_per_epoch=4, device=torch.device("cpu"),
+                     optimizer=experiment_recipe("exp001").optimizer)
     assert all(p.requires_grad for p in model.parameters())
     assert [g["initial_lr"] for g in s2.opt.param_groups] == [cfg.backbone_lr, cfg.lr]
     s2.train_mode()
     assert all(b.training for b in model.backbones())
 
 
-def test_stage1_schedule_is_constant_or_a_cosine_down_to_one_percent():
-    from src.step import stage1_lambda
+def _stage1_factor(overrides, steps_per_epoch):
+    """Stage 1's learning-rate factor per step under exp001's optimiser part (its schedule's lambda)."""
+    cfg = load_config("exp001", TINY + overrides)
+    opt, sched = experiment_recipe("exp001").optimizer(cfg, _model(cfg), 1, steps_per_epoch, False)
+    assert opt.param_groups[0]["initial_lr"] == cfg.stage1_lr
+    return sched.lr_lambdas[0]
 
-    assert {stage1_lambda(load_config("exp001", ["stage1_schedule=constant"]), 10)(s) for s in (0, 7, 100)} == {1.0}
-    f = stage1_lambda(load_config("exp001", ["stage1_schedule=cosine", "stage1_epochs=2"]), 10)
+
+def test_stage1_schedule_is_constant_or_a_cosine_down_to_one_percent():
+    assert {_stage1_factor(["stage1_schedule=constant"], 10)(s) for s in (0, 7, 100)} == {1.0}
+    f = _stage1_factor(["stage1_schedule=cosine", "stage1_epochs=2"], 10)
     assert f(0) == pytest.approx(1.0) and f(10) == pytest.approx(0.505) and f(20) == pytest.approx(0.01)
     values = [f(s) for s in range(21)]
     assert all(a > b for a, b in zip(values, values[1:]))
 
 
 def test_stage1_has_its_own_weight_decay():
-    cfg = load_config("exp001", ["backbone=test_efficientnet", "pretrained=false", "img_size=32",
-                                 "stage1_weight_decay=0.7", "weight_decay=0.02"])
-    model, _ = setup_model(cfg, 5, 0, torch.device("cpu"))
-    assert build_stage(cfg, model, 1, 4, torch.device("cpu")).opt.param_groups[0]["weight_decay"] == 0.7
-    assert {g["weight_decay"] for g in build_stage(cfg, model, 2, 4, torch.device("cpu")).opt.param_groups} == {0.02}
+    cfg = load_config("exp001", TINY + ["stage1_weight_decay=0.7", "weight_decay=0.02"])
+    model = _model(cfg)
+    optimizer = experiment_recipe("exp001").optimizer
+    stage1 = build_stage(cfg, model, 1, 4, torch.device("cpu"), optimizer=optimizer)
+    assert stage1.opt.param_groups[0]["weight_decay"] == 0.7
+    stage2 = build_stage(cfg, model, 2, 4, torch.device("cpu"), optimizer=optimizer)
+    assert {g["weight_decay"] for g in stage2.opt.param_groups} == {0.02}

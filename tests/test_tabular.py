@@ -15,7 +15,8 @@ import pytest
 from src.config import ConfigError, load_config
 from src.data import CLASSES, load_test, load_train
 from src.experiment import ExperimentDir
-from src.tabular import MODELS, fit_predict, parse_models, run_tabular
+from src.runner import run_experiment
+from src.tabular import MODELS, fit_predict, parse_models
 
 FOLD_FILES = ("oof.csv", "test.csv", "encoder.json", "config.json", "metrics.json")
 
@@ -53,16 +54,16 @@ def best_constant_f1(y: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def mini_run(mini_data, tmp_path_factory):
-    """exp000 run once on the miniature data: (config, run_tabular's result)."""
+    """exp000 run once on the miniature data: (config, run_experiment's result)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "disabled")
         cfg = exp000(mini_data, tmp_path_factory.mktemp("exp000"))
-        return cfg, run_tabular(cfg)
+        return cfg, run_experiment(cfg)
 
 
 def test_exp000_learns_the_metadata_signal(mini_data, mini_run):
     cfg, result = mini_run
-    assert result["complete"] and cfg.model == "tabular" and cfg.decision == "auto"
+    assert result["complete"] and cfg.experiment == "exp000" and cfg.decision == "auto"
     train, oof = check_outputs(cfg, mini_data)
     y = train[CLASSES].to_numpy(np.float64)
     assert result[f"macro_f1_{result['decision']}_honest"] > best_constant_f1(y) + 0.08
@@ -71,8 +72,8 @@ def test_exp000_learns_the_metadata_signal(mini_data, mini_run):
 
 def test_deterministic(mini_data, mini_run, tmp_path):
     cfg, _ = mini_run
-    again = exp000(mini_data, tmp_path, "folds=3")
-    assert not run_tabular(again)["complete"]
+    again = exp000(mini_data, tmp_path)
+    assert not run_experiment(again, folds="3")["complete"]
     for name in ("oof.csv", "test.csv", "encoder.json"):
         assert (again.fold_dir(3) / name).read_bytes() == (cfg.fold_dir(3) / name).read_bytes()
 
@@ -84,7 +85,7 @@ def test_resume_refits_only_unfinished_folds(mini_data, mini_run, tmp_path):
     (copy.fold_dir(2) / "metrics.json").unlink()
     (copy.fold_dir(2) / "oof.csv").write_text("garbage\n")
     kept = (copy.fold_dir(0) / "metrics.json").stat().st_mtime_ns
-    assert run_tabular(copy)["complete"]
+    assert run_experiment(copy)["complete"]
     assert (copy.fold_dir(0) / "metrics.json").stat().st_mtime_ns == kept
     assert (copy.exp_dir() / "oof.csv").read_bytes() == (cfg.exp_dir() / "oof.csv").read_bytes()
 
@@ -95,7 +96,7 @@ def test_real_sample_rows_complete(sample_dir, tmp_path):
     for csv in sample_dir.glob("*.csv"):
         shutil.copy(csv, data / csv.name)
     cfg = exp000(data, tmp_path / "out")
-    result = run_tabular(cfg)
+    result = run_experiment(cfg)
     assert result["complete"] and result["n"] == 328
     check_outputs(cfg, data)
     assert len(pd.read_csv(cfg.exp_dir() / "test.csv")) == 479

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from src.config import load_config
+from src.config import experiment_recipe, load_config
 from src.data import CLASSES
-from src.model import DualNet, WeightsUnavailable, count_parameters, create_backbone
+from src.model import WeightsUnavailable, count_parameters, create_backbone
 from src.tracking import read_offline_run
+from src.train import read_checkpoint
 
 from .conftest import run_cli as _run_cli, tiny
 
@@ -38,7 +39,7 @@ def test_sigkill_mid_fold_then_resume_gives_identical_oof(mini_data, tmp_path):
     proc.communicate()
     fold_b = tmp_path / "b" / "exp001" / "fold0"
     assert not (fold_b / "metrics.json").exists(), "the run finished before it could be killed"
-    saved = torch.load(ckpt, weights_only=False)["state"]["epoch"]
+    saved = read_checkpoint(ckpt)["state"]["epoch"]
     assert saved < 1 + epochs - 1
 
     resumed = run_cli(args)
@@ -64,7 +65,7 @@ def test_wandb_offline_run_folder_holds_the_metrics(mini_data, tmp_path):
     from src.train import train_fold
 
     cfg = load_config("exp001", tiny(mini_data, tmp_path, wandb_mode="offline", epochs=2))
-    metrics = train_fold(cfg, 1, prepare(cfg))
+    metrics = train_fold(experiment_recipe(cfg.experiment), cfg, 1, prepare(cfg))
     files = glob.glob(str(cfg.exp_dir() / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
     deadline = time.time() + 30  # wandb-core may still be flushing the log file after finish() returns
@@ -93,7 +94,7 @@ def test_wandb_failure_never_stops_training(mini_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(wandb, "init", broken)
     cfg = load_config("exp001", tiny(mini_data, tmp_path, wandb_mode="online", epochs=1))
-    metrics = train_fold(cfg, 0, prepare(cfg))
+    metrics = train_fold(experiment_recipe(cfg.experiment), cfg, 0, prepare(cfg))
     assert (cfg.fold_dir(0) / "metrics.json").is_file() and 0 <= metrics["macro_f1"] <= 1
 
 
@@ -104,7 +105,7 @@ def test_fold_outputs_follow_the_submission_format(mini_data, tmp_path):
 
     cfg = load_config("exp001", tiny(mini_data, tmp_path, epochs=1, tta="true"))
     data = prepare(cfg)
-    m = train_fold(cfg, 2, data)
+    m = train_fold(experiment_recipe(cfg.experiment), cfg, 2, data)
     oof = pd.read_csv(cfg.fold_dir(2) / "oof.csv")
     test = pd.read_csv(cfg.fold_dir(2) / "test.csv")
     assert list(oof.columns) == ["lesion_id", *CLASSES] == list(test.columns)
@@ -119,45 +120,23 @@ def test_fold_outputs_follow_the_submission_format(mini_data, tmp_path):
 
 
 def test_exp001_model_has_the_reference_size():
-    model = DualNet("tf_efficientnetv2_s", n_meta=30, pretrained=False)
+    network = experiment_recipe("exp001").network
+    model = network(load_config("exp001", ["backbone=tf_efficientnetv2_s", "pretrained=false"]), 30, 0)
     counts = count_parameters(model)
     assert 40.2e6 < counts["total"] < 40.5e6
     assert counts["head"] == (2 * 1280 + 30) * 11 + 11
-    shared = count_parameters(DualNet("tf_efficientnetv2_s", n_meta=30, pretrained=False, shared_backbone=True))
+    shared = count_parameters(network(load_config("exp001", ["backbone=tf_efficientnetv2_s", "pretrained=false",
+                                                             "shared_backbone=true"]), 30, 0))
     assert shared["backbones"] * 2 == counts["backbones"]
 
 
 def test_forward_shapes_with_meta_mlp_and_aux():
-    model = DualNet("test_efficientnet", n_meta=7, n_aux=5, pretrained=False, meta_mode="mlp", meta_hidden=16)
+    cfg = load_config("exp002", ["backbone=test_efficientnet", "pretrained=false", "meta_hidden=16"])
+    model = experiment_recipe("exp002").network(cfg, 7, 5)  # exp002's network: the metadata through an MLP
+    assert model.head.meta[0].out_features == 16
     x = torch.randn(3, 3, 32, 32)
     logits, aux = model(x, x, torch.randn(3, 7))
     assert logits.shape == (3, 11) and aux.shape == (3, 5)
-
-
-def test_embed_norm_puts_the_embeddings_on_a_unit_scale_without_parameters():
-    torch.manual_seed(0)
-    plain = DualNet("test_efficientnet", n_meta=7, pretrained=False)
-    torch.manual_seed(0)
-    normed = DualNet("test_efficientnet", n_meta=7, pretrained=False, embed_norm=True)
-    assert count_parameters(plain) == count_parameters(normed)
-    x, meta = torch.randn(16, 3, 32, 32), torch.randn(16, 7)
-    normed.eval()
-    with torch.no_grad():                                     # a random-init backbone in evaluation (frozen
-        emb = normed.embed(x, x)                              # BatchNorm) gives tiny embeddings
-    assert float(emb.std(0).mean()) < 0.05
-    seen = []
-    normed.head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
-    normed.train()
-    for b in normed.backbones():                              # as in stage 1
-        b.eval()
-    normed(x, x, meta)
-    z = seen[-1][:, :emb.shape[1]]
-    torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1]), atol=1e-4, rtol=0)
-    assert float((z.std(0, unbiased=False) - 1).abs().max()) < 0.02
-    normed.eval()                                             # evaluation uses the running statistics
-    again = normed(x, x, meta)[0]
-    normed.load_state_dict(normed.state_dict())
-    torch.testing.assert_close(normed(x, x, meta)[0], again)
 
 
 def test_local_weights_file_and_clear_error_offline(tmp_path, monkeypatch):
@@ -200,9 +179,8 @@ def test_exp002_switches_train_together(mini_data, tmp_path):
 
     args = tiny(mini_data, tmp_path, epochs=3, mix_off_epochs=1, tta="false")
     cfg = load_config("exp002", args)
-    assert (cfg.loss, cfg.meta_mode, cfg.aux_weight > 0, cfg.ema_decay > 0, cfg.sampler_power > 0) == \
-        ("ce", "mlp", True, True, True)
-    m = train_fold(cfg, 0, prepare(cfg))
+    assert (cfg.loss, cfg.aux_weight > 0, cfg.ema_decay > 0, cfg.sampler_power > 0) == ("ce", True, True, True)
+    m = train_fold(experiment_recipe(cfg.experiment), cfg, 0, prepare(cfg))
     oof = pd.read_csv(cfg.fold_dir(0) / "oof.csv")
     np.testing.assert_allclose(oof[CLASSES].sum(1), 1.0, atol=1e-5)  # softmax probabilities
     hist = pd.read_csv(cfg.fold_dir(0) / "history.csv")
@@ -210,6 +188,8 @@ def test_exp002_switches_train_together(mini_data, tmp_path):
     assert m["epochs_run"] == 4 and 0 <= m["macro_f1"] <= 1
     vocab = __import__("json").loads((cfg.fold_dir(0) / "aux_vocab.json").read_text())
     assert len(vocab) > 3
+    weights = read_checkpoint(cfg.fold_dir(0) / "best.pt")["model"]  # the meta MLP and the aux head were trained
+    assert any(k.startswith("head.meta.") for k in weights) and weights["head.aux.weight"].shape[0] == len(vocab)
 
 
 def test_exp002_with_fused_backbones_and_the_cache_in_memory_gives_the_same_fold(mini_data, tmp_path):
@@ -222,6 +202,6 @@ def test_exp002_with_fused_backbones_and_the_cache_in_memory_gives_the_same_fold
     for extra in ({}, {"fuse_backbones": "true", "cache_on_device": "yes"}):
         cfg = load_config("exp002", tiny(mini_data, tmp_path / str(len(extra)), epochs=2, mix_off_epochs=1,
                                          tta="false", **extra))
-        train_fold(cfg, 0, prepare(cfg))
+        train_fold(experiment_recipe(cfg.experiment), cfg, 0, prepare(cfg))
         oof.append(pd.read_csv(cfg.fold_dir(0) / "oof.csv"))
     pd.testing.assert_frame_equal(oof[0], oof[1], check_exact=False, rtol=0, atol=1e-4)

@@ -11,4 +11,4 @@ on the same seeds; ensembles with an MLP or kernel model on the same targets wer
 a CPU.
 """
 PARENT = None
-OVERRIDES = dict(model="tabular", tabular_models="lrx")
+OVERRIDES = dict(tabular_models="lrx")

@@ -17,7 +17,6 @@ PARENT = None
 OVERRIDES = dict(
     backbone="tf_efficientnetv2_s.in1k",
     img_size=256,
-    meta_mode="concat",
     meta_features="interactions",  # exp000's features: MONET logits, splines, site x MONET, MONET x MONET
     meta_standardize=True,      # every metadata feature z-scored on the training fold
     loss="bce",

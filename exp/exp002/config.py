@@ -9,7 +9,7 @@ PARENT = "exp001"
 OVERRIDES = dict(
     img_size=384,                                   # lesion texture (dots, vessels) survives the downscale
     backbone="tf_efficientnetv2_s.in21k_ft_in1k",   # ImageNet-21k pretraining transfers better to dermoscopy
-    meta_mode="mlp", meta_hidden=128, meta_dropout=0.3,  # metadata through a small MLP with dropout, not raw
+    meta_hidden=128, meta_dropout=0.3,              # metadata through a small MLP with dropout (train.py), not raw
     loss="ce", label_smoothing=0.05,                # labels are single-class: softmax CE gives calibrated probs
     pos_weight_power=0.0,                           # no loss weighting: thresholds fix the decision instead
     sampler_power=0.3,                              # mild class-balanced sampling so rare classes are seen

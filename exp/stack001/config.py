@@ -7,4 +7,4 @@ A linear stacker on ~60 features keeps calibrated, unweighted probabilities for 
 and is much harder to overfit on the rare classes (9 MAL_OTH lesions) than a boosted-tree stacker.
 """
 PARENT = None
-OVERRIDES = dict(model="stack", stack_inputs="exp000,exp001", tabular_models="logreg")
+OVERRIDES = dict(stack_inputs="exp000,exp001", tabular_models="logreg")

@@ -39,7 +39,7 @@ import torch
 from ..batches import resolve_device, resolve_workers
 from ..config import Config, load_config
 from ..io_utils import atomic_write_json
-from ..model import FusionUnsupported
+from ..speed.fuse import FusionUnsupported
 from .rows import (ROWS, BenchData, Settings, bench_device_tensors, bench_loader, bench_naive, bench_predict,
                          device_name, prepare_data)
 from ..speed.device_cache import resolve_cache_on_device

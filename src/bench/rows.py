@@ -20,13 +20,13 @@ from torch import nn
 from ..augment import DeviceAugment
 from ..batches import epoch_order, training_batches
 from ..cache import build_cache
-from ..config import Config
+from ..config import Config, experiment_recipe
 from ..data import CLASSES, load_train
-from ..features import MetadataEncoder
 from ..inference import predict
 from ..io_utils import atomic_write_text
 from ..model import count_parameters
-from ..step import Stage, build_stage, class_weights, make_criterion, setup_model, train_step
+from ..speed.apply import FusedDualNet
+from ..step import Stage, build_stage, setup_model, train_step
 from ..synth import generate
 from ..speed.device_cache import cache_to_device
 
@@ -141,18 +141,19 @@ class Trainer:
 
 
 def build(cfg: Config, device: torch.device, n_meta: int) -> tuple[nn.Module, DeviceAugment]:
-    """Model and augmentation exactly as training sets them up (src.step.setup_model)."""
+    """Model and augmentation exactly as training sets them up: the experiment's network part, then
+    src.step.setup_model."""
     torch.manual_seed(cfg.seed)
-    return setup_model(cfg, n_meta, 0, device)
+    return setup_model(cfg, experiment_recipe(cfg.experiment).network(cfg, n_meta, 0), device)
 
 
 def make_trainer(cfg: Config, device: torch.device, n_meta: int, y: np.ndarray, stage: int,
                  steps_per_epoch: int) -> Trainer:
+    recipe = experiment_recipe(cfg.experiment)
     model, augment = build(cfg, device, n_meta)
-    built = build_stage(cfg, model, stage, steps_per_epoch, device)
+    built = build_stage(cfg, model, stage, steps_per_epoch, device, optimizer=recipe.optimizer)
     built.train_mode()
-    return Trainer(cfg, device, model, augment, built, make_criterion(cfg, class_weights(cfg, y)),
-                   torch.Generator().manual_seed(cfg.seed))
+    return Trainer(cfg, device, model, augment, built, recipe.loss(cfg, y), torch.Generator().manual_seed(cfg.seed))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def prepare_data(cfg: Config, n_lesions: int, root: Path) -> BenchData:
     start = time.perf_counter()
     cache = build_cache(train, cfg.img_size, root / "cache", "train", num_workers=workers, progress=False)
     seconds = time.perf_counter() - start
-    meta = MetadataEncoder().fit(train).transform(train)
+    meta = experiment_recipe(cfg.experiment).features(cfg).fit(train).transform(train)
     return BenchData(train, cache, meta, train[CLASSES].to_numpy(np.float32), train["target"].to_numpy(),
                      seconds, workers)
 
@@ -247,7 +248,7 @@ def bench_device_tensors(s: Settings, data: BenchData, tag: str, **overrides) ->
     with PeakMemory(dev) as mem:
         tr = make_trainer(cfg, dev, data.meta.shape[1], data.y, 2, s.steps_per_epoch)
         seconds, _ = timed_steps(itertools.repeat(batch), tr.pair_step, s.warmup, s.steps, dev)
-    row = _row(s.steps * b, seconds, mem, params=count_parameters(tr.model), fused=tr.model.fused)
+    row = _row(s.steps * b, seconds, mem, params=count_parameters(tr.model), fused=isinstance(tr.model, FusedDualNet))
     if s.profile and tag in ("a", "a2"):
         row["profile"] = write_profile(s, tr, batch, seconds / s.steps, tag)
     return row
