@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from . import faults
+from . import faults, jpeg
 from .data import DataError
 from .io_utils import atomic_write, atomic_write_json
 
@@ -30,11 +30,14 @@ VIEWS = ("clin", "derm")
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
-    """One JPEG as uint8 ``(size, size, 3)``: DCT-domain downscale, RGB, squashed to a square."""
-    with Image.open(path) as img:
+    """One JPEG as uint8 ``(size, size, 3)``: DCT-domain downscale, RGB, squashed to a square. Damaged compressed
+    data (which Pillow alone decodes to wrong pixels without an error) raises ``jpeg.CorruptJPEG``."""
+    img, data = jpeg.open_image(path)
+    with img:
         if img.format != "JPEG":
             raise OSError(f"format is {img.format}, not JPEG")
         img.draft("RGB", (size, size))
+        jpeg.load(img, data)
         rgb = img.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(rgb, dtype=np.uint8)
 
