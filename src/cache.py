@@ -4,7 +4,8 @@ Index 0 of axis 1 is the clinical close-up, 1 the dermoscopic image; rows follow
 The file name carries a short hash of everything the pixels depend on (lesion ids, image paths,
 each file's size and mtime, the size, the decoder version), so a changed source or size builds a
 new file and an unchanged one is reused without decoding.  A build writes a temporary file and
-renames it at the end: an interrupted build never leaves a usable-looking cache.
+renames it at the end: an interrupted build never leaves a usable-looking cache; a cache file whose size or header
+does not match its shape (truncated, overwritten) is rebuilt, with a line saying so.
 """
 from __future__ import annotations
 
@@ -69,6 +70,27 @@ def _cache_key(lesions: pd.DataFrame, size: int) -> str:
     return h.hexdigest()[:16]
 
 
+def _damage(path: Path, shape: tuple[int, ...]) -> str | None:
+    """Why the cache file at ``path`` cannot be used as a uint8 array of ``shape`` (None: it can): an unreadable
+    header, another shape or dtype, or a size other than its header's (a truncated or overwritten file)."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version not in readers:
+                return f"unknown .npy format version {version}"
+            stored, fortran, dtype = readers[version](fh)
+            expected = fh.tell() + int(np.prod(stored, dtype=np.int64)) * dtype.itemsize
+        size = os.path.getsize(path)
+    except (OSError, ValueError, EOFError) as err:
+        return f"unreadable header ({err})"
+    if tuple(stored) != shape or dtype != np.uint8 or fortran:
+        return f"holds {dtype} {tuple(stored)}, expected uint8 {shape}"
+    if size != expected:
+        return f"{size} bytes where its header needs {expected}"
+    return None
+
+
 def _reserve(tmp: str, what: str) -> None:
     """Allocate the whole file on disk before it is memory-mapped: a full disk is then a clear error here, not a
     SIGBUS from a page written later."""
@@ -129,10 +151,11 @@ def build_cache(lesions: pd.DataFrame, size: int, cache_dir: str | os.PathLike, 
     path = cache_dir / f"{stem}.npy"
     shape = (len(lesions), 2, size, size, 3)
     if path.exists():
-        arr = np.load(path, mmap_mode="r")
-        if arr.shape == shape and arr.dtype == np.uint8:
-            return arr
-        del arr
+        damage = _damage(path, shape)
+        if damage is None:
+            return np.load(path, mmap_mode="r")
+        print(f"[cache] {path}: {damage} (truncated or damaged); rebuilding it", flush=True)
+        path.unlink(missing_ok=True)
 
     jobs = [(i, str(lid), str(c), str(d), size)
             for i, (lid, c, d) in enumerate(zip(lesions["lesion_id"], lesions["clin_path"], lesions["derm_path"]))]

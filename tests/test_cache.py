@@ -162,3 +162,19 @@ def test_a_full_disk_is_a_clear_error_before_any_pixel_is_written(tmp_path, mini
     with pytest.raises(SetupError, match=r"not enough free disk space .* free space there or point cache_dir="):
         build_cache(load_train(mini_data).iloc[:4], 32, tmp_path, "train")
     assert list(tmp_path.iterdir()) == []                    # no temporary or partial cache left
+
+
+@pytest.mark.parametrize("damage", ["truncated", "grown", "header"])
+def test_a_damaged_cache_file_is_rebuilt_with_a_line_saying_so(lesions, tmp_path, capsys, damage):
+    d = tmp_path / "c"
+    first = np.array(build_cache(lesions, SIZE, d, "train", progress=False))
+    (npy,) = d.glob("*.npy")
+    raw = npy.read_bytes()
+    npy.write_bytes({"truncated": raw[: len(raw) // 2], "grown": raw + bytes(100),
+                     "header": b"\x93NUMPY garbage" + raw[14:]}[damage])
+    capsys.readouterr()
+    again = build_cache(lesions, SIZE, d, "train", progress=False)
+    np.testing.assert_array_equal(again, first)
+    assert npy.read_bytes() == raw and cache_files(d) == [npy.name[:-4] + ".json", npy.name]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"[cache] {npy}: ") and out[0].endswith("; rebuilding it"), out
