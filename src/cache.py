@@ -1,11 +1,12 @@
 """Decode every JPEG once: a uint8 array ``(n_lesions, 2, size, size, 3)`` on disk, memory-mapped.
 
 Index 0 of axis 1 is the clinical close-up, 1 the dermoscopic image; rows follow the lesion table.
-The file name carries a short hash of everything the pixels depend on (lesion ids, image paths,
-each file's size and mtime, the size, the decoder version), so a changed source or size builds a
-new file and an unchanged one is reused without decoding.  A build writes a temporary file and
-renames it at the end: an interrupted build never leaves a usable-looking cache; a cache file whose size or header
-does not match its shape (truncated, overwritten) is rebuilt, with a line saying so.
+The file name carries a short hash of everything the pixels depend on (lesion ids, image paths, each file's
+content digest (io_utils.file_digests: a file is re-read only when its size, times or inode change), the size, the
+decoder version), so a changed source or size builds a new file and an unchanged one, touched or not, is reused
+without decoding. A build writes a temporary file and renames it at the end: an interrupted build never leaves a
+usable-looking cache; a cache file whose size or header does not match its shape (truncated, overwritten) is
+rebuilt, with a line saying so.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from . import faults, jpeg
 from .data import DataError
-from .io_utils import atomic_write, atomic_write_json
+from .io_utils import atomic_write, atomic_write_json, file_digests
 
 CACHE_VERSION = "1:draft+lanczos,squash"
 VIEWS = ("clin", "derm")
@@ -57,16 +58,17 @@ def _decode_lesion(job: tuple[int, str, str, str, int]) -> tuple[int, np.ndarray
 
 
 def _cache_key(lesions: pd.DataFrame, size: int) -> str:
+    rows = list(zip(lesions["lesion_id"], lesions["clin_path"], lesions["derm_path"]))
+    try:
+        digests = iter(file_digests([p for _, clin, derm in rows for p in (clin, derm)]))
+    except OSError as err:
+        where = next(((path, lid, v) for lid, clin, derm in rows for v, path in zip(VIEWS, (clin, derm))
+                      if os.path.abspath(path) == os.path.abspath(err.filename or "")), (err.filename, "?", "?"))
+        raise DataError(f"{where[0]}: image file not found or unreadable (lesion_id {where[1]}, {where[2]}_path): "
+                        f"{err.strerror or err}") from None
     h = hashlib.sha256(f"{CACHE_VERSION}|{size}".encode())
-    for lesion_id, clin, derm in zip(lesions["lesion_id"], lesions["clin_path"], lesions["derm_path"]):
-        h.update(f"|{lesion_id}".encode())
-        for v, path in zip(VIEWS, (clin, derm)):
-            try:
-                st = os.stat(path)
-            except OSError as err:
-                raise DataError(f"{path}: image file not found or unreadable (lesion_id {lesion_id}, "
-                                f"{v}_path): {err.strerror}") from None
-            h.update(f"|{path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for lesion_id, clin, derm in rows:
+        h.update(f"|{lesion_id}|{clin}|{next(digests)}|{derm}|{next(digests)}".encode())
     return h.hexdigest()[:16]
 
 

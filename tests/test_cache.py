@@ -82,8 +82,11 @@ def test_rebuild_on_size_and_source_change(lesions, tmp_path):
     st = os.stat(lesions.clin_path[1])
     os.utime(lesions.clin_path[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     build_cache(lesions, SIZE, d, "train", progress=False)
-    after_touch = [n for n in cache_files(d) if n.startswith(f"train_{SIZE}_")]
-    assert len(after_touch) == 2 and not set(after_touch) & set(old)  # new key, stale pair removed
+    assert [n for n in cache_files(d) if n.startswith(f"train_{SIZE}_")] == old  # touched, same content: same key
+    Image.new("RGB", (80, 60), (9, 9, 9)).save(lesions.clin_path[1], format="JPEG")
+    build_cache(lesions, SIZE, d, "train", progress=False)
+    after_change = [n for n in cache_files(d) if n.startswith(f"train_{SIZE}_")]
+    assert len(after_change) == 2 and not set(after_change) & set(old)  # new key, stale pair removed
 
     write_jpeg(Path(lesions.derm_path[2]), (0, 0, 0))
     arr = build_cache(lesions, SIZE, d, "train", progress=False)
