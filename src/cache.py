@@ -15,7 +15,10 @@ import hashlib
 import multiprocessing
 import os
 import re
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -111,14 +114,41 @@ def _reserve(tmp: str, what: str) -> None:
                 raise
 
 
+@contextmanager
+def _sigterm_as_interrupt():
+    """While the block runs, SIGTERM in this process raises KeyboardInterrupt, as Ctrl-C does: the build stops with
+    one line and its temporary file is removed (the default action would kill the process on the spot, leaving the
+    file and orphaned workers printing tracebacks)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _quiet_worker() -> None:
+    """A decode worker ends silently on SIGTERM (the pool's terminate, or a signal to the whole process group) and
+    leaves Ctrl-C to its parent, which stops the pool."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _fill(tmp: str, jobs: list[tuple[int, str, str, str, int]], shape: tuple[int, ...], num_workers: int,
           desc: str, progress: bool) -> None:
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
     _reserve(tmp, desc)
-    with tqdm(total=len(jobs), desc=desc, unit="lesion", disable=None if progress else True) as bar:
+    with _sigterm_as_interrupt(), tqdm(total=len(jobs), desc=desc, unit="lesion",
+                                       disable=None if progress else True) as bar:
         if num_workers > 1:
             chunk = max(1, min(64, len(jobs) // (num_workers * 8)))
-            with multiprocessing.Pool(num_workers) as pool:
+            with multiprocessing.Pool(num_workers, initializer=_quiet_worker) as pool:
                 for i, pair in pool.imap_unordered(_decode_lesion, jobs, chunksize=chunk):
                     faults.point("cache.lesion", tmp)
                     arr[i] = pair
