@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cache import build_cache
+from .cache import HASHES, build_cache
 from .config import Config
 from .data import CLASSES
 from .experiment import Lesions, data_fingerprint, load_lesions
@@ -86,7 +86,7 @@ def prepare(cfg: Config, with_images: bool = True, lesions: Lesions | None = Non
     else:
         train_cache = test_cache = np.zeros((0,), np.uint8)
     return Prepared(lesions.train, lesions.test, lesions.folds, train_cache, test_cache,
-                    data_fingerprint(lesions, images=with_images))
+                    data_fingerprint(lesions, images=with_images, hash_store=cfg.resolved_cache_dir() / HASHES))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Decode every JPEG once: a uint8 array ``(n_lesions, 2, size, size, 3)`` on disk, memory-mapped.
 
 Index 0 of axis 1 is the clinical close-up, 1 the dermoscopic image; rows follow the lesion table.
-The file name carries a short hash of everything the pixels depend on (lesion ids, image paths,
-each file's size and mtime, the size, the decoder version), so a changed source or size builds a
-new file and an unchanged one is reused without decoding.  A build writes a temporary file and
-renames it at the end: an interrupted build never leaves a usable-looking cache.
+The file name carries a short hash of everything the pixels depend on (lesion ids, image paths, each file's
+content digest (io_utils.file_digests: a file is re-read only when its size, times or inode change), the size, the
+decoder version), so a changed source or size builds a new file and an unchanged one, touched or not, is reused
+without decoding. A build writes a temporary file and renames it at the end: an interrupted build never leaves a
+usable-looking cache; a cache file whose size or header does not match its shape (truncated, overwritten) is
+rebuilt, with a line saying so.
 """
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ import hashlib
 import multiprocessing
 import os
 import re
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +26,23 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from . import faults
+from . import faults, jpeg
 from .data import DataError
-from .io_utils import atomic_write, atomic_write_json
+from .io_utils import atomic_write, atomic_write_json, file_digests
 
 CACHE_VERSION = "1:draft+lanczos,squash"
 VIEWS = ("clin", "derm")
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
-    """One JPEG as uint8 ``(size, size, 3)``: DCT-domain downscale, RGB, squashed to a square."""
-    with Image.open(path) as img:
+    """One JPEG as uint8 ``(size, size, 3)``: DCT-domain downscale, RGB, squashed to a square. Damaged compressed
+    data (which Pillow alone decodes to wrong pixels without an error) raises ``jpeg.CorruptJPEG``."""
+    img, data = jpeg.open_image(path)
+    with img:
         if img.format != "JPEG":
             raise OSError(f"format is {img.format}, not JPEG")
         img.draft("RGB", (size, size))
+        jpeg.load(img, data)
         rgb = img.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(rgb, dtype=np.uint8)
 
@@ -52,18 +60,43 @@ def _decode_lesion(job: tuple[int, str, str, str, int]) -> tuple[int, np.ndarray
     return i, out
 
 
-def _cache_key(lesions: pd.DataFrame, size: int) -> str:
+HASHES = "image_hashes.json"  # beside the caches: each JPEG's content digest, re-read only when the file changes
+
+
+def _cache_key(lesions: pd.DataFrame, size: int, cache_dir: Path) -> str:
+    rows = list(zip(lesions["lesion_id"], lesions["clin_path"], lesions["derm_path"]))
+    try:
+        digests = iter(file_digests([p for _, clin, derm in rows for p in (clin, derm)], cache_dir / HASHES))
+    except OSError as err:
+        where = next(((path, lid, v) for lid, clin, derm in rows for v, path in zip(VIEWS, (clin, derm))
+                      if os.path.abspath(path) == os.path.abspath(err.filename or "")), (err.filename, "?", "?"))
+        raise DataError(f"{where[0]}: image file not found or unreadable (lesion_id {where[1]}, {where[2]}_path): "
+                        f"{err.strerror or err}") from None
     h = hashlib.sha256(f"{CACHE_VERSION}|{size}".encode())
-    for lesion_id, clin, derm in zip(lesions["lesion_id"], lesions["clin_path"], lesions["derm_path"]):
-        h.update(f"|{lesion_id}".encode())
-        for v, path in zip(VIEWS, (clin, derm)):
-            try:
-                st = os.stat(path)
-            except OSError as err:
-                raise DataError(f"{path}: image file not found or unreadable (lesion_id {lesion_id}, "
-                                f"{v}_path): {err.strerror}") from None
-            h.update(f"|{path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for lesion_id, clin, derm in rows:
+        h.update(f"|{lesion_id}|{clin}|{next(digests)}|{derm}|{next(digests)}".encode())
     return h.hexdigest()[:16]
+
+
+def _damage(path: Path, shape: tuple[int, ...]) -> str | None:
+    """Why the cache file at ``path`` cannot be used as a uint8 array of ``shape`` (None: it can): an unreadable
+    header, another shape or dtype, or a size other than its header's (a truncated or overwritten file)."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version not in readers:
+                return f"unknown .npy format version {version}"
+            stored, fortran, dtype = readers[version](fh)
+            expected = fh.tell() + int(np.prod(stored, dtype=np.int64)) * dtype.itemsize
+        size = os.path.getsize(path)
+    except (OSError, ValueError, EOFError) as err:
+        return f"unreadable header ({err})"
+    if tuple(stored) != shape or dtype != np.uint8 or fortran:
+        return f"holds {dtype} {tuple(stored)}, expected uint8 {shape}"
+    if size != expected:
+        return f"{size} bytes where its header needs {expected}"
+    return None
 
 
 def _reserve(tmp: str, what: str) -> None:
@@ -84,14 +117,41 @@ def _reserve(tmp: str, what: str) -> None:
                 raise
 
 
+@contextmanager
+def _sigterm_as_interrupt():
+    """While the block runs, SIGTERM in this process raises KeyboardInterrupt, as Ctrl-C does: the build stops with
+    one line and its temporary file is removed (the default action would kill the process on the spot, leaving the
+    file and orphaned workers printing tracebacks)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _quiet_worker() -> None:
+    """A decode worker ends silently on SIGTERM (the pool's terminate, or a signal to the whole process group) and
+    leaves Ctrl-C to its parent, which stops the pool."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _fill(tmp: str, jobs: list[tuple[int, str, str, str, int]], shape: tuple[int, ...], num_workers: int,
           desc: str, progress: bool) -> None:
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
     _reserve(tmp, desc)
-    with tqdm(total=len(jobs), desc=desc, unit="lesion", disable=None if progress else True) as bar:
+    with _sigterm_as_interrupt(), tqdm(total=len(jobs), desc=desc, unit="lesion",
+                                       disable=None if progress else True) as bar:
         if num_workers > 1:
             chunk = max(1, min(64, len(jobs) // (num_workers * 8)))
-            with multiprocessing.Pool(num_workers) as pool:
+            with multiprocessing.Pool(num_workers, initializer=_quiet_worker) as pool:
                 for i, pair in pool.imap_unordered(_decode_lesion, jobs, chunksize=chunk):
                     faults.point("cache.lesion", tmp)
                     arr[i] = pair
@@ -121,15 +181,16 @@ def build_cache(lesions: pd.DataFrame, size: int, cache_dir: str | os.PathLike, 
     if not re.fullmatch(r"[A-Za-z0-9-]+", split):
         raise ValueError(f"build_cache: split {split!r} must be letters, digits or '-'")
     cache_dir = Path(cache_dir)
-    key = _cache_key(lesions, size)
+    key = _cache_key(lesions, size, Path(cache_dir))
     stem = f"{split}_{size}_{key}"
     path = cache_dir / f"{stem}.npy"
     shape = (len(lesions), 2, size, size, 3)
     if path.exists():
-        arr = np.load(path, mmap_mode="r")
-        if arr.shape == shape and arr.dtype == np.uint8:
-            return arr
-        del arr
+        damage = _damage(path, shape)
+        if damage is None:
+            return np.load(path, mmap_mode="r")
+        print(f"[cache] {path}: {damage} (truncated or damaged); rebuilding it", flush=True)
+        path.unlink(missing_ok=True)
 
     jobs = [(i, str(lid), str(c), str(d), size)
             for i, (lid, c, d) in enumerate(zip(lesions["lesion_id"], lesions["clin_path"], lesions["derm_path"]))]

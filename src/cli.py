@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -164,8 +165,14 @@ def user_message(exc: BaseException) -> str | None:
     return None
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a run as Ctrl-C does: one line, temporary files removed, resumable
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if __name__ == "__main__":
+        signal.signal(signal.SIGTERM, _terminate)
     if not argv:
         print("usage: python -m src.cli {run EXP|demo [EXP|blend ...]|blend|tune} ...", file=sys.stderr)
         return 2

@@ -129,12 +129,13 @@ def _listed_images(dest: Path, folder: str) -> dict[str, int] | None:
 
 
 def _decode_problem(path: str) -> str | None:
-    """Why ``path`` is not a JPEG that decodes completely, or None."""
-    from PIL import Image
+    """Why ``path`` is not a JPEG that decodes completely and intact (src/jpeg.py), or None."""
+    from .jpeg import load, open_image
 
     try:
-        with Image.open(path) as im:
-            im.load()
+        im, data = open_image(path)
+        with im:
+            load(im, data)
             if im.format != "JPEG":
                 return f"holds {im.format} data, not a JPEG"
     except Exception as exc:  # noqa: BLE001 - PIL raises several kinds for broken files

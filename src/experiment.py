@@ -31,7 +31,7 @@ import pandas as pd
 from .config import Config, experiment_keys
 from .data import CLASSES, load_test, load_train
 from .folds import load_or_make_folds
-from .io_utils import atomic_write_csv, atomic_write_json
+from .io_utils import atomic_write_csv, atomic_write_json, file_digests
 from .scoring import fold_metrics, read_prediction_csv
 from .settings import KEYS, RETIRED
 
@@ -99,14 +99,18 @@ def _table_bytes(frame: pd.DataFrame) -> Iterator[bytes]:
     yield pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()
 
 
-def data_fingerprint(lesions: Lesions, images: bool = False, inputs: Sequence[Path] = ()) -> dict:
+def data_fingerprint(lesions: Lesions, images: bool = False, inputs: Sequence[Path] = (),
+                     hash_store: Path | None = None) -> dict:
     """Short hashes of what a result was made from: ``tables`` (every lesion's metadata and labels), ``folds``,
-    and where used ``images`` (each JPEG's size, in lesion order) and ``inputs`` (a stacker's input files)."""
+    and where used ``image contents`` (each JPEG's SHA-256, in lesion order) and ``inputs`` (a stacker's input
+    files). The JPEGs' digests are kept in ``hash_store`` (default: io_utils.hash_store_path()) and a JPEG is read
+    again only when its size, times or inode changed, so a start costs a stat per image. (Fingerprints saved before
+    held ``images``, the sizes; no part is compared unless both fingerprints have it.)"""
     out = {"tables": _digest([*_table_bytes(lesions.train), *_table_bytes(lesions.test)]),
            "folds": _digest([np.asarray(lesions.folds, np.int64).tobytes()])}
     if images:
         paths = [p for t in (lesions.train, lesions.test) for c in PATH_COLUMNS for p in t[c]]
-        out["images"] = _digest([np.array([os.path.getsize(p) for p in paths], np.int64).tobytes()])
+        out["image contents"] = _digest(d.encode() for d in file_digests(paths, hash_store))
     if inputs:
         out["inputs"] = _digest(Path(p).read_bytes() for p in inputs)
     return out

@@ -35,23 +35,33 @@ def make_folds(train: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame({"lesion_id": train["lesion_id"].to_numpy(), "fold": fold})
 
 
+DAMAGED = ("the fold file is damaged or truncated: delete it and rerun to make it again (the same seed and data "
+           "give the same folds), or point folds_csv at a good copy")
+
+
 def _read_folds(path: Path) -> pd.DataFrame:
+    """The fold CSV at ``path``; anything unreadable or malformed is a one-line DataError naming the file, the line
+    where it can, and what to do."""
     try:
         df = pd.read_csv(path, dtype={"lesion_id": str, "fold": str}, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read the folds CSV ({err})") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the folds CSV ({err}); {DAMAGED}") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the folds CSV ({err.strerror or err}); {DAMAGED}") from None
     for col in ("lesion_id", "fold"):
         if col not in df.columns:
-            raise DataError(f"{path}: line 1: missing column {col!r} (expected lesion_id,fold)")
+            raise DataError(f"{path}: line 1: missing column {col!r} (expected lesion_id,fold); {DAMAGED}")
     values = pd.to_numeric(df["fold"], errors="coerce")
     bad = np.flatnonzero(values.isna().to_numpy() | (values % 1 != 0).to_numpy())
     if bad.size:
         i = int(bad[0])
-        raise DataError(f"{path}: line {i + 2}: column 'fold' must be an integer, got {df['fold'].iloc[i]!r}")
+        raise DataError(f"{path}: line {i + 2}: column 'fold' must be an integer, got {df['fold'].iloc[i]!r}; "
+                        f"{DAMAGED}")
     dup = np.flatnonzero(df["lesion_id"].duplicated().to_numpy())
     if dup.size:
         i = int(dup[0])
-        raise DataError(f"{path}: line {i + 2}: column 'lesion_id': {df['lesion_id'].iloc[i]!r} appears twice")
+        raise DataError(f"{path}: line {i + 2}: column 'lesion_id': {df['lesion_id'].iloc[i]!r} appears twice; "
+                        f"{DAMAGED}")
     return pd.DataFrame({"lesion_id": df["lesion_id"], "fold": values.astype(np.int64)})
 
 

@@ -6,6 +6,7 @@ by the next write into the same folder once its process, on this host, is gone.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -128,3 +129,67 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# content digests of files, kept between runs
+# ----------------------------------------------------------------------------------------------------
+HASH_STORE_ENV = "MILK10K_HASH_STORE"
+_digest_memo: dict[str, tuple[list[int], str]] = {}
+
+
+def hash_store_path() -> Path:
+    """Where ``file_digests`` keeps what it has read: $MILK10K_HASH_STORE, else
+    ``$XDG_CACHE_HOME/milk10k/file_hashes.json`` (``~/.cache/milk10k/...``)."""
+    if os.environ.get(HASH_STORE_ENV):
+        return Path(os.environ[HASH_STORE_ENV])
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "milk10k" / "file_hashes.json"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    # ctime and inode too: a replacement that keeps size and mtime (cp -p, rsync -t) still changes them
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def file_digests(paths, store: str | os.PathLike | None = None) -> list[str]:
+    """The SHA-256 (hex) of each file's content, in order. Each digest is kept in ``store`` (default
+    ``hash_store_path()``; JSON: absolute path -> size, mtime, ctime, inode and digest) and the file is read again only
+    when one of those changed: a touched file is re-hashed (same digest), a replaced one gets its new digest. A store
+    that cannot be read or written is ignored (the digests are then computed, and kept for this process only).
+    Missing files raise OSError."""
+    store = Path(store) if store is not None else hash_store_path()
+    try:
+        saved = json.loads(store.read_text(encoding="utf-8"))
+        saved = saved if isinstance(saved, dict) else {}
+    except (OSError, ValueError):
+        saved = {}
+    out, changed = [], False
+    for p in paths:
+        key = os.path.abspath(p)
+        stat = _stat_key(os.stat(key))
+        entry = saved.get(key)
+        if isinstance(entry, dict) and entry.get("stat") == stat and isinstance(entry.get("sha256"), str):
+            digest = entry["sha256"]
+        else:
+            memo = _digest_memo.get(key)
+            digest = memo[1] if memo is not None and memo[0] == stat else _sha256(key)
+            saved[key] = {"stat": stat, "sha256": digest}
+            changed = True
+        _digest_memo[key] = (stat, digest)
+        out.append(digest)
+    if changed:
+        saved = {k: v for k, v in saved.items() if os.path.exists(k)}  # forget files that are gone
+        try:
+            atomic_write_text(store, json.dumps(saved, separators=(",", ":")) + "\n")
+        except OSError:
+            pass
+    return out

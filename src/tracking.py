@@ -2,8 +2,10 @@
 
 One group per experiment, one run per fold. Mode: the config's ``wandb_mode``, else env WANDB_MODE, else
 'online' when the user has logged in (`wandb login` or WANDB_API_KEY), else 'offline' (runs land in
-<output_dir>/<exp>/wandb/ and `wandb sync` uploads them later). Any exception from wandb is reported once
-and the tracker turns itself off.
+<output_dir>/<exp>/wandb/ and `wandb sync` uploads them later). An online run waits at most INIT_TIMEOUT seconds for
+the server; the first online run that cannot start (server unreachable, timeout, refused key) switches the whole
+process to offline at once, with one line saying so: that run and every later one log offline, nothing is lost.
+Any other exception from wandb is reported once and the tracker turns itself off.
 """
 from __future__ import annotations
 
@@ -25,8 +27,25 @@ def logged_in() -> bool:
         return False
 
 
+INIT_TIMEOUT = 15.0  # seconds an online run waits for the server before this process logs offline
+_offline_since: str | None = None  # why this process logs offline although online was asked for
+
+
 def resolve_mode(cfg) -> str:
     return cfg.wandb_mode or os.environ.get("WANDB_MODE", "") or ("online" if logged_in() else "offline")
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` on one line; where wandb gives no message, what caused it or what the type means."""
+    text = str(exc).strip()
+    if not text and (exc.__cause__ or exc.__context__) is not None:
+        inner = exc.__cause__ or exc.__context__
+        text = f"{type(inner).__name__}: {str(inner).strip() or 'no message'}"
+    if not text:
+        doc = (type(exc).__doc__ or "").strip().splitlines()
+        text = f"no message ({doc[0].rstrip('.')})" if doc else "no message"
+    first = text.splitlines()[0].strip()
+    return f"{type(exc).__name__}: {first[:300]}"
 
 
 class Tracker:
@@ -35,17 +54,30 @@ class Tracker:
         self.mode = resolve_mode(cfg)
         if self.mode == "disabled":
             return
+        global _offline_since
+        if self.mode == "online" and _offline_since is not None:
+            self.mode = "offline"
         try:
             import wandb
 
             wdir = cfg.exp_dir()
             wdir.mkdir(parents=True, exist_ok=True)
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.run = wandb.init(
-                project=cfg.wandb_project, group=cfg.name, name=f"{cfg.name}/{job}", job_type=job_type,
-                config=cfg.to_dict(), dir=str(wdir), mode=self.mode, id=run_id, resume="allow" if run_id else None,
-                reinit="create_new",
-            )
+            args = dict(project=cfg.wandb_project, group=cfg.name, name=f"{cfg.name}/{job}", job_type=job_type,
+                        config=cfg.to_dict(), dir=str(wdir), id=run_id, resume="allow" if run_id else None,
+                        reinit="create_new")
+            if self.mode == "online":
+                bounded = None if os.environ.get("WANDB_INIT_TIMEOUT") else wandb.Settings(init_timeout=INIT_TIMEOUT)
+                try:
+                    self.run = wandb.init(**args, mode="online", settings=bounded)
+                    return
+                except Exception as exc:  # noqa: BLE001 - unreachable server, timeout, refused key: go offline
+                    _offline_since = describe(exc)
+                    self.mode = "offline"
+                    print(f"[wandb] cannot reach the server ({_offline_since}); logging offline for the rest of this "
+                          f"process: `wandb sync {wdir / 'wandb'}/offline-run-*` uploads later", file=sys.stderr,
+                          flush=True)
+            self.run = wandb.init(**args, mode=self.mode)
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
             self._fail(exc)
 
@@ -58,7 +90,7 @@ class Tracker:
         return self.run.dir if self.run is not None else None
 
     def _fail(self, exc: BaseException) -> None:
-        print(f"[wandb] disabled after an error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"[wandb] disabled after an error: {describe(exc)}", file=sys.stderr)
         self.run = None
 
     def log(self, data: dict[str, Any], step: int | None = None) -> None:

@@ -29,6 +29,7 @@ from . import faults
 from .augment import DeviceAugment
 from .batches import (LoaderBatches, Prepared, epoch_order, epoch_seed, prepare, resolve_device, resolve_workers,
                       steps_per_epoch, training_batches)
+from .cache import HASHES
 from .config import Config
 from .data import CLASSES
 from .dist import DistContext
@@ -82,7 +83,7 @@ class ImageRecipe:
     shared_results = None  # every shared setting that changes results is part of the fingerprint
 
     def data_print(self, cfg: Config, lesions: Lesions) -> dict:
-        return data_fingerprint(lesions, images=True)
+        return data_fingerprint(lesions, images=True, hash_store=cfg.resolved_cache_dir() / HASHES)
 
     def check(self, cfg: Config) -> None:
         check_image_run(cfg)

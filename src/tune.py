@@ -8,7 +8,11 @@ The study lives in a storage URL (default: a SQLite file under <output_dir>/<exp
 interruption, can be inspected with optuna's own tools, and is shared: ``bash run.sh tune exp001`` started N
 times (on one machine with SQLite or a journal file, on many with PostgreSQL/MySQL) joins the same study and the
 processes together run ``--trials`` trials. A trial's folds are stored under a folder named by its parameters,
-so a trial interrupted mid-way and retried continues from its checkpoints.
+so a trial interrupted mid-way and retried continues from its checkpoints. Each trial records the process that runs
+it (user attribute ``owner``: pid, host, trial number); a trial left RUNNING by a process of this host that no
+longer exists (``kill -9``, a crash) is marked FAIL and queued again with its parameters whenever a tune process of
+the study starts or ends a trial, so a rerun at once still ends with exactly ``--trials`` complete trials. The
+storage's heartbeat (RDB storages: FAIL after 120 s without one, then retried) covers processes on other hosts.
 """
 from __future__ import annotations
 
@@ -24,9 +28,10 @@ import numpy as np
 
 from .config import Config, ConfigError, load_config, parse_folds
 from .data import CLASSES
-from .io_utils import atomic_write_text
+from .io_utils import HOST, atomic_write_text
 
 RARE = ("MAL_OTH", "BEN_OTH", "DF", "INF", "VASC")
+MAX_RETRY = 2  # retries of one trial whose process died (as the heartbeat's RetryHeartbeatStaleTrialCallback)
 
 
 def storage_url(cfg: Config, storage: str = "") -> str:
@@ -127,6 +132,50 @@ def _may_run(study, trial, limit: int) -> bool:
     return ahead < limit
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def recover_dead_trials(study) -> list[str]:
+    """FAIL every RUNNING trial whose owner (recorded when it started) is a process of this host that no longer
+    exists, and queue its parameters again (at most MAX_RETRY times per trial); returns one line per trial.
+    Trials of live processes, of other hosts or without an owner are left to run (or to the heartbeat)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    lines = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("owner")  # a retry copies its original's attributes: trust only the trial's own
+        if (not isinstance(owner, dict) or owner.get("trial") != t.number or owner.get("host") != HOST
+                or not isinstance(owner.get("pid"), int)):
+            continue
+        pid = owner["pid"]
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process recovered it first
+        history = [*t.system_attrs.get("retry_history", []), t.number]
+        what = f"trial {t.number} was left running by process {pid} on {HOST}, which no longer exists: marked failed"
+        if len(history) > MAX_RETRY:
+            lines.append(f"{what}; not retried, its process died {len(history)} times")
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=t.params, distributions=t.distributions,
+            user_attrs={k: v for k, v in t.user_attrs.items() if k != "owner"},
+            system_attrs={**t.system_attrs, "failed_trial": history[0], "retry_history": history}))
+        lines.append(f"{what} and queued again with the same parameters (it resumes from its checkpoints)")
+    return lines
+
+
 def check_tune(cfg: Config, folds: str, epochs: int) -> None:
     """Refuse, before any trial trains, settings under which no trial could be scored."""
     from .config import experiment_recipe
@@ -176,6 +225,7 @@ def run_tune(cfg: Config, args: TuneArgs = TuneArgs(), data=None) -> "object":
 
     def objective(trial):
         nonlocal blocked
+        trial.set_user_attr("owner", {"pid": os.getpid(), "host": HOST, "trial": trial.number})
         if not _may_run(study, trial, args.trials):
             blocked = True
             raise optuna.TrialPruned("the study already has its trials")
@@ -190,6 +240,8 @@ def run_tune(cfg: Config, args: TuneArgs = TuneArgs(), data=None) -> "object":
         return value
 
     while True:
+        for line in recover_dead_trials(study):
+            print(f"[tune {cfg.name}] {line}", flush=True)
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         if done >= args.trials:
             break

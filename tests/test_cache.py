@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import src.cache as cache_mod
-from src.cache import build_cache, decode_image
+from src.cache import HASHES, build_cache, decode_image
 from src.data import DataError
 
 SIZE = 16
@@ -41,7 +41,8 @@ def lesions(tmp_path) -> pd.DataFrame:
 
 
 def cache_files(d: Path) -> list[str]:
-    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+    """The caches and their sidecars (not the image digests kept beside them, cache.HASHES)."""
+    return sorted(p.name for p in d.iterdir() if p.name != HASHES) if d.exists() else []
 
 
 def test_shape_order_views_and_squash(lesions, tmp_path):
@@ -56,6 +57,7 @@ def test_shape_order_views_and_squash(lesions, tmp_path):
     names = cache_files(tmp_path / "cache")
     assert len(names) == 2 and names[0].startswith(f"train_{SIZE}_") and names[0].endswith(".json")
     assert names[1] == names[0][:-5] + ".npy"
+    assert (tmp_path / "cache" / HASHES).is_file()                # the JPEGs' digests, beside the caches
 
 
 def test_reuse_does_not_decode(lesions, tmp_path, monkeypatch):
@@ -82,8 +84,11 @@ def test_rebuild_on_size_and_source_change(lesions, tmp_path):
     st = os.stat(lesions.clin_path[1])
     os.utime(lesions.clin_path[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     build_cache(lesions, SIZE, d, "train", progress=False)
-    after_touch = [n for n in cache_files(d) if n.startswith(f"train_{SIZE}_")]
-    assert len(after_touch) == 2 and not set(after_touch) & set(old)  # new key, stale pair removed
+    assert [n for n in cache_files(d) if n.startswith(f"train_{SIZE}_")] == old  # touched, same content: same key
+    Image.new("RGB", (80, 60), (9, 9, 9)).save(lesions.clin_path[1], format="JPEG")
+    build_cache(lesions, SIZE, d, "train", progress=False)
+    after_change = [n for n in cache_files(d) if n.startswith(f"train_{SIZE}_")]
+    assert len(after_change) == 2 and not set(after_change) & set(old)  # new key, stale pair removed
 
     write_jpeg(Path(lesions.derm_path[2]), (0, 0, 0))
     arr = build_cache(lesions, SIZE, d, "train", progress=False)
@@ -161,4 +166,20 @@ def test_a_full_disk_is_a_clear_error_before_any_pixel_is_written(tmp_path, mini
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     with pytest.raises(SetupError, match=r"not enough free disk space .* free space there or point cache_dir="):
         build_cache(load_train(mini_data).iloc[:4], 32, tmp_path, "train")
-    assert list(tmp_path.iterdir()) == []                    # no temporary or partial cache left
+    assert cache_files(tmp_path) == []                       # no temporary or partial cache left
+
+
+@pytest.mark.parametrize("damage", ["truncated", "grown", "header"])
+def test_a_damaged_cache_file_is_rebuilt_with_a_line_saying_so(lesions, tmp_path, capsys, damage):
+    d = tmp_path / "c"
+    first = np.array(build_cache(lesions, SIZE, d, "train", progress=False))
+    (npy,) = d.glob("*.npy")
+    raw = npy.read_bytes()
+    npy.write_bytes({"truncated": raw[: len(raw) // 2], "grown": raw + bytes(100),
+                     "header": b"\x93NUMPY garbage" + raw[14:]}[damage])
+    capsys.readouterr()
+    again = build_cache(lesions, SIZE, d, "train", progress=False)
+    np.testing.assert_array_equal(again, first)
+    assert npy.read_bytes() == raw and cache_files(d) == [npy.name[:-4] + ".json", npy.name]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"[cache] {npy}: ") and out[0].endswith("; rebuilding it"), out

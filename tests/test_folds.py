@@ -116,3 +116,21 @@ def test_malformed_file_names_line_and_column(tmp_path):
     rows[["lesion_id"]].to_csv(path, index=False)
     with pytest.raises(DataError, match=r"line 1: missing column 'fold'"):
         load_or_make_folds(TRAIN, path, 5, 0)
+
+
+@pytest.mark.parametrize("damage", ["cut mid-file", "cut in the header", "empty", "binary", "a folder"])
+def test_a_damaged_or_truncated_fold_file_says_to_delete_it(tmp_path, damage):
+    path = tmp_path / "folds.csv"
+    made = load_or_make_folds(TRAIN, path, 5, seed=3)
+    raw = path.read_bytes()
+    if damage == "a folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_bytes({"cut mid-file": raw[: len(raw) // 2 - 3], "cut in the header": raw[:8], "empty": b"",
+                          "binary": bytes(range(128, 256)) * 4}[damage])
+    with pytest.raises(DataError, match=rf"^{path}: .*delete it and rerun to make it again") as err:
+        load_or_make_folds(TRAIN, path, 5, seed=3)
+    assert "\n" not in str(err.value)
+    path.rmdir() if path.is_dir() else path.unlink()
+    pd.testing.assert_frame_equal(load_or_make_folds(TRAIN, path, 5, seed=3), made)   # remade identically

@@ -72,3 +72,84 @@ def test_two_processes_share_one_study(mini_data, tmp_path):
     assert len(trials) == 3
     assert len({t.number for t in trials}) == 3
     assert len({t.user_attrs["trial_dir"] for t in trials}) == 3
+
+
+def _gone_pid() -> int:
+    """The pid of a process that no longer exists."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+def _running_trial(study, owner: dict | None, retries: list[int] | None = None):
+    from src.tune import suggest
+
+    trial = study.ask()
+    suggest(trial)
+    if owner is not None:
+        trial.set_user_attr("owner", {"trial": trial.number, **owner})
+    if retries:
+        study._storage.set_trial_system_attr(trial._trial_id, "retry_history", retries)
+    return trial.number
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_only_trials_of_dead_processes_of_this_host_are_failed_and_queued_again(tmp_path):
+    from src.io_utils import HOST
+    from src.tune import join_study, recover_dead_trials
+
+    study = join_study(f"sqlite:///{tmp_path / 'optuna.db'}", "s", optuna.samplers.RandomSampler(seed=0))
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        dead = _running_trial(study, {"pid": _gone_pid(), "host": HOST})
+        alive = _running_trial(study, {"pid": live.pid, "host": HOST})
+        other_host = _running_trial(study, {"pid": _gone_pid(), "host": "elsewhere"})
+        no_owner = _running_trial(study, None)
+        copied = _running_trial(study, None)                      # a retry still carrying its original's owner
+        study._storage.set_trial_user_attr(study.trials[copied]._trial_id, "owner",
+                                           {"pid": _gone_pid(), "host": HOST, "trial": dead})
+        worn_out = _running_trial(study, {"pid": _gone_pid(), "host": HOST}, retries=[1, 4])
+        lines = recover_dead_trials(study)
+        again = recover_dead_trials(study)
+    finally:
+        live.kill()
+        live.wait()
+    states = {t.number: t.state for t in study.trials}
+    assert states[dead] == states[worn_out] == TrialState.FAIL
+    assert {states[n] for n in (alive, other_host, no_owner, copied)} == {TrialState.RUNNING}
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].params == study.trials[dead].params
+    assert "owner" not in waiting[0].user_attrs and waiting[0].system_attrs["retry_history"] == [dead]
+    assert len(lines) == 2 and "queued again" in lines[0] and "died 3 times" in lines[1]
+    assert again == []                                         # once only
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_trial_left_running_by_a_killed_process_is_retried_by_a_rerun_at_once(mini_data, tmp_path, capsys):
+    from src.io_utils import HOST
+    from src.tune import join_study
+
+    cfg = load_config("exp001", tune_args(mini_data, tmp_path))
+    study = join_study(storage_url(cfg), f"{cfg.name}-tune", optuna.samplers.RandomSampler(seed=0))
+    dead = _running_trial(study, {"pid": _gone_pid(), "host": HOST})   # its heartbeat is still fresh
+    run_tune(cfg, tune_opts(1))
+    out = capsys.readouterr().out
+    assert f"trial {dead} was left running by process" in out and "queued again with the same parameters" in out
+    complete = complete_trials(cfg)
+    assert len(complete) == 1 and complete[0].params == study.trials[dead].params
+    assert optuna.load_study(study_name=f"{cfg.name}-tune", storage=storage_url(cfg)).trials[dead].state == \
+        TrialState.FAIL
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_trial_then_a_rerun_at_once_completes_every_trial(mini_data, tmp_path):
+    args = ["--trials", "2", "--folds", "0,1", "--epochs", "1", *tune_args(mini_data, tmp_path)]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "src.cli", "tune", "exp001", *args]
+    killed = subprocess.run(cmd, cwd=REPO, env={**env, "MILK10K_FAULT": "kill@step#3"}, capture_output=True,
+                            text=True, timeout=900)
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert len(complete_trials(load_config("exp001", tune_args(mini_data, tmp_path)))) == 2
+    assert "was left running by process" in rerun.stdout and "queued again" in rerun.stdout
