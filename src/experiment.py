@@ -121,19 +121,20 @@ def fingerprint(cfg: Config, data: dict, shared: Sequence[str] | None = None) ->
 
 
 def _comparable(saved: dict, current: dict) -> tuple[dict, dict]:
-    """The saved and current settings as they can be compared. A fingerprint of an earlier version (no
-    ``version``) lists the keys of that version: keys today's settings no longer have are dropped unless they are
-    RETIRED at another value than today's code is equivalent to; it never named the experiment."""
-    old, new = dict(saved.get("settings", {})), dict(current["settings"])
-    if saved.get("version") == FINGERPRINT_VERSION:
-        return old, new
+    """The settings of two fingerprints as they can be compared. One of an earlier version (no ``version``) lists
+    that version's keys: keys the other no longer has are dropped unless they are RETIRED at another value than
+    today's code is equivalent to; it never named the experiment. Either side may be the earlier one."""
+    a, b = dict(saved.get("settings", {})), dict(current.get("settings", {}))
+    if saved.get("version") == current.get("version"):
+        return a, b
+    old, new = (a, b) if saved.get("version") != FINGERPRINT_VERSION else (b, a)
     new.pop("experiment", None)
     for k in [k for k in old if k not in new]:
         if k in RETIRED and old[k] != RETIRED[k]:
             new[k] = RETIRED[k]
         else:
             del old[k]
-    return old, new
+    return a, b  # old and new are a and b themselves, in one order or the other
 
 
 def fingerprint_differences(saved: dict, current: dict) -> list[str]:

@@ -42,6 +42,7 @@ from .model import DualNet, LinearHead, backbones, count_parameters
 from .preflight import check_image_run
 from .scoring import f1_per_class, fold_metrics, log_loss
 from .speed.apply import FusedDualNet, load_plain_state, plain_state
+from .speed.fuse import split_fused_state
 from .speed.device_cache import DeviceBatches
 from .step import Stage, build_stage, mix, setup_model, stage_optimizer, train_step, weighted_loss
 from .tracking import Tracker
@@ -169,6 +170,22 @@ def _save_torch(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+LEGACY_NAMES = (("head.", "head.classifier."), ("aux_head.", "head.aux."), ("meta.", "head.meta."))
+
+
+def plain_layout(state: dict) -> dict:
+    """Weights as today's networks name them: a checkpoint written before fusion heads were parts of their own
+    (``head.weight``, ``aux_head.*``, ``meta.*``, fused ``pair.*``) is renamed, tensors unchanged."""
+    if "head.weight" not in state and not any(k.startswith("pair.") for k in state):
+        return state
+    state = split_fused_state(state)
+    out = {}
+    for name, t in state.items():
+        old = next((o for o, _ in LEGACY_NAMES if name.startswith(o)), None)
+        out[name if old is None else dict(LEGACY_NAMES)[old] + name[len(old):]] = t
+    return out
+
+
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """A checkpoint written by this project, read as plain tensors and JSON-like state only (nothing in the file
     can run code); a damaged or foreign file is a CheckpointError naming it."""
@@ -180,6 +197,10 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
                               f"{first})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} is not a checkpoint of this project (no model weights in it)")
+    ckpt.setdefault("fused", any(k.startswith("pair.") for k in ckpt["model"]))  # earlier checkpoints: by layout
+    ckpt["model"] = plain_layout(ckpt["model"])
+    if isinstance(ckpt.get("ema"), dict):
+        ckpt["ema"] = plain_layout(ckpt["ema"])
     return ckpt
 
 

@@ -84,12 +84,42 @@ def test_damaged_resume_files_are_named_before_training_and_retrain_restarts_the
 
 
 def test_a_checkpoint_of_another_network_is_named(mini_data, unfinished, tmp_path):
-    """A last.pt laid out as an earlier version wrote it (the classifier as head.weight) is refused with the fold
-    folder to delete, never loaded half-way."""
+    """A last.pt whose weights do not fit the experiment's network is refused with the fold folder to delete, never
+    loaded half-way."""
     out = _copy(unfinished, tmp_path)
     last = out / "exp001" / "fold0" / "last.pt"
     ckpt = torch.load(last, weights_only=True)
-    ckpt["model"] = {k.replace("head.classifier.", "head."): v for k, v in ckpt["model"].items()}
+    ckpt["model"]["head.classifier.weight"] = torch.zeros(11, 3)
     torch.save(ckpt, last)
     with pytest.raises(CheckpointError, match=r"last.pt holds the weights of another network .*delete .*fold0"):
         run_experiment(_cfg(mini_data, out), folds="0")
+
+
+def test_a_fold_left_in_progress_by_the_earlier_layout_resumes(mini_data, unfinished, tmp_path):
+    """Checkpoints and fingerprints written before fusion heads were parts of their own (the classifier as
+    ``head.weight``, fingerprints without a version listing the keys of the time) resume, and end as the same fold
+    resumed from today's files."""
+    import json
+
+    today, earlier = _copy(unfinished, tmp_path / "a"), _copy(unfinished, tmp_path / "b")
+    fold = earlier / "exp001" / "fold0"
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(fold / name, weights_only=True)
+        ckpt["model"] = {k.replace("head.classifier.", "head."): v for k, v in ckpt["model"].items()}
+        ckpt.pop("fused", None)
+        if "fingerprint" in ckpt:
+            ckpt["fingerprint"] = _earlier_fingerprint(ckpt["fingerprint"])
+        torch.save(ckpt, fold / name)
+    saved = json.loads((fold / "fingerprint.json").read_text())
+    (fold / "fingerprint.json").write_text(json.dumps(_earlier_fingerprint(saved)))
+    run_experiment(_cfg(mini_data, today), folds="0")
+    run_experiment(_cfg(mini_data, earlier), folds="0")
+    assert (fold / "oof.csv").read_bytes() == (today / "exp001" / "fold0" / "oof.csv").read_bytes()
+
+
+def _earlier_fingerprint(current: dict) -> dict:
+    """``current`` as the earlier version wrote it: no version, no experiment, the keys of that version."""
+    settings = {k: v for k, v in current["settings"].items() if k != "experiment"}
+    settings.update(model="image", meta_mode="concat", meta_hidden=128, meta_dropout=0.3, head_dropout=0.0,
+                    embed_norm=False, max_steps_per_epoch=0)
+    return {"settings": settings, "data": current["data"]}

@@ -189,10 +189,12 @@ def test_tuning_settings_that_cannot_score_a_trial_are_refused_before_training(m
 
 @pytest.mark.slow
 def test_the_hint_to_finish_keeps_the_users_settings(mini_data, tmp_path):
-    args = tiny(mini_data, tmp_path, epochs=1, n_folds=2, folds=0)
+    args = tiny(mini_data, tmp_path, epochs=1, n_folds=2, folds=0, name="myrun")
     proc = run_cli("run", "exp001", *args)
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, text
     hint = next(line for line in text.splitlines() if "not complete" in line)
     assert "img_size=32" in hint and "n_folds=2" in hint and "folds=0" not in hint
-    assert np.isfinite(pd.read_csv(tmp_path / "exp001" / "fold0" / "oof.csv").iloc[:, 1:].to_numpy()).all()
+    command = hint.split("`")[1]
+    assert command.startswith("bash run.sh exp001 ") and "name=myrun" in command   # a command that exists
+    assert np.isfinite(pd.read_csv(tmp_path / "myrun" / "fold0" / "oof.csv").iloc[:, 1:].to_numpy()).all()
