@@ -4,6 +4,7 @@
     bash run.sh predict SOURCE --clinical A.jpg --dermoscopic B.jpg [--age 60 --sex female --site head_neck_face
                                --skin-tone 3]
     bash run.sh predict SOURCE --monet-cost [key=value ...]
+    bash run.sh predict --speed          (lesions per second here; src/predict_speed.py)
 
 SOURCE is what made a submission: an experiment (``<output_dir>/<name>/`` and its submission's sidecar
 ``<submission_dir>/<name>.json``), a blend (its sidecar names the experiments and their weights) or an export (a
@@ -653,6 +654,11 @@ def format_single(source: Source, lesions: pd.DataFrame, result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``bash run.sh predict ...`` (through src/cli.py, which turns the errors a user can fix into one line and
     exit status 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--speed" in argv:
+        from .predict_speed import main as speed
+
+        return speed(argv)
     return run(parser().parse_intermixed_args(argv))
 
 
