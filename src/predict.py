@@ -559,7 +559,7 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="A single lesion is given no MONET scores (they come from a model the release ran on its images); "
                "they and every field not given are treated as missing, as the loader treats an empty field: "
-               + monet_note() + ".")
+               + monet_note() + ". `bash run.sh predict --speed` measures lesions per second on this machine.")
     ap.add_argument("source", metavar="SOURCE", help="an experiment, a blend (submission name) or an export "
                     "(folder or .tar.gz)")
     ap.add_argument("overrides", nargs="*", metavar="key=value",

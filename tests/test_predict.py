@@ -86,7 +86,7 @@ def test_the_fitted_features_round_trip_through_json_exactly(mini_data, kind, st
         assert np.array_equal(fitted.transform(rows), back.transform(rows))
 
 
-def test_what_needs_a_pickle_is_recorded_and_refused(mini_data, tmp_path):
+def test_what_needs_a_pickle_is_recorded_and_refused(mini_data, tmp_path, capsys):
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     from src.portable import NotPortable, to_dict
@@ -102,6 +102,7 @@ def test_what_needs_a_pickle_is_recorded_and_refused(mini_data, tmp_path):
     code = cli(["predict", "exp000", "--data", str(mini_data), f"output_dir={tmp_path}", f"submission_dir={tmp_path}/s",
                 "--out", str(tmp_path / "p.csv")])
     assert code == 2 and not (tmp_path / "p.csv").exists()
+    assert "model 'hgb' cannot be stored without a pickle" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,3 +305,16 @@ def test_a_truncated_checkpoint_is_refused_by_name(trained, tmp_path, capsys):
 def test_settings_that_change_results_are_refused(trained, tmp_path, capsys):
     refused(capsys, tmp_path, ["predict", "exp001", "--data", str(trained["data"]), *trained["where"],
                                "img_size=64"], "img_size= changes results")
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--site", "head-neck"], "--site 'head-neck': not a site the models were trained on; use one of"),
+    (["--sex", "f"], "--sex 'f': use one of male, female"),
+    (["--age", "300"], "--age 300.0: an age in years, 0 to 120"),
+    (["--skin-tone", "9"], "--skin-tone 9: the skin tone class, 0 to 5"),
+])
+def test_one_lesion_with_metadata_the_models_never_saw_is_refused(trained, tmp_path, capsys, extra, needle):
+    lesion = sorted((trained["data"] / TEST_IMAGES).iterdir())[0]
+    clin, derm = sorted(lesion.glob("*.jpg"))
+    refused(capsys, tmp_path, ["predict", "both", *trained["where"], "--clinical", str(clin), "--dermoscopic",
+                               str(derm), *extra], needle)
