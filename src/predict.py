@@ -173,10 +173,10 @@ def resolve_source(name: str, overrides: dict[str, str]) -> Source:
         if exp_name in members:
             continue
         folder = Path(base.output_dir) / exp_name
-        cfg = saved_config(folder / "config.json", overrides)
+        cfg = saved_config(folder / "config.json", {**overrides, "output_dir": str(base.output_dir)})
         from .experiment import ExperimentDir
 
-        reason = ExperimentDir(cfg.replace(output_dir=str(base.output_dir), name=exp_name)).incomplete_reason()
+        reason = ExperimentDir(cfg.replace(name=exp_name)).incomplete_reason()
         if reason:
             raise PredictError(reason)
         kind, inputs = member_kind(cfg)
@@ -536,7 +536,7 @@ def format_monet_cost(result: dict) -> str:
     rule = result["rule"]
     lines = [f"honest out-of-fold macro F1 on {result['n_lesions']} training lesions ({result['n_folds']} folds, fold "
              f"seed {result['fold_seed']}), the models trained with the MONET scores:",
-             f"{'rule':>12} {'with MONET':>11} {'without':>9} {'cost':>8}"]
+             f"{'rule':>12} {'with MONET':>11} {'without':>9} {'change':>8}"]
     for r in result["with"]:
         lines.append(f"{r:>12} {result['with'][r]:>11.4f} {result['without'][r]:>9.4f} "
                      f"{result['without'][r] - result['with'][r]:>+8.4f}" + ("  (submitted)" if r == rule else ""))
@@ -613,7 +613,7 @@ def run(ns: argparse.Namespace) -> int:
         result = predict_batch(source, lesions, 1, "stored")
         print(format_single(source, lesions, result))
         return 0
-    lesions = load_test(ns.data, check_images=True)
+    lesions = load_test(ns.data, check_images=any(m.kind == "image" for m in source.members.values()))
     result = predict_batch(source, lesions, workers, ns.thresholds)
     ids = lesions["lesion_id"].tolist()
     paths = write_outputs(out, ids, result["blended"], result["folded"])

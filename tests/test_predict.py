@@ -123,6 +123,15 @@ def test_predict_reproduces_the_submission(trained, tmp_path, source, capsys):
     assert "lesions/s" in capsys.readouterr().out
 
 
+def test_a_metadata_only_source_needs_no_images(trained, tmp_path):
+    data = tmp_path / "csv_only"
+    data.mkdir()
+    shutil.copy(trained["data"] / "MILK10k_Test_Metadata.csv", data)
+    out = tmp_path / "p.csv"
+    assert cli(["predict", "exp000", "--data", str(data), *trained["where"], "--out", str(out)]) == 0
+    assert_same(out, trained["subs"] / "exp000.csv")
+
+
 def test_a_fold_trained_before_features_were_saved_refits_them(trained, tmp_path):
     """An image fold without features.json (trained by an earlier version): its 'interactions' transform is refitted
     on the fold's training rows and checked against its encoder.json; the prediction is unchanged."""
