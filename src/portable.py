@@ -9,8 +9,6 @@ computes exactly what the fitted one computed (floats round-trip through JSON ex
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from scipy.interpolate import BSpline
 from sklearn.linear_model import LogisticRegression

@@ -106,6 +106,9 @@ def member_kind(cfg: Config) -> tuple[str, list[str]]:
     return ("image" if recipe.images else "tabular"), []
 
 
+NOT_TAKEN = ("name", "decision")  # the folder is the source's; the rule is the submission's
+
+
 def split_overrides(args: list[str]) -> dict[str, str]:
     """key=value arguments; only settings that do not change results are accepted (the folds' own settings are
     what predicts)."""
@@ -114,9 +117,10 @@ def split_overrides(args: list[str]) -> dict[str, str]:
     pairs = parse_cli_overrides(args)
     for name in pairs:
         spec = KEYS.get(name)
-        if spec is None or name == "name":
+        if spec is None or name in NOT_TAKEN:
+            takes = ", ".join(k for k, s in KEYS.items() if not s.results and k not in NOT_TAKEN)
             raise ConfigError(f"command line: {name}= is not a setting predict takes; it takes the settings that do "
-                              f"not change results: {', '.join(k for k, s in KEYS.items() if not s.results and k != 'name')}")
+                              f"not change results: {takes}")
         if spec.results:
             raise ConfigError(f"command line: {name}= changes results; predict uses the settings each fold was "
                               f"trained with (only settings that do not change results can be given)")

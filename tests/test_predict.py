@@ -196,7 +196,8 @@ def test_the_export_has_a_manifest_a_model_card_and_no_pickle(bundle):
     card = (bundle / "MODEL_CARD.md").read_text()
     for needle in ("MILK study team", "CC-BY-NC", "honest out-of-fold macro F1", "Spread over fold seeds",
                    "### Per class", "### By skin tone class", "### By sex", "## Decision rule", "## Calibration",
-                   "reliability.png", "## Intended use", "Not a medical device", "## Known limits", "0.04-0.05", "MAL_OTH", "MONET"):
+                   "reliability.png", "## Intended use", "Not a medical device", "## Known limits", "0.04-0.05",
+                   "MAL_OTH", "MONET"):
         assert needle in card, needle
     assert (bundle / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert bundle.with_name("both.tar.gz").is_file()
