@@ -21,6 +21,10 @@ usage: bash run.sh COMMAND [args]
   blend EXP [EXP ...]       blend experiments (weights fitted on out-of-fold predictions) into a submission
   tune EXP [key=value ...]  Optuna study over loss weighting and learning rate (resumable, shareable)
   score TRUTH.csv PRED.csv  score a prediction CSV exactly as the leaderboard does (--json for machines)
+  predict SOURCE --data DIR new lesions through a trained experiment, blend or export: a submission-format CSV
+                            and a readable one; --clinical A.jpg --dermoscopic B.jpg for one lesion (--help)
+  export SOURCE [--out DIR] a self-contained folder + .tar.gz (safetensors, JSON, manifest, model card) to predict
+                            from anywhere (--help)
   spread EXP [--fold-seeds 42,7,2026]
                             EXP under several fold splits: honest macro F1 of every decision rule, mean +- std
   bench [options]           training/inference throughput benchmark (--help for options)
@@ -57,6 +61,8 @@ case "$cmd" in
   blend) setup; exec "$PY" -m src.cli blend "$@" ;;
   tune) setup; exec "$PY" -m src.cli tune "$@" ;;
   spread) setup; exec "$PY" -m src.cli spread "$@" ;;
+  predict) setup; exec "$PY" -m src.cli predict "$@" ;;
+  export) setup; exec "$PY" -m src.cli export "$@" ;;
   bench) setup; exec "$PY" -m src.bench "$@" ;;
   *)
     if [[ -f "exp/$cmd/config.py" ]]; then

@@ -1,4 +1,4 @@
-"""Command dispatch for run.sh: run an experiment, the demo, blending and tuning."""
+"""Command dispatch for run.sh: run an experiment, the demo, blending, tuning, predicting and exporting."""
 from __future__ import annotations
 
 import errno
@@ -149,6 +149,7 @@ USER_ERRORS = {
     "src.preflight": ("SetupError",), "src.blend": ("BlendError",), "src.scoring": ("SubmissionError",),
     "src.stacker": ("StackError",), "src.model": ("WeightsUnavailable",),
     "src.speed.fuse": ("FusionUnsupported",), "src.train": ("NonFiniteLoss", "CheckpointError"),
+    "src.predict": ("PredictError",), "src.export": ("BundleError",),
 }
 FIXABLE_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if __name__ == "__main__":
         signal.signal(signal.SIGTERM, _terminate)
     if not argv:
-        print("usage: python -m src.cli {run EXP|demo [EXP|blend ...]|blend|tune} ...", file=sys.stderr)
+        print("usage: python -m src.cli {run EXP|demo [EXP|blend ...]|blend|tune|predict|export} ...", file=sys.stderr)
         return 2
     cmd, rest = argv[0], argv[1:]
     try:
@@ -188,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_blend(rest)
         if cmd == "tune":
             return cmd_tune(rest)
+        if cmd == "predict":
+            from .predict import main as predict_main
+
+            return predict_main(rest)
+        if cmd == "export":
+            from .export import main as export_main
+
+            return export_main(rest)
         if cmd == "spread":
             from .spread import main as spread_main
 

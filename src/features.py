@@ -20,6 +20,7 @@ from .data import MONET, DataError
 from .io_utils import atomic_write_json
 
 ENCODER_VERSION = 1
+FEATURES_VERSION = 1  # features.json: the whole fitted transform (MetadataFeatures.to_dict)
 SEXES = ("male", "female", "unknown")
 AGE_HINGES = (40.0, 60.0, 75.0)
 LOGIT_EPS = 1e-3  # MONET scores are clipped to [eps, 1 - eps] before the logit (|logit| <= 6.9)
@@ -267,3 +268,55 @@ class MetadataFeatures:
     def save(self, path: str | os.PathLike) -> None:
         """The fitted encoder (encoder.json)."""
         self.encoder.save(path)
+
+    # the whole fitted transform as plain numbers (features.json): what predicting a new lesion needs
+    def to_dict(self) -> dict[str, Any]:
+        """The fitted transform, encoder and (for 'interactions') its spline knots and scaler, as plain numbers
+        (src/portable.py); ``from_dict`` rebuilds a transform that computes exactly the same features."""
+        from .portable import to_dict
+
+        if self.encoder is None:
+            raise RuntimeError("MetadataFeatures.to_dict called before fit")
+        return {"version": FEATURES_VERSION, "kind": self.kind, "standardize": self.standardize,
+                "encoder": self.encoder.to_dict(), "pipeline": None if self._pipe is None else to_dict(self._pipe)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MetadataFeatures":
+        from .portable import NotPortable, from_dict
+
+        if not isinstance(d, dict) or d.get("version") != FEATURES_VERSION:
+            raise DataError(f"metadata features: saved version {d.get('version') if isinstance(d, dict) else None} "
+                            f"does not match this code (version {FEATURES_VERSION})")
+        out = cls(d["kind"], bool(d["standardize"]))
+        out.encoder = MetadataEncoder.from_dict(d["encoder"])
+        if (d["pipeline"] is None) != (out.kind != "interactions"):
+            raise DataError(f"metadata features: kind {out.kind!r} with{'out' if d['pipeline'] is None else ''} a "
+                            "fitted pipeline")
+        try:
+            out._pipe = None if d["pipeline"] is None else from_dict(d["pipeline"])
+        except NotPortable as err:
+            raise DataError(f"metadata features: {err}") from None
+        return out
+
+    @classmethod
+    def from_encoder(cls, encoder: MetadataEncoder) -> "MetadataFeatures":
+        """'base' or 'extended' features from their fitted encoder alone (an encoder.json)."""
+        out = cls("extended" if encoder.extended else "base", encoder.standardize)
+        out.encoder = encoder
+        return out
+
+    def save_fitted(self, path: str | os.PathLike) -> None:
+        """The whole fitted transform (features.json)."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "MetadataFeatures":
+        """A transform saved by ``save_fitted``; a file that is not one is a DataError naming it."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                d = json.load(fh)
+            return cls.from_dict(d)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: not a metadata-features JSON file ({err})") from None
+        except (DataError, KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{path}: {err}") from None

@@ -30,6 +30,7 @@ from .config import Config, ConfigError, key
 from .data import CLASSES
 from .experiment import ExperimentDir, Lesions, data_fingerprint, fingerprint, load_lesions, probs_frame
 from .features import InteractionFeatures, MetadataFeatures
+from .io_utils import atomic_write_json
 from .preflight import check_outputs
 from .scoring import fold_metrics
 from .tracking import Tracker
@@ -79,11 +80,13 @@ def make_model(name: str, seed: int, y: np.ndarray, names: list[str] | None = No
 
 
 def fit_predict(names: list[str], seed: int, x: np.ndarray, y: np.ndarray, *evaluate: np.ndarray,
-                fine: np.ndarray | None = None, columns: list[str] | None = None) -> list[np.ndarray]:
+                fine: np.ndarray | None = None, columns: list[str] | None = None,
+                fitted: list | None = None) -> list[np.ndarray]:
     """Fit each model on (x, y) (class indices) and return, per array of ``evaluate``, the models' mean
     probabilities over all 11 classes; a class absent from ``y`` gets probability 0. 'lrx' learns the fine targets
     of ``fine`` (the rows' diagnosis_full, see ``fine_targets``) and sums their probabilities back to the classes;
-    ``columns`` names the feature columns."""
+    ``columns`` names the feature columns. ``fitted``: a list that receives (name, fitted model, class of each of
+    its targets) per model, for ``saved_models``."""
     out = [np.zeros((len(e), len(CLASSES))) for e in evaluate]
     for name in names:
         codes, code_class = fine_targets(y, fine) if name == "lrx" and fine is not None else (y, np.arange(len(CLASSES)))
@@ -95,7 +98,35 @@ def fit_predict(names: list[str], seed: int, x: np.ndarray, y: np.ndarray, *eval
             model = make_model(name, seed, yf, columns).fit(xf, yf)
         for acc, e in zip(out, evaluate):
             np.add.at(acc.T, code_class[model.classes_], model.predict_proba(e).T / len(names))
+        if fitted is not None:
+            fitted.append((name, model, code_class))
     return out
+
+
+def saved_models(fitted: list) -> list[dict]:
+    """The fold's models (``fit_predict(..., fitted=)``) as plain numbers for its models.json (src/portable.py); a
+    model that cannot be written so (hgb, mlp) is recorded with why, and predicting from the fold is refused."""
+    from .portable import NotPortable, to_dict
+
+    out = []
+    for name, model, code_class in fitted:
+        try:
+            out.append({"name": name, "code_class": np.asarray(code_class).tolist(), "model": to_dict(model)})
+        except NotPortable as exc:
+            out.append({"name": name, "code_class": np.asarray(code_class).tolist(), "model": None, "why": str(exc)})
+    return out
+
+
+def predict_saved(models: list[dict], x: np.ndarray) -> np.ndarray:
+    """The probabilities over the 11 classes that the models of a models.json give ``x``, averaged exactly as
+    ``fit_predict`` averages them."""
+    from .portable import from_dict
+
+    acc = np.zeros((len(x), len(CLASSES)))
+    for saved in models:
+        model, code_class = from_dict(saved["model"]), np.asarray(saved["code_class"], dtype=np.int64)
+        np.add.at(acc.T, code_class[model.classes_], model.predict_proba(x).T / len(models))
+    return acc
 
 
 TABULAR_KEYS = {
@@ -157,11 +188,16 @@ class TabularRecipe:
         x_te = x(test, data.extra_test)
         names = parse_models(cfg.tabular_models)
         columns = [f"input_{i}" for i in range(x_tr.shape[1] - len(features.feature_names))] + features.feature_names
+        fitted: list = []
         oof, test_probs = fit_predict(names, cfg.seed * 1000 + fold, x_tr, train["target"].to_numpy()[~held], x_va,
-                                      x_te, fine=train["diagnosis_full"].to_numpy()[~held], columns=columns)
+                                      x_te, fine=train["diagnosis_full"].to_numpy()[~held], columns=columns,
+                                      fitted=fitted)
         current = fingerprint(cfg, self.data_print(cfg, data.lesions), self.shared_results)
         exp = ExperimentDir(cfg)
-        features.save(exp.begin_fold(fold, current) / "encoder.json")
+        fdir = exp.begin_fold(fold, current)
+        features.save(fdir / "encoder.json")
+        features.save_fitted(fdir / "features.json")
+        atomic_write_json(fdir / "models.json", saved_models(fitted))
         metrics = fold_metrics(train.loc[held, CLASSES].to_numpy(np.float32), oof.astype(np.float32))
         metrics.update(fold=fold, models=names, n_features=int(x_tr.shape[1]), n_train=int((~held).sum()),
                        wall_time_s=time.time() - start, fingerprint=current)

@@ -8,7 +8,8 @@ every epoch's randomness is derived from (seed, fold, epoch), ends with the same
 run. A fold is complete when its ``metrics.json`` exists. Checkpoints hold plain tensors and JSON-like state only,
 in the plain two-backbone layout, and are read back with ``weights_only=True``.
 
-Per fold, under <output_dir>/<exp>/fold<k>/: best.pt, last.pt, encoder.json, config.json, aux_vocab.json, oof.csv,
+Per fold, under <output_dir>/<exp>/fold<k>/: best.pt, last.pt, encoder.json, features.json (the whole fitted metadata
+transform, src/portable.py), config.json, aux_vocab.json, oof.csv,
 test.csv, history.csv, metrics.json.
 """
 from __future__ import annotations
@@ -321,6 +322,7 @@ def start_fold(recipe: ImageRecipe, cfg: Config, fold: int, data: Prepared, dist
     if dist.is_main:
         fdir = ExperimentDir(cfg).begin_fold(fold, current)
         inputs.features.save(fdir / "encoder.json")
+        inputs.features.save_fitted(fdir / "features.json")
         atomic_write_json(fdir / "aux_vocab.json", inputs.aux_vocab)
 
     torch.manual_seed(cfg.seed * 1000 + fold)
