@@ -47,7 +47,7 @@ def decode_image(path: str, size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def _decode_lesion(job: tuple[int, str, str, str, int]) -> tuple[int, np.ndarray]:
+def decode_lesion(job: tuple[int, str, str, str, int]) -> tuple[int, np.ndarray]:
     i, lesion_id, clin, derm, size = job
     out = np.empty((2, size, size, 3), dtype=np.uint8)
     for v, path in enumerate((clin, derm)):
@@ -152,13 +152,13 @@ def _fill(tmp: str, jobs: list[tuple[int, str, str, str, int]], shape: tuple[int
         if num_workers > 1:
             chunk = max(1, min(64, len(jobs) // (num_workers * 8)))
             with multiprocessing.Pool(num_workers, initializer=_quiet_worker) as pool:
-                for i, pair in pool.imap_unordered(_decode_lesion, jobs, chunksize=chunk):
+                for i, pair in pool.imap_unordered(decode_lesion, jobs, chunksize=chunk):
                     faults.point("cache.lesion", tmp)
                     arr[i] = pair
                     bar.update()
         else:
             for job in jobs:
-                i, pair = _decode_lesion(job)
+                i, pair = decode_lesion(job)
                 faults.point("cache.lesion", tmp)
                 arr[i] = pair
                 bar.update()

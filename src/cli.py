@@ -149,7 +149,7 @@ USER_ERRORS = {
     "src.preflight": ("SetupError",), "src.blend": ("BlendError",), "src.scoring": ("SubmissionError",),
     "src.stacker": ("StackError",), "src.model": ("WeightsUnavailable",),
     "src.speed.fuse": ("FusionUnsupported",), "src.train": ("NonFiniteLoss", "CheckpointError"),
-    "src.predict": ("PredictError",), "src.export": ("BundleError",),
+    "src.predict_source": ("PredictError",), "src.bundle": ("BundleError",),
 }
 FIXABLE_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
@@ -166,8 +166,15 @@ def user_message(exc: BaseException) -> str | None:
     return None
 
 
+_MAIN_PID = os.getpid()
+
+
 def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM ends a run as Ctrl-C does: one line, temporary files removed, resumable
+    """SIGTERM ends a run as Ctrl-C does (one line, temporary files removed, resumable); a process forked from it
+    (a decode or loader worker) that gets it before setting its own handler just ends, quietly."""
+    if os.getpid() != _MAIN_PID:
+        os._exit(128 + signum)
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "tune":
             return cmd_tune(rest)
         if cmd == "predict":
-            from .predict import main as predict_main
+            from .predict_cli import main as predict_main
 
             return predict_main(rest)
         if cmd == "export":

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.preprocessing import SplineTransformer
 
 from .data import MONET, DataError
+from .interactions import InteractionFeatures
 from .io_utils import atomic_write_json
+from .portable import NotPortable, from_dict, to_dict
 
 ENCODER_VERSION = 1
 FEATURES_VERSION = 1  # features.json: the whole fitted transform (MetadataFeatures.to_dict)
@@ -188,35 +188,6 @@ class MetadataEncoder:
             raise DataError(f"{path}: {err}") from None
 
 
-class InteractionFeatures(BaseEstimator, TransformerMixin):
-    """The extended metadata features (``MetadataEncoder(extended=True)``, columns named by ``names``) plus what a
-    linear model cannot make itself: cubic B-splines (5 quantile knots) of age and the 14 MONET logits, quadratic
-    B-splines (4 uniform knots) of skin tone, each site's indicator times each MONET logit, and the products of
-    every pair of MONET logits (each logit / 3). Fitted on the training rows only; 381 columns on MILK10k."""
-
-    def __init__(self, names: list[str]):
-        self.names = names
-
-    def fit(self, x: np.ndarray, y=None) -> "InteractionFeatures":
-        n = list(self.names)
-        self.age_, self.tone_ = n.index("age"), n.index("skin_tone")
-        self.logits_ = [i for i, c in enumerate(n) if c.startswith("logit_")]
-        self.sites_ = [i for i, c in enumerate(n) if c.startswith("site_")]
-        self.spline_ = SplineTransformer(n_knots=5, degree=3, knots="quantile", extrapolation="constant").fit(
-            x[:, [self.age_, *self.logits_]])
-        self.tone_spline_ = SplineTransformer(n_knots=4, degree=2, knots="uniform", extrapolation="constant").fit(
-            x[:, [self.tone_]])
-        return self
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        logits, sites = x[:, self.logits_], x[:, self.sites_]
-        i, j = np.triu_indices(len(self.logits_), 1)
-        return np.column_stack([x, self.spline_.transform(x[:, [self.age_, *self.logits_]]),
-                                self.tone_spline_.transform(x[:, [self.tone_]]),
-                                (sites[:, :, None] * logits[:, None, :]).reshape(len(x), -1),
-                                (logits[:, i] / 3) * (logits[:, j] / 3)])
-
-
 # ----------------------------------------------------------------------------------------------------
 # the one builder of metadata features, for image, tabular and stacked models alike
 # ----------------------------------------------------------------------------------------------------
@@ -273,8 +244,6 @@ class MetadataFeatures:
     def to_dict(self) -> dict[str, Any]:
         """The fitted transform, encoder and (for 'interactions') its spline knots and scaler, as plain numbers
         (src/portable.py); ``from_dict`` rebuilds a transform that computes exactly the same features."""
-        from .portable import to_dict
-
         if self.encoder is None:
             raise RuntimeError("MetadataFeatures.to_dict called before fit")
         return {"version": FEATURES_VERSION, "kind": self.kind, "standardize": self.standardize,
@@ -282,8 +251,6 @@ class MetadataFeatures:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MetadataFeatures":
-        from .portable import NotPortable, from_dict
-
         if not isinstance(d, dict) or d.get("version") != FEATURES_VERSION:
             raise DataError(f"metadata features: saved version {d.get('version') if isinstance(d, dict) else None} "
                             f"does not match this code (version {FEATURES_VERSION})")

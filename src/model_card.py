@@ -18,7 +18,7 @@ import pandas as pd
 
 from .data import CLASSES, load_test, load_train
 from .io_utils import atomic_write_text
-from .report import _save_png, group_scores, markdown_table, per_class_table
+from .report import save_png, group_scores, markdown_table, per_class_table
 
 N_BINS = 10
 FEW = 100  # a class with fewer training lesions than this has a noisy threshold and a noisy F1
@@ -62,7 +62,7 @@ def reliability_png(path: Path, pooled: pd.DataFrame, top: pd.DataFrame, title: 
         ax.set_title(f"{label}: ECE {ece(table):.3f}", fontsize=10)
     fig.suptitle(f"{title}: calibration of the out-of-fold probabilities (numbers: predictions per bin)")
     fig.tight_layout()
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def spreads(source) -> list[str]:
@@ -85,7 +85,7 @@ def write_card(folder: Path, source, measure_monet: bool = False) -> dict:
     """MODEL_CARD.md and reliability.png of ``source`` into ``folder``; returns the card's headline figures."""
     from .blend import BLEND, blend_experiments, score_frame
     from .decision import RULES
-    from .predict import MONET_COST_EXP000, format_monet_cost, monet_cost
+    from .monet import MONET_COST_EXP000, format_monet_cost, monet_cost
 
     members = [source.members[n] for n in source.weights]
     first = members[0].cfg

@@ -15,6 +15,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import SplineTransformer, StandardScaler
 
+from .interactions import InteractionFeatures
+
 PORTABLE_VERSION = 1
 
 
@@ -59,8 +61,6 @@ def _params(obj) -> dict:
 
 def to_dict(obj) -> dict:
     """``obj`` (fitted) as a JSON-able dict; NotPortable names what cannot be written so."""
-    from .features import InteractionFeatures
-
     if isinstance(obj, Pipeline):
         return {"type": "pipeline", "steps": [to_dict(step) for _, step in obj.steps]}
     if isinstance(obj, InteractionFeatures):
@@ -93,8 +93,6 @@ def from_dict(d: dict):
 
 
 def _build(d: dict):
-    from .features import InteractionFeatures
-
     kind = d["type"]
     if kind == "pipeline":
         return make_pipeline(*(_build(step) for step in d["steps"]))

@@ -66,7 +66,7 @@ def f1_curve(y: np.ndarray, p: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return np.where(den == 0, 1.0, 2 * tp / np.maximum(den, 1))
 
 
-def _save_png(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return path
@@ -92,7 +92,7 @@ def confusion_png(path: Path, y: np.ndarray, probs: np.ndarray, title: str) -> P
     ax.set_ylabel("truth (lesions)")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the truth row")
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def threshold_curves_png(path: Path, y: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, title: str) -> Path:
@@ -116,7 +116,7 @@ def threshold_curves_png(path: Path, y: np.ndarray, probs: np.ndarray, threshold
         ax.set_ylabel("F1 (OOF)")
     fig.suptitle(f"{title}: dashed red = chosen threshold, dotted grey = 0.5")
     fig.tight_layout()
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def markdown_table(df: pd.DataFrame) -> str:

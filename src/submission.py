@@ -78,7 +78,7 @@ def safe_name(name: str) -> str:
     return stem
 
 
-def _checked_csv(df: pd.DataFrame, expected_ids: Sequence[str], final: Path) -> Callable[[str], None]:
+def checked_csv(df: pd.DataFrame, expected_ids: Sequence[str], final: Path) -> Callable[[str], None]:
     """Writer of ``df`` that re-reads the written bytes with the scorer's reader and refuses any difference.
 
     Every float is written with ``repr`` (shortest exact form, always with '.' or an exponent), so the
@@ -130,8 +130,8 @@ def write_submission(cfg: Config, name: str, blend: Blend, decision: Decision, t
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_many({
-        paths["submission"]: _checked_csv(decision.submission, expected_test, paths["submission"]),
-        paths["oof_honest"]: _checked_csv(probs_frame(train["lesion_id"], decision.honest_oof),
+        paths["submission"]: checked_csv(decision.submission, expected_test, paths["submission"]),
+        paths["oof_honest"]: checked_csv(probs_frame(train["lesion_id"], decision.honest_oof),
                                           train["lesion_id"].tolist(), paths["oof_honest"]),
         paths["sidecar"]: _json_writer(sidecar),
     })

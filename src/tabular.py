@@ -29,7 +29,8 @@ from threadpoolctl import threadpool_limits
 from .config import Config, ConfigError, key
 from .data import CLASSES
 from .experiment import ExperimentDir, Lesions, data_fingerprint, fingerprint, load_lesions, probs_frame
-from .features import InteractionFeatures, MetadataFeatures
+from .features import MetadataFeatures
+from .interactions import InteractionFeatures
 from .io_utils import atomic_write_json
 from .preflight import check_outputs
 from .scoring import fold_metrics
