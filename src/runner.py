@@ -17,6 +17,7 @@ from .config import Config, experiment_recipe, parse_folds
 from .decision import choose_rule, honest_scores
 from .executors import InProcess, executor_from_env
 from .experiment import ExperimentDir, Lesions, fingerprint, load_lesions
+from .preflight import check_outputs
 
 
 def run_experiment(cfg: Config, folds: str = "", retrain: bool = False, executor: InProcess | None = None,
@@ -37,6 +38,7 @@ def run_experiment(cfg: Config, folds: str = "", retrain: bool = False, executor
         failed: dict[int, str] = {}
         with ExitStack() as stack:
             with ex.starting():
+                check_outputs(cfg, images=recipe.images)  # before anything is written, the image digests too
                 lesions = data.lesions if data is not None else load_lesions(cfg, check_images=recipe.images)
                 current = fingerprint(cfg, recipe.data_print(cfg, lesions), recipe.shared_results)
                 todo = stack.enter_context(exp.session(current, wanted, retrain))
