@@ -126,7 +126,11 @@ def _sigterm_as_interrupt():
         yield
         return
 
+    parent = os.getpid()
+
     def interrupt(signum, frame):
+        if os.getpid() != parent:  # a decode worker forked before its own handler is set
+            raise SystemExit(0)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
@@ -136,10 +140,16 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+def _exit_quietly(signum, frame) -> None:
+    raise SystemExit(0)
+
+
 def _quiet_worker() -> None:
     """A decode worker ends silently on SIGTERM (the pool's terminate, or a signal to the whole process group) and
-    leaves Ctrl-C to its parent, which stops the pool."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    leaves Ctrl-C to its parent, which stops the pool. It ends by an exception, not on the spot, so the pool's queue
+    locks it may hold (an idle worker waits for its next task holding one) are released: a worker killed holding one
+    would leave the parent's pool shutdown waiting for it forever."""
+    signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
