@@ -85,7 +85,7 @@ def write_card(folder: Path, source, measure_monet: bool = False) -> dict:
     """MODEL_CARD.md and reliability.png of ``source`` into ``folder``; returns the card's headline figures."""
     from .blend import BLEND, blend_experiments, score_frame
     from .decision import RULES
-    from .monet import MONET_COST_EXP000, format_monet_cost, monet_cost
+    from .monet import monet_cost
 
     members = [source.members[n] for n in source.weights]
     first = members[0].cfg
@@ -107,43 +107,11 @@ def write_card(folder: Path, source, measure_monet: bool = False) -> dict:
     all_tabular = all(m.kind != "image" for m in source.members.values())
     cost = monet_cost(source) if (measure_monet or all_tabular) else None
     counts = y.sum(0).astype(int)
-    few = [f"{c} ({n})" for c, n in zip(CLASSES, counts) if n < FEW]
     weights = ", ".join(f"{k} {v:.4f}" for k, v in source.weights.items())
-    described = []
-    for name, m in source.members.items():
-        c = m.cfg
-        if m.kind == "image":
-            described.append(f"- **{name}** (experiment {c.experiment}, image): two `{c.backbone}` backbones "
-                             f"({'one shared' if c.shared_backbone else 'one per image'}) at {c.img_size} px and the "
-                             f"metadata features ({c.own.get('meta_features', 'base')}), {c.n_folds} folds averaged, "
-                             f"{'8-view' if c.tta else 'no'} test-time augmentation")
-        elif m.kind == "stack":
-            described.append(f"- **{name}** (experiment {c.experiment}, stacker): `{c.tabular_models}` over the "
-                             f"logits of {', '.join(m.inputs)} and the base metadata, {c.n_folds} folds averaged")
-        else:
-            described.append(f"- **{name}** (experiment {c.experiment}, metadata only): `{c.tabular_models}`, "
-                             f"{c.n_folds} folds averaged")
     spread = spreads(source) or ["- not measured for these experiments: `bash run.sh spread EXP --fold-seeds "
                                  "42,7,2026` measures it (a difference under about 0.01 is within one CV run's "
                                  "noise)"]
     rules = score_frame({BLEND: scores}, {BLEND: 1.0}, rule).drop(columns=["input", "weight"])
-    c = MONET_COST_EXP000
-    monet_lines = []
-    if cost is not None:
-        monet_lines += [f"Measured for this source (`bash run.sh predict {source.name} --monet-cost`):", "", "```",
-                        format_monet_cost(cost), "```", ""]
-    monet_lines.append(f"Measured for exp000 (metadata only) on the 4,192 real training lesions, fold seeds "
-                       f"{c['seeds']}: honest macro F1 of the expected-F1 rule {c['with']:.4f} +- {c['with_std']:.4f} "
-                       f"with the MONET scores, {c['without']:.4f} +- {c['without_std']:.4f} without them (cost "
-                       f"{c['cost']:.4f} +- {c['cost_std']:.4f}). The same model trained without any MONET score "
-                       f"reaches {c['trained_without']:.4f} (fold seed 42): a single lesion is better served by a "
-                       "model trained without them than by this one with them missing.")
-    thresholds = pd.DataFrame([dict(zip(CLASSES, map(float, source.thresholds)))])
-    groups_md = []
-    for column, by_group in groups.items():
-        rows = pd.DataFrame([{column: g, "lesions": v["n"], "macro F1 (honest)": v["macro_f1"]}
-                             for g, v in by_group.items()])
-        groups_md += [f"### By {column.replace('_', ' ')}", "", markdown_table(rows), ""]
     card = [
         f"# Model card: {source.name}",
         "",
@@ -158,7 +126,7 @@ def write_card(folder: Path, source, measure_monet: bool = False) -> dict:
         f"of the two images) it gives the probabilities of 11 diagnoses ({', '.join(CLASSES)}) and the classes it "
         f"decides positive. Blend weights: {weights}.",
         "",
-        *described,
+        *describe_members(source),
         "",
         "## Data",
         "",
@@ -184,30 +152,52 @@ def write_card(folder: Path, source, measure_monet: bool = False) -> dict:
         "",
         markdown_table(table),
         "",
-        *groups_md,
-        "## Decision rule",
-        "",
-        f"Rule **{rule}**. {source.info.get('decision_reason', '')}. The rule is chosen as the one with the best "
-        "honest out-of-fold score: 'threshold' tunes a threshold per class on the labelled out-of-fold rows; "
-        "'expected_f1' takes each class's top-k of the submitted batch that maximises the F1 expected under the "
-        "model's own probabilities (label-free; it transfers better where a class has few lesions to tune on). "
-        "The thresholds are folded into the submitted probabilities, so the leaderboard's 0.5 cut makes exactly "
-        "these decisions. " + ("For a new batch `predict` recomputes them on that batch (`--thresholds stored` and "
-                               "a single lesion use the submission's, below). " if rule == "expected_f1" else "")
-        + f"The submission's thresholds ({source.thresholds_from or 'as submitted'}):",
-        "",
-        markdown_table(thresholds),
-        "",
-        "## Calibration",
-        "",
-        "![reliability](reliability.png)",
-        "",
-        f"The blended out-of-fold probabilities before the decision rule (every class one vs rest, {len(y)} x "
-        f"{len(CLASSES)} predictions): expected calibration error **{ece(pooled):.4f}**; the most likely class: "
-        f"**{ece(top):.4f}**.",
-        "",
-        markdown_table(pooled),
-        "",
+        *group_sections(groups),
+        *decision_section(source),
+        *calibration_section(pooled, top, len(y)),
+        *missing_metadata(source, cost),
+        *use_and_limits(counts),
+    ]
+    atomic_write_text(folder / "MODEL_CARD.md", "\n".join(card))
+    return {"honest_macro_f1": honest_f1, "rule": rule, "ece": ece(pooled), "ece_top_class": ece(top),
+            "monet_cost": None if cost is None else {k: cost[k] for k in ("with", "without")}}
+
+
+def describe_members(source) -> list[str]:
+    """One line per experiment of the source: what it is built from."""
+    described = []
+    for name, m in source.members.items():
+        c = m.cfg
+        if m.kind == "image":
+            described.append(f"- **{name}** (experiment {c.experiment}, image): two `{c.backbone}` backbones "
+                             f"({'one shared' if c.shared_backbone else 'one per image'}) at {c.img_size} px and the "
+                             f"metadata features ({c.own.get('meta_features', 'base')}), {c.n_folds} folds averaged, "
+                             f"{'8-view' if c.tta else 'no'} test-time augmentation")
+        elif m.kind == "stack":
+            described.append(f"- **{name}** (experiment {c.experiment}, stacker): `{c.tabular_models}` over the "
+                             f"logits of {', '.join(m.inputs)} and the base metadata, {c.n_folds} folds averaged")
+        else:
+            described.append(f"- **{name}** (experiment {c.experiment}, metadata only): `{c.tabular_models}`, "
+                             f"{c.n_folds} folds averaged")
+    return described
+
+
+def group_sections(groups: dict) -> list[str]:
+    """Honest macro F1 by skin tone and by sex, one table each."""
+    out = []
+    for column, by_group in groups.items():
+        rows = pd.DataFrame([{column: g, "lesions": v["n"], "macro F1 (honest)": v["macro_f1"]}
+                             for g, v in by_group.items()])
+        out += [f"### By {column.replace('_', ' ')}", "", markdown_table(rows), ""]
+    return out
+
+
+def missing_metadata(source, cost: dict | None) -> list[str]:
+    """What missing MONET scores cost: measured for this source when asked, and for exp000."""
+    from .monet import MONET_COST_EXP000, format_monet_cost
+
+    c = MONET_COST_EXP000
+    lines = [
         "## Missing metadata",
         "",
         "A single lesion given to `predict` has no MONET scores (the release computed them from its images with the "
@@ -216,10 +206,24 @@ def write_card(folder: Path, source, measure_monet: bool = False) -> dict:
         "macro F1 with the MONET scores removed from the validation rows only (the models trained with them, as the "
         "deployed ones are):",
         "",
-        *([] if cost is not None else ["Not measured for this source (`bash run.sh export SOURCE --monet-cost` "
-                                       "measures it)."]),
-        *monet_lines,
-        "",
+    ]
+    if cost is None:
+        lines.append("Not measured for this source (`bash run.sh export SOURCE --monet-cost` measures it).")
+    else:
+        lines += [f"Measured for this source (`bash run.sh predict {source.name} --monet-cost`):", "", "```",
+                  format_monet_cost(cost), "```", ""]
+    lines += [f"Measured for exp000 (metadata only) on the 4,192 real training lesions, fold seeds "
+              f"{c['seeds']}: honest macro F1 of the expected-F1 rule {c['with']:.4f} +- {c['with_std']:.4f} "
+              f"with the MONET scores, {c['without']:.4f} +- {c['without_std']:.4f} without them (cost "
+              f"{c['cost']:.4f} +- {c['cost_std']:.4f}). The same model trained without any MONET score "
+              f"reaches {c['trained_without']:.4f} (fold seed 42): a single lesion is better served by a "
+              "model trained without them than by this one with them missing.", ""]
+    return lines
+
+
+def use_and_limits(counts: np.ndarray) -> list[str]:
+    few = [f"{c} ({n})" for c, n in zip(CLASSES, counts) if n < FEW]
+    return [
         "## Intended use",
         "",
         "The ISIC 2025 MILK10k benchmark and research on skin-lesion classification. **Not a medical device**: it "
@@ -242,6 +246,40 @@ def write_card(folder: Path, source, measure_monet: bool = False) -> dict:
         "per group.",
         "",
     ]
-    atomic_write_text(folder / "MODEL_CARD.md", "\n".join(card))
-    return {"honest_macro_f1": honest_f1, "rule": rule, "ece": ece(pooled), "ece_top_class": ece(top),
-            "monet_cost": None if cost is None else {k: cost[k] for k in ("with", "without")}}
+
+
+def decision_section(source) -> list[str]:
+    """The submitted rule, why it was chosen, and its thresholds."""
+    rule = source.rule
+    thresholds = pd.DataFrame([dict(zip(CLASSES, map(float, source.thresholds)))])
+    return [
+        "## Decision rule",
+        "",
+        f"Rule **{rule}**. {source.info.get('decision_reason', '')}. The rule is chosen as the one with the best "
+        "honest out-of-fold score: 'threshold' tunes a threshold per class on the labelled out-of-fold rows; "
+        "'expected_f1' takes each class's top-k of the submitted batch that maximises the F1 expected under the "
+        "model's own probabilities (label-free; it transfers better where a class has few lesions to tune on). "
+        "The thresholds are folded into the submitted probabilities, so the leaderboard's 0.5 cut makes exactly "
+        "these decisions. " + ("For a new batch `predict` recomputes them on that batch (`--thresholds stored` and "
+                               "a single lesion use the submission's, below). " if rule == "expected_f1" else "")
+        + f"The submission's thresholds ({source.thresholds_from or 'as submitted'}):",
+        "",
+        markdown_table(thresholds),
+        "",
+    ]
+
+
+def calibration_section(pooled: pd.DataFrame, top: pd.DataFrame, n: int) -> list[str]:
+    """The reliability plot and table of the blended out-of-fold probabilities."""
+    return [
+        "## Calibration",
+        "",
+        "![reliability](reliability.png)",
+        "",
+        f"The blended out-of-fold probabilities before the decision rule (every class one vs rest, {n} x "
+        f"{len(CLASSES)} predictions): expected calibration error **{ece(pooled):.4f}**; the most likely class: "
+        f"**{ece(top):.4f}**.",
+        "",
+        markdown_table(pooled),
+        "",
+    ]
