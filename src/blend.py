@@ -163,8 +163,7 @@ def honest_rule(rule: str, y: np.ndarray, stack: np.ndarray, folds: np.ndarray,
                 weights: dict[int, np.ndarray]) -> tuple[np.ndarray, dict]:
     """``decision.honest_oof`` of the blend: each held-out fold decided with everything fitted without its labels,
     the blend weights (``weights``, from :func:`nested_weights`) included."""
-    out, info = honest_oof(rule, y, np.tensordot(weights[min(weights)], stack, axes=1), folds,
-                           fold_probs=lambda f: np.tensordot(weights[f], stack, axes=1))
+    out, info = honest_oof(rule, y, stack[0], folds, fold_probs=lambda f: np.tensordot(weights[f], stack, axes=1))
     return out, {**info, "per_fold_weights": [w.tolist() for w in weights.values()]}
 
 

@@ -6,7 +6,6 @@ safetensors; nothing in a bundle is ever executed. Writing one is src/export.py.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import platform
 import shutil
@@ -21,7 +20,7 @@ import numpy as np
 
 from .config import REPO_ROOT
 from .data import CLASSES
-from .io_utils import atomic_write
+from .io_utils import atomic_write, sha256_file
 from .predict_source import Member, PredictError, Source, member_kind, saved_config
 
 BUNDLE_FORMAT = 1
@@ -36,10 +35,8 @@ PACKAGES = ("torch", "timm", "numpy", "scipy", "scikit-learn", "pandas", "pillow
 SUFFIXES = (".json", ".safetensors", ".md", ".png")  # everything a bundle may hold
 
 
-
 class BundleError(ValueError):
     """An export that predict cannot use: not one, changed, incomplete, or written by another version."""
-
 
 
 def versions() -> dict[str, object]:
@@ -53,7 +50,6 @@ def versions() -> dict[str, object]:
             "portable": PORTABLE_VERSION, "image_decoding": CACHE_VERSION}
 
 
-
 def packages() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -62,7 +58,6 @@ def packages() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
 
 
 def commit() -> str:
@@ -74,23 +69,12 @@ def commit() -> str:
         return "unknown"
 
 
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-
 def write_safetensors(path: Path, state: dict, meta: dict[str, str]) -> None:
     """A plain state dict as safetensors (each tensor its own contiguous copy: a shared backbone's two names)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
 
 
 def read_safetensors(path: Path) -> dict:
@@ -106,7 +90,6 @@ def read_safetensors(path: Path) -> dict:
         raise BundleError(f"{path}: cannot be read as safetensors weights ({first})") from None
 
 
-
 _EXTRACTED: list[str] = []  # archives unpacked by this process, removed at exit
 
 
@@ -116,7 +99,6 @@ def _cleanup() -> None:
 
 
 atexit.register(_cleanup)
-
 
 
 def extract(archive: Path) -> Path:
@@ -142,7 +124,6 @@ def extract(archive: Path) -> Path:
     return tops[0]
 
 
-
 def verify(root: Path) -> dict:
     """Check the bundle against its manifest before anything in it is read: every listed file present and
     unchanged, no file it does not list. Returns the manifest."""
@@ -164,7 +145,7 @@ def verify(root: Path) -> dict:
             raise BundleError(f"{path}: lists {rel!r}, which no export of this project holds")
         if not p.is_file():
             raise BundleError(f"{p}: missing from the export (its manifest lists it); copy the export again")
-        if sha256(p) != digest:
+        if sha256_file(p) != digest:
             raise BundleError(f"{p}: changed since the export (its SHA-256 differs from the manifest's); copy the "
                               "export again")
     unlisted = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
@@ -173,7 +154,6 @@ def verify(root: Path) -> dict:
         raise BundleError(f"{root / unlisted[0]}: not in the export's manifest ({len(unlisted)} unlisted file(s)); "
                           "remove it or copy the export again")
     return manifest
-
 
 
 def open_bundle(path: Path, overrides: dict[str, str]) -> Source:

@@ -29,9 +29,9 @@ import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .bundle import BUNDLE_FORMAT, MANIFEST, BundleError, commit, packages, sha256, versions, write_safetensors
+from .bundle import BUNDLE_FORMAT, MANIFEST, BundleError, commit, packages, versions, write_safetensors
 from .data import CLASSES
-from .io_utils import atomic_write, atomic_write_json
+from .io_utils import atomic_write, atomic_write_json, pid_alive, sha256_file
 from .predict import load_features, read_weights, resolve_source
 from .predict_source import Member, Source, split_overrides
 
@@ -73,7 +73,7 @@ def _stage_dir(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     for old in out.parent.glob(f".{out.name}.*.staging"):  # left by a killed export
         pid = old.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     stage = out.parent / f".{out.name}.{os.getpid()}.staging"
     shutil.rmtree(stage, ignore_errors=True)
@@ -81,18 +81,8 @@ def _stage_dir(out: Path) -> Path:
     return stage
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def write_manifest(root: Path) -> dict[str, str]:
-    files = {p.relative_to(root).as_posix(): sha256(p) for p in sorted(root.rglob("*"))
+    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     atomic_write_json(root / MANIFEST, {"format": BUNDLE_FORMAT, "algorithm": "sha256", "files": files})
     return files

@@ -35,7 +35,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,7 +55,7 @@ def remove_abandoned_temps(folder: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         m = _TEMP.fullmatch(entry.name)
-        if m and m["host"] == HOST and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+        if m and m["host"] == HOST and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
             try:
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
@@ -147,7 +148,8 @@ def hash_store_path() -> Path:
     return Path(root) / "milk10k" / "file_hashes.json"
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -181,7 +183,7 @@ def file_digests(paths, store: str | os.PathLike | None = None) -> list[str]:
             digest = entry["sha256"]
         else:
             memo = _digest_memo.get(key)
-            digest = memo[1] if memo is not None and memo[0] == stat else _sha256(key)
+            digest = memo[1] if memo is not None and memo[0] == stat else sha256_file(key)
             saved[key] = {"stat": stat, "sha256": digest}
             changed = True
         _digest_memo[key] = (stat, digest)

@@ -111,4 +111,4 @@ class StackRecipe(TabularRecipe):
     def prepare(self, cfg: Config, lesions: Lesions | None = None) -> TabularData:
         lesions = lesions if lesions is not None else load_lesions(cfg)
         z_train, z_test, _ = load_inputs(cfg, lesions.train, lesions.test)
-        return TabularData(lesions, z_train, z_test)
+        return TabularData(lesions, self.data_print(cfg, lesions), z_train, z_test)

@@ -139,9 +139,11 @@ TABULAR_KEYS = {
 
 @dataclass(frozen=True)
 class TabularData:
-    """The lesions, and per training and test lesion the extra input columns (a stacker's input logits)."""
+    """The lesions, the fingerprint of what the folds are made from (``data_print``, taken once), and per training and
+    test lesion the extra input columns (a stacker's input logits)."""
 
     lesions: Lesions
+    data_print: dict
     extra_train: np.ndarray | None = None
     extra_test: np.ndarray | None = None
 
@@ -171,7 +173,8 @@ class TabularRecipe:
         return None
 
     def prepare(self, cfg: Config, lesions: Lesions | None = None) -> TabularData:
-        return TabularData(lesions if lesions is not None else load_lesions(cfg))
+        lesions = lesions if lesions is not None else load_lesions(cfg)
+        return TabularData(lesions, self.data_print(cfg, lesions))
 
     def train_fold(self, cfg: Config, fold: int, data: TabularData, dist=None) -> dict:
         """Fit the fold's models on the other folds' lesions and write its predictions and metrics."""
@@ -193,7 +196,7 @@ class TabularRecipe:
         oof, test_probs = fit_predict(names, cfg.seed * 1000 + fold, x_tr, train["target"].to_numpy()[~held], x_va,
                                       x_te, fine=train["diagnosis_full"].to_numpy()[~held], columns=columns,
                                       fitted=fitted)
-        current = fingerprint(cfg, self.data_print(cfg, data.lesions), self.shared_results)
+        current = fingerprint(cfg, data.data_print, self.shared_results)
         exp = ExperimentDir(cfg)
         fdir = exp.begin_fold(fold, current)
         features.save(fdir / "encoder.json")

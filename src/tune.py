@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import Config, ConfigError, load_config, parse_folds
 from .data import CLASSES
-from .io_utils import HOST, atomic_write_text
+from .io_utils import HOST, atomic_write_text, pid_alive
 
 RARE = ("MAL_OTH", "BEN_OTH", "DF", "INF", "VASC")
 MAX_RETRY = 2  # retries of one trial whose process died (as the heartbeat's RetryHeartbeatStaleTrialCallback)
@@ -132,16 +132,6 @@ def _may_run(study, trial, limit: int) -> bool:
     return ahead < limit
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def recover_dead_trials(study) -> list[str]:
     """FAIL every RUNNING trial whose owner (recorded when it started) is a process of this host that no longer
     exists, and queue its parameters again (at most MAX_RETRY times per trial); returns one line per trial.
@@ -156,7 +146,7 @@ def recover_dead_trials(study) -> list[str]:
                 or not isinstance(owner.get("pid"), int)):
             continue
         pid = owner["pid"]
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         try:
             if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):

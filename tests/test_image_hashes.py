@@ -34,8 +34,8 @@ def _lesions(data, tmp_path):
 
 def _count_reads(monkeypatch) -> list[str]:
     reads: list[str] = []
-    real = io_utils._sha256
-    monkeypatch.setattr(io_utils, "_sha256", lambda path: reads.append(path) or real(path))
+    real = io_utils.sha256_file
+    monkeypatch.setattr(io_utils, "sha256_file", lambda path: reads.append(path) or real(path))
     return reads
 
 
