@@ -32,7 +32,6 @@ from .experiment import ExperimentDir, Lesions, data_fingerprint, fingerprint, l
 from .features import MetadataFeatures
 from .interactions import InteractionFeatures
 from .io_utils import atomic_write_json
-from .preflight import check_outputs
 from .scoring import fold_metrics
 from .tracking import Tracker
 
@@ -166,8 +165,7 @@ class TabularRecipe:
         return data_fingerprint(lesions)
 
     def check(self, cfg: Config) -> None:
-        parse_models(cfg.tabular_models)
-        check_outputs(cfg, images=False)
+        parse_models(cfg.tabular_models)  # the output folders are checked by the runner before anything else
 
     def check_resume(self, cfg: Config, todo: list[int], retrain: bool) -> None:
         return None
