@@ -12,6 +12,23 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .settings import key, reads
+
+AUGMENT_KEYS = {
+    "aug_flip": key(True, "random horizontal and vertical flips", results=True),
+    "aug_rotate": key(30.0, "max rotation in degrees", results=True, low=0, high=180),
+    "aug_scale": key(0.0, "max relative zoom in/out (0 = none)", results=True, low=0, high=1, high_open=True),
+    "aug_color": key(0.2, "colour jitter strength (brightness, contrast, saturation)", results=True, low=0, high=1),
+}
+
+
+@reads(AUGMENT_KEYS)
+def device_augment(cfg, mean, std, channels_last: bool) -> "DeviceAugment":
+    """The augmentation part: the training augmentation and the TTA views of a network normalised with
+    (``mean``, ``std``)."""
+    return DeviceAugment(mean, std, flip=cfg.aug_flip, rotate=cfg.aug_rotate, scale=cfg.aug_scale,
+                         color=cfg.aug_color, channels_last=channels_last)
+
 
 class DeviceAugment:
     def __init__(self, mean, std, *, flip: bool = True, rotate: float = 0.0, scale: float = 0.0,

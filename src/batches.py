@@ -75,18 +75,15 @@ class Prepared:
         return (*self._on_device[key], True)
 
 
-def prepare(cfg: Config, with_images: bool = True, lesions: Lesions | None = None) -> Prepared:
-    """The lesions (``lesions`` when already loaded), their folds and (``with_images``) the image caches at
-    ``cfg.img_size``, built once."""
-    lesions = lesions if lesions is not None else load_lesions(cfg, check_images=with_images)
-    if with_images:
-        workers = cache_workers(cfg)
-        train_cache = build_cache(lesions.train, cfg.img_size, cfg.resolved_cache_dir(), "train", num_workers=workers)
-        test_cache = build_cache(lesions.test, cfg.img_size, cfg.resolved_cache_dir(), "test", num_workers=workers)
-    else:
-        train_cache = test_cache = np.zeros((0,), np.uint8)
+def prepare(cfg: Config, lesions: Lesions | None = None) -> Prepared:
+    """The lesions (``lesions`` when already loaded), their folds and the image caches at ``cfg.img_size``, built
+    once."""
+    lesions = lesions if lesions is not None else load_lesions(cfg, check_images=True)
+    workers, cache_dir = cache_workers(cfg), cfg.resolved_cache_dir()
+    train_cache = build_cache(lesions.train, cfg.img_size, cache_dir, "train", num_workers=workers)
+    test_cache = build_cache(lesions.test, cfg.img_size, cache_dir, "test", num_workers=workers)
     return Prepared(lesions.train, lesions.test, lesions.folds, train_cache, test_cache,
-                    data_fingerprint(lesions, images=with_images, hash_store=cfg.resolved_cache_dir() / HASHES))
+                    data_fingerprint(lesions, images=True, hash_store=cache_dir / HASHES))
 
 
 # ----------------------------------------------------------------------------------------------------

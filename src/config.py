@@ -8,18 +8,22 @@ An experiment is a folder ``exp/<name>/`` holding
       OVERRIDES = dict(img_size=384, ema_decay=0.999)
 
 - ``train.py``: code; which features, network, loss and stages the experiment builds from the library's parts
-  (its ``RECIPE``), and ``KEYS``: the settings its own code reads, declared like the shared ones below.
+  (its ``RECIPE``), each part declaring the settings it reads, and optionally ``KEYS``: settings its own code reads
+  outside those parts.
 
-``load_config(name, ["key=value", ...])`` resolves the chain of parents, applies command-line overrides last, and
-refuses unknown keys, values of the wrong type and values out of range. Each shared key is declared once, in
-src/settings.py (``key``: its default, its help, its allowed values or range, and whether it changes what a fold
-computes); the fingerprint of a result, the ``--help`` text and every check are derived from that one declaration.
-``Config.to_json`` is what every run saves.
+An experiment's settings are the shared ones (src/settings.py: data and paths, folds, seed, decision, tracking) plus
+its recipe's parts' keys plus its ``KEYS``; nothing else (``experiment_keys``). ``load_config(name, ["key=value",
+...])`` resolves the chain of parents, applies command-line overrides last, and refuses unknown keys, values of the
+wrong type and values out of range. Each key is declared once (``key``: its default, its help, its allowed values or
+range, and whether it changes what a fold computes); the fingerprint of a result, the ``--help`` text and every check
+are derived from those declarations. ``Config.to_json`` is what every run saves.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -31,7 +35,8 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .settings import KEYS, PLAIN_NAME, SHARED, Key, key  # noqa: F401 (key: what experiment scripts declare with)
+from .settings import KEYS, PLAIN_NAME, SHARED, Key, key, keys_of, merge_keys, reads  # noqa: F401 (key, reads:
+# what experiment scripts declare with)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXP_ROOT = REPO_ROOT / "exp"
@@ -81,17 +86,19 @@ class _ConfigMethods:
         return apply_overrides(self, changes, source="replace()")
 
     def declared(self) -> dict[str, Key]:
-        """Every key of this config: the shared ones and its experiment's own."""
-        return {**KEYS, **experiment_keys(self.experiment)} if self.own else dict(KEYS)
+        """Every key of this config: the shared ones and its experiment's (none for a Config of no experiment)."""
+        return {**KEYS, **experiment_keys(self.experiment)} if self.experiment else dict(KEYS)
 
 
 Config = dataclasses.make_dataclass(
     "Config",
     [(k, type(v.default), field(default=v.default)) for k, v in KEYS.items()]
-    + [("experiment", str, field(default="exp001")), ("own", dict, field(default_factory=dict))],
+    + [("experiment", str, field(default="")), ("own", dict, field(default_factory=dict))],
     bases=(_ConfigMethods,), frozen=True, namespace={"__module__": __name__},
 )
-Config.__doc__ = "One experiment's resolved settings: the shared keys (KEYS), its own keys (own) and its folder."
+Config.__doc__ = ("One experiment's resolved settings: the shared keys (KEYS), its experiment's keys (own: its recipe's "
+                  "parts' and its own code's) and the experiment. ``Config()`` belongs to no experiment: the shared "
+                  "keys only (paths).")
 
 
 def config_from_dict(saved: Mapping[str, Any], source: str = "saved config") -> "Config":
@@ -157,6 +164,11 @@ def parse_bool(name: str, value: Any, source: str) -> bool:
 def _check_value(spec: Key, name: str, value: Any, source: str) -> None:
     if spec.choices is not None and value not in spec.choices:
         raise ConfigError(f"{source}: {name}={value!r} is not one of {sorted(spec.choices)}")
+    if spec.check is not None:
+        try:
+            spec.check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {name}={value!r}: {exc}") from None
     if spec.pattern is not None and not re.fullmatch(spec.pattern, value):
         if name == "device":
             raise ConfigError(f"{source}: device={value!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
@@ -201,29 +213,11 @@ def apply_overrides(cfg: "Config", overrides: Mapping[str, Any], source: str) ->
 
 
 def _validate(cfg: "Config", source: str) -> None:
-    """Combinations that cannot be used, before anything runs."""
-    if cfg.stage1_epochs + cfg.epochs < 1:
-        raise ConfigError(f"{source}: stage1_epochs={cfg.stage1_epochs} and epochs={cfg.epochs} train nothing; "
-                          "at least one epoch is needed")
-    try:
-        parse_class_mult(cfg.class_mult)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-
-
-def parse_class_mult(text: str) -> dict[str, float]:
-    from .data import CLASSES
-
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, val = part.partition("=")
-        if name not in CLASSES:
-            raise ConfigError(f"class_mult: unknown class {name!r}; classes are {CLASSES}")
-        try:
-            out[name] = float(val)
-        except ValueError:
-            raise ConfigError(f"class_mult: {part!r} is not CLASS=number") from None
-    return out
+    """Combinations the experiment's recipe cannot use (``validate``), before anything runs."""
+    validate = getattr(experiment_recipe(cfg.experiment), "validate", None) if cfg.experiment else None
+    why = validate(cfg) if validate is not None else None
+    if why:
+        raise ConfigError(f"{source}: {why}")
 
 
 def parse_cli_overrides(args: list[str]) -> dict[str, str]:
@@ -327,18 +321,74 @@ def experiment_recipe(name: str):
     return recipe
 
 
-def experiment_keys(name: str) -> dict[str, Key]:
-    """The keys ``exp/<name>/train.py`` declares for its own code (its ``KEYS``)."""
+def experiment_key_groups(name: str) -> dict[str, dict[str, Key]]:
+    """The keys of experiment ``name`` beyond the shared ones, by who reads them: each part of its recipe
+    (``RECIPE.key_groups()``), then its own code (``KEYS`` of exp/<name>/train.py)."""
     script = experiment_script(name)
-    declared = dict(getattr(script, "KEYS", {}) or {})
-    clash = sorted(set(declared) & set(KEYS))
-    bad = [k for k, v in declared.items() if not isinstance(v, Key)]
+    groups = {g: dict(k) for g, k in experiment_recipe(name).key_groups().items() if k}
+    own = dict(getattr(script, "KEYS", {}) or {})
+    if own:
+        groups[f"{name}'s own (exp/{name}/train.py)"] = own
     where = f"exp/{name}/train.py"
-    if clash:
-        raise ConfigError(f"{where}: KEYS {clash} are shared settings already; give its own keys other names")
-    if bad:
-        raise ConfigError(f"{where}: KEYS {bad} are not declared with src.config.key(...)")
-    return declared
+    for group, keys in groups.items():
+        clash = sorted(set(keys) & set(KEYS))
+        if clash:
+            raise ConfigError(f"{where}: {group} keys {clash} are shared settings already; give them other names")
+    try:
+        merge_keys(*groups.values(), where=where)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+    return groups
+
+
+def experiment_keys(name: str) -> dict[str, Key]:
+    """Every key of experiment ``name`` beyond the shared ones: its recipe's parts' and its own code's."""
+    return merge_keys(*experiment_key_groups(name).values())
+
+
+def experiment_code(name: str) -> dict[str, str]:
+    """The code of experiment ``name``, file by file (path from its experiment root's parent, e.g.
+    'exp/exp003/train.py' -> the first 16 hex digits of its SHA-256, byte for byte): its train.py and every module of
+    the experiment tree that it imports, directly or through a parent's (``from exp.exp001.train import ...``,
+    ``from .heads import ...``). Library code under src/ is not part of it."""
+    out: dict[str, str] = {}
+    todo = [(name, "train")]
+    while todo:
+        exp_name, module = todo.pop()
+        folder = experiment_dir(exp_name)
+        path = folder / f"{module}.py" if folder is not None else None
+        if path is None or not path.is_file():
+            continue
+        rel = path.relative_to(folder.parent.parent).as_posix()
+        if rel in out:
+            continue
+        data = path.read_bytes()
+        out[rel] = hashlib.sha256(data).hexdigest()[:16]
+        todo += _imported_modules(data, exp_name)
+    return dict(sorted(out.items()))
+
+
+def _imported_modules(source: bytes, exp_name: str) -> list[tuple[str, str]]:
+    """(experiment, module) of every import of the experiment tree in ``source``: ``exp.<name>.<module>`` or, inside
+    an experiment's folder, ``.<module>``."""
+    found = []
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return found
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [tuple(a.name.split(".")[1:3]) for a in node.names
+                      if a.name.startswith("exp.") and a.name.count(".") == 2]
+        elif isinstance(node, ast.ImportFrom):
+            parts = (node.module or "").split(".")
+            if node.level == 1:
+                found += [(exp_name, parts[0])] if node.module else [(exp_name, a.name) for a in node.names]
+            elif node.level == 0 and parts[0] == "exp" and len(parts) == 3:
+                found.append((parts[1], parts[2]))
+            elif node.level == 0 and parts[0] == "exp" and len(parts) == 2:
+                found += [(parts[1], a.name) for a in node.names]
+    return found
 
 
 def _own_defaults(name: str) -> dict[str, Any]:
@@ -386,7 +436,7 @@ def load_config(name: str, cli: list[str] | dict[str, Any] | None = None, preset
         _, values, _ = _config_file(preset)
         known = cfg.declared()
         for exp_name, _, _ in experiment_chain(preset):
-            known_there = experiment_keys(exp_name)
+            known_there = experiment_keys(exp_name) if experiment_script(exp_name) is not None else {}
             values = {k: v for k, v in values.items() if k in known or k not in known_there}
         chain.append((preset, values, ""))
     for exp_name, overrides, _ in chain:
@@ -402,10 +452,13 @@ def load_config(name: str, cli: list[str] | dict[str, Any] | None = None, preset
 def describe(cfg: "Config") -> str:
     """The ``--help`` text: every key, by concern, with its type, resolved value, allowed values and meaning."""
     lines = [f"Keys of {cfg.name} (experiment {cfg.experiment}; override any with key=value; * = changes results):"]
-    groups = [(g, list(keys.items())) for g, keys in SHARED.items()]
-    own = experiment_keys(cfg.experiment)
-    if own:
-        groups.append((f"{cfg.experiment}'s own (exp/{cfg.experiment}/train.py)", list(own.items())))
+    seen: set[str] = set()
+    groups = [("data", list(SHARED["data"].items()))]
+    for group, keys in experiment_key_groups(cfg.experiment).items():
+        groups.append((group, [(k, v) for k, v in keys.items() if k not in seen]))
+        seen |= set(keys)
+    groups += [(g, list(SHARED[g].items())) for g in SHARED if g != "data"]
+    groups = [(g, items) for g, items in groups if items]
     width = max(len(k) for _, items in groups for k, _ in items)
     for group, items in groups:
         lines += ["", f"[{group}]"]

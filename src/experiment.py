@@ -28,14 +28,14 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from .config import Config, experiment_keys
+from .config import Config, experiment_code, experiment_keys
 from .data import CLASSES, load_test, load_train
 from .folds import load_or_make_folds
 from .io_utils import atomic_write_csv, atomic_write_json, file_digests
 from .scoring import fold_metrics, read_prediction_csv
-from .settings import KEYS, RETIRED
+from .settings import KEYS
 
-FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSION = 3  # 3: the experiment's code is part of it
 PATH_COLUMNS = ("clin_path", "derm_path")
 
 
@@ -77,13 +77,11 @@ def load_lesions(cfg: Config, check_images: bool = False) -> Lesions:
 # ----------------------------------------------------------------------------------------------------
 # fingerprints: the settings and data that made a result
 # ----------------------------------------------------------------------------------------------------
-def result_settings(cfg: Config, shared: Sequence[str] | None = None) -> dict:
+def result_settings(cfg: Config) -> dict:
     """The settings that change what ``cfg``'s folds compute, as each key's declaration says (``results``): the
-    shared ones its experiment's kind reads (``shared``; None = all of them), its experiment's own, and which
-    experiment's code made them."""
-    names = [k for k, spec in KEYS.items() if spec.results and (shared is None or k in shared)]
+    shared ones and its experiment's (its recipe's parts' and its own code's), and which experiment made them."""
     own = {k: cfg.own[k] for k, spec in experiment_keys(cfg.experiment).items() if spec.results}
-    return {**{k: getattr(cfg, k) for k in names}, **own, "experiment": cfg.experiment}
+    return {**{k: getattr(cfg, k) for k, spec in KEYS.items() if spec.results}, **own, "experiment": cfg.experiment}
 
 
 def _digest(parts: Iterable[bytes]) -> str:
@@ -116,32 +114,25 @@ def data_fingerprint(lesions: Lesions, images: bool = False, inputs: Sequence[Pa
     return out
 
 
-def fingerprint(cfg: Config, data: dict, shared: Sequence[str] | None = None) -> dict:
-    return {"version": FINGERPRINT_VERSION, "settings": result_settings(cfg, shared), "data": data}
-
-
-def _comparable(saved: dict, current: dict) -> tuple[dict, dict]:
-    """The settings of two fingerprints as they can be compared. One of an earlier version (no ``version``) lists
-    that version's keys: keys the other no longer has are dropped unless they are RETIRED at another value than
-    today's code is equivalent to; it never named the experiment. Either side may be the earlier one."""
-    a, b = dict(saved.get("settings", {})), dict(current.get("settings", {}))
-    if saved.get("version") == current.get("version"):
-        return a, b
-    old, new = (a, b) if saved.get("version") != FINGERPRINT_VERSION else (b, a)
-    new.pop("experiment", None)
-    for k in [k for k in old if k not in new]:
-        if k in RETIRED and old[k] != RETIRED[k]:
-            new[k] = RETIRED[k]
-        else:
-            del old[k]
-    return a, b  # old and new are a and b themselves, in one order or the other
+def fingerprint(cfg: Config, data: dict) -> dict:
+    """What made a result: the settings that change it, the experiment's code (``config.experiment_code``: its
+    train.py and the experiment files it imports, byte for byte) and the data."""
+    return {"version": FINGERPRINT_VERSION, "settings": result_settings(cfg), "code": experiment_code(cfg.experiment),
+            "data": data}
 
 
 def fingerprint_differences(saved: dict, current: dict) -> list[str]:
-    """What differs between two fingerprints, as 'key: saved -> current' lines."""
-    old, new = _comparable(saved, current)
+    """What differs between two fingerprints, as 'key=saved -> current' lines, the files of code that changed and
+    the parts of the data that differ; one line when the saved one was made by another version of the project."""
+    if saved.get("version") != current.get("version"):
+        return [f"made by another version of the project (fingerprint version {saved.get('version', 'none')}, "
+                f"this one {current.get('version')})"]
+    old, new = saved.get("settings", {}), current.get("settings", {})
     out = [f"{k}={old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(set(old) | set(new))
            if old.get(k) != new.get(k)]
+    old_code, new_code = saved.get("code", {}), current.get("code", {})
+    out += [f"{f} {'changed' if f in old_code and f in new_code else 'added' if f in new_code else 'no longer used'}"
+            for f in sorted(set(old_code) | set(new_code)) if old_code.get(f) != new_code.get(f)]
     saved_data = saved.get("data") or {}
     out += [f"the {part} differ" + (" (labels or metadata changed)" if part == "tables" else "")
             for part in current["data"] if part in saved_data and saved_data[part] != current["data"][part]]
@@ -215,18 +206,19 @@ class ExperimentDir:
         return out
 
     def saved_fingerprint(self, fold: int) -> dict | None:
-        """The fingerprint a fold folder was made under (from its config.json where it predates fingerprints);
-        None where the folder holds no fold."""
+        """The fingerprint a fold folder was made under ({} for a fold made before fingerprints); None where the
+        folder holds no fold."""
         path = self.fold_path(fold)
-        for name in ("fingerprint.json", "config.json"):
-            if (path / name).is_file():
-                saved = json.loads((path / name).read_text(encoding="utf-8"))
-                if name == "config.json":  # a fold from before fingerprints: its saved settings
-                    return {"settings": {k: v for k, v in saved.items() if k in KEYS and KEYS[k].results}}
-                return saved
-        return None
+        if (path / "fingerprint.json").is_file():
+            return json.loads((path / "fingerprint.json").read_text(encoding="utf-8"))
+        return {} if (path / "config.json").is_file() else None
 
     def _stale_message(self, stale: dict[int, list[str]]) -> str:
+        if all(d[0].startswith("made by another version") for d in stale.values()):
+            return (f"{self.path}: fold(s) {sorted(stale)} were "
+                    f"{next(iter(stale.values()))[0]}: add "
+                    "retrain=true to retrain them (their files are removed), or give this run its own folder with "
+                    "name=<another name>")
         lines = [f"fold {k} ({'complete' if self.fold_done(k) else 'in progress'}): {'; '.join(diff)}"
                  for k, diff in stale.items()]
         return (f"{self.path} holds folds made under other settings or data than this run's, which would be mixed "

@@ -201,7 +201,7 @@ class MetadataFeatures:
     clinical-minus-dermoscopic differences, age hinges and interactions) or 'interactions' (extended plus
     ``InteractionFeatures``: splines of age and the MONET logits, site x MONET, MONET x MONET). ``standardize``:
     every output column z-scored with the training rows' mean and standard deviation. ``encoder`` is the fitted
-    ``MetadataEncoder`` (saved as a fold's encoder.json)."""
+    ``MetadataEncoder`` (part of a fold's features.json)."""
 
     def __init__(self, kind: str = "base", standardize: bool = False):
         if kind not in FEATURE_KINDS:
@@ -236,10 +236,6 @@ class MetadataFeatures:
         """The encoder's column names (the columns of ``transform`` for 'base' and 'extended')."""
         return list(self.encoder.feature_names) if self.encoder is not None else []
 
-    def save(self, path: str | os.PathLike) -> None:
-        """The fitted encoder (encoder.json)."""
-        self.encoder.save(path)
-
     # the whole fitted transform as plain numbers (features.json): what predicting a new lesion needs
     def to_dict(self) -> dict[str, Any]:
         """The fitted transform, encoder and (for 'interactions') its spline knots and scaler, as plain numbers
@@ -263,13 +259,6 @@ class MetadataFeatures:
             out._pipe = None if d["pipeline"] is None else from_dict(d["pipeline"])
         except NotPortable as err:
             raise DataError(f"metadata features: {err}") from None
-        return out
-
-    @classmethod
-    def from_encoder(cls, encoder: MetadataEncoder) -> "MetadataFeatures":
-        """'base' or 'extended' features from their fitted encoder alone (an encoder.json)."""
-        out = cls("extended" if encoder.extended else "base", encoder.standardize)
-        out.encoder = encoder
         return out
 
     def save_fitted(self, path: str | os.PathLike) -> None:

@@ -1,6 +1,9 @@
 """Inference: probabilities of a set of lesions, averaged over flip/transpose views (test-time augmentation), and
-the validation score that picks a fold's best epoch."""
+the validation score that picks a fold's best epoch. Logits become probabilities through the experiment's loss part
+(its ``link``, src/loss.py), in every view before the views are averaged."""
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
@@ -11,14 +14,16 @@ from .augment import DeviceAugment
 from .config import Config
 from .data import CLASSES
 from .scoring import f1_per_class, fold_metrics
-from .step import autocast, to_probs
+from .step import autocast
 
 
 @torch.no_grad()
-def predict(model: nn.Module, cfg: Config, cache: np.ndarray | torch.Tensor, rows: np.ndarray, meta: np.ndarray,
-            augment: DeviceAugment, device: torch.device, views: int = 1, desc: str = "predict") -> np.ndarray:
-    """Probabilities (n, 11), averaged over the first ``views`` of the 8 flip/transpose views. ``cache`` is the
-    memory-mapped image cache or its copy in device memory (``Prepared.images``)."""
+def predict(model: nn.Module, link: Callable, cfg: Config, cache: np.ndarray | torch.Tensor, rows: np.ndarray,
+            meta: np.ndarray, augment: DeviceAugment, device: torch.device, views: int = 1,
+            desc: str = "predict") -> np.ndarray:
+    """Probabilities (n, 11): ``link`` (the loss part's) of the logits, averaged over the first ``views`` of the 8
+    flip/transpose views. ``cache`` is the memory-mapped image cache or its copy in device memory
+    (``Prepared.images``)."""
     model.eval()
     out = []
     amp = autocast(cfg, device)
@@ -37,7 +42,7 @@ def predict(model: nn.Module, cfg: Config, cache: np.ndarray | torch.Tensor, row
             clin, derm = augment.eval(pairs, v)
             with amp:
                 logits, _ = model(clin, derm, m)
-            acc = acc + to_probs(cfg, logits.float())
+            acc = acc + link(logits.float())
         out.append((acc / views).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
 

@@ -20,8 +20,19 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["DualNet", "DualNetBase", "LinearHead", "WeightsUnavailable", "backbones", "count_parameters",
-           "create_backbone", "ensure_weights"]
+from .settings import key
+
+__all__ = ["BACKBONE_KEYS", "DualNet", "DualNetBase", "LinearHead", "WeightsUnavailable", "backbones",
+           "count_parameters", "create_backbone", "ensure_weights"]
+
+# what ``backbones`` reads: a network part built on it declares them (``@reads(BACKBONE_KEYS, ...)``)
+BACKBONE_KEYS = {
+    "backbone": key("tf_efficientnetv2_s", "timm model name of each image branch", results=True, text=True),
+    "pretrained": key(True, "start from ImageNet weights", results=True),
+    "pretrained_path": key("", "local weights file for the backbone (also env MILK10K_WEIGHTS); used instead of "
+                           "downloading", results=False, text=True),
+    "shared_backbone": key(False, "one backbone for both images instead of one per image", results=True),
+}
 
 WEIGHTS_ENV = "MILK10K_WEIGHTS"
 
@@ -165,8 +176,9 @@ class DualNet(DualNetBase):
 
 def backbones(cfg) -> tuple[nn.Module, nn.Module]:
     """The clinical and the dermoscopic backbone of ``cfg`` (the same module with ``shared_backbone``)."""
+    shared = cfg.shared_backbone
     clin = create_backbone(cfg.backbone, cfg.pretrained, cfg.pretrained_path)
-    derm = clin if cfg.shared_backbone else create_backbone(cfg.backbone, cfg.pretrained, cfg.pretrained_path)
+    derm = clin if shared else create_backbone(cfg.backbone, cfg.pretrained, cfg.pretrained_path)
     return clin, derm
 
 

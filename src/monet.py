@@ -44,8 +44,9 @@ def monet_cost(source: Source) -> dict:
             from .batches import cache_workers
             from .cache import build_cache
 
-            predictor.images = {s: build_cache(train, s, first.resolved_cache_dir(), "train",
-                                               num_workers=cache_workers(first)) for s in predictor.sizes()}
+            image = source.image_config()
+            predictor.images = {s: build_cache(train, s, image.resolved_cache_dir(), "train",
+                                               num_workers=cache_workers(image)) for s in predictor.sizes()}
         out[label] = honest_scores(y, predictor.blended(), lesions.folds)
     return {"rule": source.rule, "n_lesions": len(train), "n_folds": int(len(np.unique(lesions.folds))),
             "fold_seed": first.fold_seed, "data_dir": str(first.data_dir), **out}

@@ -48,27 +48,10 @@ LOGIT_CLIP = 1e-6  # the stacker's (src/stacker.py)
 # one fold of one experiment
 # ----------------------------------------------------------------------------------------------------
 def load_features(member: Member, k: int):
-    """The fold's fitted metadata transform: features.json; for a fold trained before it was saved, its
-    encoder.json ('base', 'extended') or, for 'interactions', the transform refitted on the fold's training rows
-    and checked against the saved encoder."""
-    from .features import MetadataEncoder, MetadataFeatures
+    """The fold's fitted metadata transform (features.json)."""
+    from .features import MetadataFeatures
 
-    fdir = member.fold_dir(k)
-    if (fdir / "features.json").is_file() or member.bundle:
-        return MetadataFeatures.load(_need(fdir / "features.json"))
-    encoder = MetadataEncoder.load(_need(fdir / "encoder.json"))
-    expected = experiment_recipe(member.cfg.experiment).features(member.cfg)
-    if expected.kind != "interactions":
-        return MetadataFeatures.from_encoder(encoder)
-    from .experiment import load_lesions
-
-    lesions = load_lesions(member.cfg)
-    refit = expected.fit(lesions.train[lesions.folds != k])
-    if json.dumps(refit.encoder.to_dict(), sort_keys=True) != json.dumps(encoder.to_dict(), sort_keys=True):
-        raise PredictError(f"{fdir}: trained before its fitted features were saved (no features.json), and refitting "
-                           f"them on the training rows of {member.cfg.data_dir} does not give its encoder.json back; "
-                           f"give data_dir= the data it was trained on, or retrain the experiment")
-    return refit
+    return MetadataFeatures.load(_need(member.fold_dir(k) / "features.json"))
 
 
 def _need(path: Path) -> Path:
@@ -105,11 +88,12 @@ class ImageFold:
 
     def _build(self, n_meta: int) -> None:
         from .speed.apply import load_plain_state
-        from .step import setup_model
 
         cfg = self.member.cfg
-        net = experiment_recipe(cfg.experiment).network(cfg.replace(pretrained=False), n_meta, len(self.aux))
-        self.model, self.augment = setup_model(cfg, net, self.device)
+        recipe = experiment_recipe(cfg.experiment)
+        fresh = cfg.replace(pretrained=False) if "pretrained" in cfg.own else cfg  # the fold's weights replace them
+        self.model, self.augment = recipe.build(fresh, n_meta, len(self.aux), self.device)
+        self.link = recipe.loss.link(cfg)
         try:
             load_plain_state(self.model, self.state)
         except RuntimeError as exc:
@@ -124,8 +108,8 @@ class ImageFold:
         meta = self.features.transform(lesions.iloc[rows])
         if self.model is None:
             self._build(meta.shape[1])
-        return predict(self.model, self.member.cfg, images, rows, meta, self.augment, self.device, self.views,
-                       f"{self.member.name} fold {self.k}").astype(np.float64)
+        return predict(self.model, self.link, self.member.cfg, images, rows, meta, self.augment, self.device,
+                       self.views, f"{self.member.name} fold {self.k}").astype(np.float64)
 
 
 class TabularFold:
@@ -134,12 +118,7 @@ class TabularFold:
     def __init__(self, member: Member, k: int):
         self.member, self.k = member, k
         self.features = load_features(member, k)
-        path = _need(member.fold_dir(k) / "models.json") if member.bundle or (member.fold_dir(k) / "models.json"
-                                                                              ).is_file() else None
-        if path is None:
-            raise PredictError(f"{member.fold_dir(k)}: trained before its models were saved (no models.json); "
-                               f"delete {member.folder} and rerun `bash run.sh {member.name}` (a tabular experiment "
-                               "takes seconds)")
+        path = _need(member.fold_dir(k) / "models.json")
         self.models = json.loads(path.read_text(encoding="utf-8"))
         bad = [m for m in self.models if m.get("model") is None]
         if bad:
@@ -232,8 +211,8 @@ class Predictor:
 
         self.source, self.lesions, self.rows_of = source, lesions, rows_of
         self.images = images if images is not None else {}
-        first = next(iter(source.members.values())).cfg
-        self.device = device or resolve_device(first)
+        image = source.image_config()
+        self.device = device or (resolve_device(image) if image is not None else "cpu")
         self.memo: dict[str, np.ndarray] = {}
         self.fold_models = 0
         self.views = 0

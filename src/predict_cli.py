@@ -110,7 +110,8 @@ def run(ns: argparse.Namespace) -> int:
 def _workers(source: Source) -> int:
     from .batches import cache_workers
 
-    return cache_workers(next(iter(source.members.values())).cfg)
+    image = source.image_config()
+    return cache_workers(image) if image is not None else 1
 
 
 def format_single(source: Source, lesions: pd.DataFrame, result: dict) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import Config, ConfigError, config_from_dict, experiment_recipe
 from .data import CLASSES
-from .settings import KEYS
+from .settings import KEYS, merge_keys
 
 
 class PredictError(ValueError):
@@ -61,6 +61,10 @@ class Source:
     info: dict                     # the sidecar, or the export's bundle.json
     where: Path
 
+    def image_config(self) -> Config | None:
+        """The settings of the source's first image experiment (its device, workers, cache); None when it has none."""
+        return next((m.cfg for m in self.members.values() if m.kind == "image"), None)
+
     def describe(self) -> str:
         blend = ", ".join(f"{k} {v:.4f}" for k, v in self.weights.items())
         return (f"{self.kind} {self.name} ({self.where}): {blend}; rule {self.rule}")
@@ -84,11 +88,15 @@ def split_overrides(args: list[str]) -> dict[str, str]:
     what predicts)."""
     from .config import parse_cli_overrides
 
+    from .model import BACKBONE_KEYS
+    from .train import IMAGE_KEYS, SPEED_KEYS
+
+    known = merge_keys(KEYS, IMAGE_KEYS, SPEED_KEYS, BACKBONE_KEYS)
     pairs = parse_cli_overrides(args)
     for name in pairs:
-        spec = KEYS.get(name)
+        spec = known.get(name)
         if spec is None or name in NOT_TAKEN:
-            takes = ", ".join(k for k, s in KEYS.items() if not s.results and k not in NOT_TAKEN)
+            takes = ", ".join(k for k, s in known.items() if not s.results and k not in NOT_TAKEN)
             raise ConfigError(f"command line: {name}= is not a setting predict takes; it takes the settings that do "
                               f"not change results: {takes}")
         if spec.results:
@@ -98,7 +106,8 @@ def split_overrides(args: list[str]) -> dict[str, str]:
 
 
 def saved_config(path: Path, overrides: dict[str, str]) -> Config:
-    """The settings an experiment was trained with (its config.json), with ``overrides`` applied."""
+    """The settings an experiment was trained with (its config.json), with those of ``overrides`` it has applied (a
+    metadata-only experiment has no device=, for instance)."""
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -107,7 +116,8 @@ def saved_config(path: Path, overrides: dict[str, str]) -> Config:
         raise PredictError(f"{path}: not a saved config ({exc})") from None
     try:
         cfg = config_from_dict(saved, source=str(path))
-        return cfg.replace(**overrides) if overrides else cfg
+        mine = {k: v for k, v in overrides.items() if k in cfg.declared()}
+        return cfg.replace(**mine) if mine else cfg
     except ConfigError as exc:
         raise PredictError(f"{path}: {exc}") from None
 
@@ -115,7 +125,8 @@ def saved_config(path: Path, overrides: dict[str, str]) -> Config:
 def sidecar_source(name: str, overrides: dict[str, str]) -> Source:
     """An experiment or a blend, found through its submission's sidecar ``<submission_dir>/<name>.json``."""
     path = Path(name)
-    base = Config().replace(**overrides) if overrides else Config()
+    paths = {k: v for k, v in overrides.items() if k in KEYS}
+    base = Config().replace(**paths) if paths else Config()
     sidecar = Path(base.submission_dir) / f"{name}.json"
     if not sidecar.is_file():
         folder = Path(base.output_dir) / name

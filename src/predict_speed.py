@@ -17,21 +17,17 @@ import time
 import numpy as np
 import torch
 
-from .config import load_config
-from .data import CLASSES, load_test
+from .config import experiment_recipe, load_config
+from .data import load_test
 from .inference import predict
-from .model import DualNet, LinearHead, backbones
 from .predict import decode_images
-from .step import setup_model
 from .synth import generate
 
 TEST_LESIONS = 479
 
 
 def _fold_net(cfg, n_meta: int, device):
-    clin, derm = backbones(cfg)
-    net = DualNet(clin, derm, LinearHead(2 * clin.num_features, n_meta, len(CLASSES)))
-    return setup_model(cfg, net, device)
+    return experiment_recipe(cfg.experiment).build(cfg, n_meta, 0, device)
 
 
 def timed_predict(cfg, lesions, folds: int, views: int, device) -> dict:
@@ -46,10 +42,11 @@ def timed_predict(cfg, lesions, folds: int, views: int, device) -> dict:
     rows = np.arange(len(lesions))
     nets = [_fold_net(cfg, meta.shape[1], device) for _ in range(folds)]
     model, augment = nets[0]
-    predict(model, cfg, images, rows[:2], meta[:2], augment, device, 1, "warm-up")
+    link = experiment_recipe(cfg.experiment).loss.link(cfg)
+    predict(model, link, cfg, images, rows[:2], meta[:2], augment, device, 1, "warm-up")
     t1 = time.perf_counter()
     for model, augment in nets:
-        predict(model, cfg, images, rows, meta, augment, device, views, "speed")
+        predict(model, link, cfg, images, rows, meta, augment, device, views, "speed")
     return {"decode_s": t_decode, "models_s": time.perf_counter() - t1, "n": len(lesions)}
 
 

@@ -43,11 +43,11 @@ def check_writable(folder: str | os.PathLike, key: str) -> None:
                          ) from None
 
 
-def check_outputs(cfg: Config, images: bool = True) -> None:
-    """The output, submission and (``images``) cache folders can be written."""
+def check_outputs(cfg: Config) -> None:
+    """The output and submission folders can be written, and the image cache's where the experiment has one."""
     check_writable(cfg.output_dir, "output_dir")
     check_writable(cfg.submission_dir, "submission_dir")
-    if images:
+    if "cache_dir" in cfg.own:
         check_writable(cfg.resolved_cache_dir(), "cache_dir" if cfg.cache_dir else "output_dir")
 
 

@@ -38,9 +38,9 @@ def run_experiment(cfg: Config, folds: str = "", retrain: bool = False, executor
         failed: dict[int, str] = {}
         with ExitStack() as stack:
             with ex.starting():
-                check_outputs(cfg, images=recipe.images)  # before anything is written, the image digests too
+                check_outputs(cfg)  # before anything is written, the image digests too
                 lesions = data.lesions if data is not None else load_lesions(cfg, check_images=recipe.images)
-                current = fingerprint(cfg, recipe.data_print(cfg, lesions), recipe.shared_results)
+                current = fingerprint(cfg, recipe.data_print(cfg, lesions))
                 todo = stack.enter_context(exp.session(current, wanted, retrain))
                 if todo:
                     recipe.check(cfg)

@@ -22,7 +22,7 @@ from .config import Config, ConfigError, key
 from .experiment import ExperimentDir, Lesions, data_fingerprint, load_lesions
 from .features import MetadataFeatures
 from .scoring import SubmissionError, read_prediction_csv
-from .tabular import TABULAR_KEYS, TabularData, TabularRecipe
+from .tabular import TabularData, TabularRecipe
 
 LOGIT_CLIP = 1e-6
 SAME_FOLDS = ("n_folds", "fold_seed", "folds_csv")
@@ -86,7 +86,6 @@ def load_inputs(cfg: Config, train: pd.DataFrame, test: pd.DataFrame) -> tuple[n
 
 
 STACK_KEYS = {
-    **TABULAR_KEYS,
     "stack_inputs": key("", "comma list of experiments whose out-of-fold and test probabilities the stacker uses",
                         results=True, text=True),
 }
@@ -101,6 +100,9 @@ class StackRecipe(TabularRecipe):
     """The tabular recipe over the logits of ``stack_inputs``' predictions plus the base metadata features."""
 
     features: Callable = base_features
+
+    def key_groups(self) -> dict[str, dict]:
+        return {**super().key_groups(), "stacking": STACK_KEYS}
 
     def data_print(self, cfg: Config, lesions: Lesions) -> dict:
         files = [Path(cfg.output_dir) / n / f for n in input_names(cfg) for f in ("oof.csv", "test.csv")]

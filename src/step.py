@@ -1,11 +1,11 @@
-"""One training step and the library's parts for it: the model on its device, the loss, mixing, each stage's
-optimiser.
+"""One training step and the library's parts for it: the model on its device, mixing, each stage's optimiser.
 
 Stage 1 trains the head with the backbones frozen (their BatchNorm statistics too); stage 2 trains everything, the
 backbones at a lower learning rate, with warmup + cosine and an optional EMA of the weights. ``build_stage`` makes
 a stage's optimiser (an experiment's ``optimizer`` part; ``stage_optimizer`` by default), EMA and runner once;
-``train_step`` is the step itself, shared by training and the benchmark. ``weighted_loss`` and ``stage_optimizer``
-are the default loss and optimiser parts an experiment's recipe may replace.
+``train_step`` is the step itself, shared by training and the benchmark. ``stage_optimizer`` (``OPTIMIZER_KEYS``)
+and ``MixupCutmix`` (``MIXING_KEYS``) are the default optimiser and mixing parts an experiment's recipe may replace;
+the loss part is src/loss.py's.
 """
 from __future__ import annotations
 
@@ -16,66 +16,56 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .augment import DeviceAugment
-from .config import Config, parse_class_mult
-from .data import CLASSES
+from .augment import DeviceAugment, device_augment
+from .config import Config
 from .dist import DistContext
 from .model import DualNet
+from .settings import key, reads
 from .speed.apply import accelerate, load_plain_state, plain_state, runner as speed_runner
 
 
-def setup_model(cfg: Config, net: DualNet, device: torch.device, world: int = 1) -> tuple[nn.Module, DeviceAugment]:
+def setup_model(cfg: Config, net: DualNet, device: torch.device, world: int = 1,
+                augment: Callable = device_augment) -> tuple[nn.Module, DeviceAugment]:
     """The network with its speed machinery (src/speed/apply.py) on its device (channels_last and cuDNN autotuning
-    on CUDA), and its augmentation."""
+    on CUDA), and its augmentation (``augment``: the recipe's augmentation part)."""
     model = accelerate(net, cfg, world).to(device)
-    channels_last = device.type == "cuda" and cfg.channels_last
+    channels_last = cfg.channels_last and device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    augment = DeviceAugment(model.mean, model.std, flip=cfg.aug_flip, rotate=cfg.aug_rotate, scale=cfg.aug_scale,
-                            color=cfg.aug_color, channels_last=channels_last)
-    return model, augment
+    return model, augment(cfg, model.mean, model.std, channels_last)
 
 
 def autocast(cfg: Config, device: torch.device):
-    if device.type == "cuda" and cfg.amp:
+    if cfg.amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------
-# loss
+# mixing
 # ----------------------------------------------------------------------------------------------------
-def class_weights(cfg: Config, y: np.ndarray) -> torch.Tensor:
-    """BCE pos_weight (neg/pos) ** power, or CE class weight (n / (K * count)) ** power, times class_mult."""
-    pos = y.sum(0).clip(min=1)
-    if cfg.loss == "bce":
-        w = ((len(y) - pos) / pos) ** cfg.pos_weight_power
-    else:
-        w = (len(y) / (len(CLASSES) * pos)) ** cfg.pos_weight_power
-    for name, mult in parse_class_mult(cfg.class_mult).items():
-        w[CLASSES.index(name)] *= mult
-    return torch.tensor(w, dtype=torch.float32)
+MIXING_KEYS = {
+    "mixup_alpha": key(0.0, "mixup Beta(alpha, alpha); 0 = off", results=True, low=0),
+    "cutmix_alpha": key(0.0, "cutmix Beta(alpha, alpha); 0 = off", results=True, low=0),
+    "mix_off_epochs": key(0, "switch mixup/cutmix off for the last N epochs of stage 2", results=True, low=0),
+}
 
 
-def make_criterion(cfg: Config, weights: torch.Tensor) -> Callable:
-    if cfg.loss == "bce":
-        return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y, pos_weight=weights.to(logits.device))
-    return lambda logits, y: F.cross_entropy(logits, y, weight=weights.to(logits.device),
-                                             label_smoothing=cfg.label_smoothing)
+class MixupCutmix:
+    """The mixing part: ``active(cfg, stage, epoch, total_epochs)`` says whether an epoch mixes (stage 2 up to its
+    last ``mix_off_epochs`` epochs); calling it mixes a batch (``mix``)."""
 
+    keys = MIXING_KEYS
 
-def weighted_loss(cfg: Config, y_train: np.ndarray) -> Callable:
-    """The default loss part: ``loss`` ('bce' or 'ce') with the class weights of the training rows."""
-    return make_criterion(cfg, class_weights(cfg, y_train))
+    def active(self, cfg: Config, stage: int, epoch: int, total_epochs: int) -> bool:
+        return stage == 2 and epoch < total_epochs - cfg.mix_off_epochs
 
-
-def to_probs(cfg: Config, logits: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(logits) if cfg.loss == "bce" else torch.softmax(logits, dim=1)
+    def __call__(self, cfg: Config, clin, derm, meta, y, gen: torch.Generator):
+        return mix(cfg, clin, derm, meta, y, gen)
 
 
 def mix(cfg: Config, clin, derm, meta, y, gen: torch.Generator):
@@ -129,6 +119,18 @@ def lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
     return f
 
 
+OPTIMIZER_KEYS = {
+    "stage1_lr": key(1e-3, "learning rate of stage 1", results=True, low=0, low_open=True),
+    "lr": key(3e-4, "stage-2 learning rate of the head", results=True, low=0, low_open=True),
+    "backbone_lr": key(5e-5, "stage-2 learning rate of the backbones", results=True, low=0),
+    "weight_decay": key(1e-2, "AdamW weight decay", results=True, low=0),
+    "warmup_epochs": key(1.0, "linear warmup of stage 2, in epochs", results=True, low=0),
+    "schedule": key("cosine", "stage-2 schedule: 'cosine' or 'constant'", results=True,
+                    choices=("cosine", "constant")),
+}
+
+
+@reads(OPTIMIZER_KEYS)
 def stage_optimizer(cfg: Config, model: nn.Module, stage: int, steps_per_epoch: int, fused: bool):
     """The default optimiser part: (AdamW, LambdaLR) of a stage. Stage 1: the head at ``stage1_lr``, constant;
     stage 2: the backbones at ``backbone_lr`` and the head at ``lr``, warmup + ``schedule``."""
@@ -191,17 +193,13 @@ def build_stage(cfg: Config, model: nn.Module, number: int, steps_per_epoch: int
     return Stage(number, model, run, opt, sched, ema, [p for p in model.parameters() if p.requires_grad])
 
 
-def train_step(cfg: Config, stage: Stage, criterion: Callable, clin, derm, meta, y,
+def train_step(cfg: Config, stage: Stage, objective: Callable, clin, derm, meta, y,
                aux: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward, loss, backward, clip, optimiser and schedule step. Returns the loss as a device tensor: reading
-    it here would make the host wait for the GPU every step."""
+    """Forward, loss (``objective``: the loss part's, src/loss.py), backward, clip, optimiser and schedule step.
+    Returns the loss as a device tensor: reading it here would make the host wait for the GPU every step."""
     with autocast(cfg, clin.device):
         logits, aux_logits = stage.runner(clin, derm, meta)
-        loss = criterion(logits.float(), y)  # soft (mixed) targets work for both losses
-        if aux_logits is not None and aux is not None:
-            valid = aux >= 0
-            aux_loss = F.cross_entropy(aux_logits.float(), aux.clamp(min=0), reduction="none")
-            loss = loss + cfg.aux_weight * (aux_loss * valid).sum() / valid.sum().clamp(min=1)
+        loss = objective(logits.float(), y, aux_logits, aux)  # soft (mixed) targets work for both losses
     stage.opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:

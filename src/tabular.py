@@ -3,7 +3,7 @@ the stacker (src/stacker.py).
 
 Per fold k, the models are fitted on the other folds' lesions (the recipe's metadata features, fitted on those
 lesions only) and predict fold k and the test set; the fold folders hold the same files as an image experiment's
-(oof.csv, test.csv, encoder.json, config.json, metrics.json last), so blending, stacking and submission treat both
+(oof.csv, test.csv, features.json, config.json, metrics.json last), so blending, stacking and submission treat both
 alike.
 
 Every model is an unweighted softmax classifier: its probabilities estimate the class frequencies, which the
@@ -27,6 +27,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from .config import Config, ConfigError, key
+from .settings import keys_of
 from .data import CLASSES
 from .experiment import ExperimentDir, Lesions, data_fingerprint, fingerprint, load_lesions, probs_frame
 from .features import MetadataFeatures
@@ -159,7 +160,10 @@ class TabularRecipe:
     features: Callable = extended_features
 
     images = False
-    shared_results = ("seed", "n_folds", "fold_seed")  # the shared settings a tabular fold depends on
+
+    def key_groups(self) -> dict[str, dict]:
+        """The settings of an experiment of this recipe, by the part that reads them."""
+        return {"features": keys_of(self.features), "tabular": TABULAR_KEYS}
 
     def data_print(self, cfg: Config, lesions: Lesions) -> dict:
         return data_fingerprint(lesions)
@@ -194,10 +198,9 @@ class TabularRecipe:
         oof, test_probs = fit_predict(names, cfg.seed * 1000 + fold, x_tr, train["target"].to_numpy()[~held], x_va,
                                       x_te, fine=train["diagnosis_full"].to_numpy()[~held], columns=columns,
                                       fitted=fitted)
-        current = fingerprint(cfg, data.data_print, self.shared_results)
+        current = fingerprint(cfg, data.data_print)
         exp = ExperimentDir(cfg)
         fdir = exp.begin_fold(fold, current)
-        features.save(fdir / "encoder.json")
         features.save_fitted(fdir / "features.json")
         atomic_write_json(fdir / "models.json", saved_models(fitted))
         metrics = fold_metrics(train.loc[held, CLASSES].to_numpy(np.float32), oof.astype(np.float32))

@@ -8,7 +8,7 @@ every epoch's randomness is derived from (seed, fold, epoch), ends with the same
 run. A fold is complete when its ``metrics.json`` exists. Checkpoints hold plain tensors and JSON-like state only,
 in the plain two-backbone layout, and are read back with ``weights_only=True``.
 
-Per fold, under <output_dir>/<exp>/fold<k>/: best.pt, last.pt, encoder.json, features.json (the whole fitted metadata
+Per fold, under <output_dir>/<exp>/fold<k>/: best.pt, last.pt, features.json (the whole fitted metadata
 transform, src/portable.py), config.json, aux_vocab.json, oof.csv,
 test.csv, history.csv, metrics.json.
 """
@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import faults
-from .augment import DeviceAugment
+from .augment import DeviceAugment, device_augment
 from .batches import (LoaderBatches, Prepared, epoch_order, epoch_seed, prepare, resolve_device, resolve_workers,
                       steps_per_epoch, training_batches)
 from .cache import HASHES
@@ -39,29 +39,73 @@ from .experiment import (ExperimentDir, Lesions, StaleOutputs, data_fingerprint,
 from .features import MetadataFeatures
 from .inference import predict, selection_score
 from .io_utils import atomic_write, atomic_write_json
-from .model import DualNet, LinearHead, backbones, count_parameters
+from .loss import Loss, WeightedLoss
+from .model import BACKBONE_KEYS, DualNet, LinearHead, backbones, count_parameters
 from .preflight import check_image_run
 from .scoring import f1_per_class, fold_metrics, log_loss
+from .settings import key, keys_of, reads
 from .speed.apply import FusedDualNet, load_plain_state, plain_state
-from .speed.fuse import split_fused_state
 from .speed.device_cache import DeviceBatches
-from .step import Stage, build_stage, mix, setup_model, stage_optimizer, train_step, weighted_loss
+from .step import MixupCutmix, Stage, build_stage, setup_model, stage_optimizer, train_step
 from .tracking import Tracker
 
 
 # ----------------------------------------------------------------------------------------------------
-# the parts an image experiment is built from
+# the parts an image experiment is built from, and the keys the fold loop itself reads
 # ----------------------------------------------------------------------------------------------------
 def base_features(cfg: Config) -> MetadataFeatures:
     """The default features part: the base metadata features."""
     return MetadataFeatures("base")
 
 
+@reads(BACKBONE_KEYS)
 def reference_network(cfg: Config, n_meta: int, n_aux: int) -> DualNet:
     """The default network part: the two backbones of ``cfg`` and ``LinearHead`` over their embeddings and the
     metadata features."""
     clin, derm = backbones(cfg)
     return DualNet(clin, derm, LinearHead(2 * clin.num_features, n_meta, len(CLASSES), n_aux))
+
+
+IMAGE_KEYS = {
+    "img_size": key(256, "square input size of both images", results=True, low=16),
+    "cache_dir": key("", "prepared-image cache; empty = <output_dir>/cache", results=False, text=True),
+}
+TRAINING_KEYS = {
+    "batch_size": key(64, "lesion pairs per step", results=True, low=1),
+    "stage1_epochs": key(2, "epochs training the head with frozen backbones", results=True, low=0),
+    "epochs": key(15, "maximum epochs of stage 2 (everything unfrozen)", results=True, low=0),
+    "patience": key(4, "early stopping: stage-2 epochs without a better validation score", results=True, low=1),
+    "early_stop_metric": key("f1", "validation score that picks the best epoch: 'f1' (leaderboard macro F1 at > 0.5), "
+                             "'f1_tuned' (macro F1 after per-class thresholds), 'auc' (mean per-class AUC)",
+                             results=True, choices=("f1", "f1_tuned", "auc")),
+    "sampler_power": key(0.0, "class-balanced sampling: weight per lesion = count(class) ** -power; 0 = plain shuffle",
+                         results=True, low=0),
+    "grad_clip": key(1.0, "gradient norm clip (0 = off)", results=True, low=0),
+    "ema_decay": key(0.0, "exponential moving average of weights in stage 2 (0 = off); the EMA is validated and "
+                     "saved", results=True, low=0, high=1, high_open=True),
+    "tta": key(True, "8-view flip/transpose test-time augmentation for out-of-fold and test predictions",
+               results=True),
+}
+SPEED_KEYS = {
+    "device": key("auto", "'auto', 'cpu', 'cuda', 'cuda:1', 'mps'", results=False, text=True,
+                  pattern=r"auto|cpu|cuda(:\d+)?|mps"),
+    "num_workers": key(-1, "data loader workers and image-cache decode processes; -1 = up to 8 loader workers on "
+                       "CUDA (none on the CPU) and one decode process per core", results=False, low=-1),
+    "cache_on_device": key("auto", "hold the prepared image cache in device memory and gather batches there: 'yes', "
+                           "'no', or 'auto' = yes on CUDA when train + test caches take at most 10% of the GPU's "
+                           "memory and half its free memory", results=False, choices=("auto", "yes", "no")),
+    "amp": key(True, "bf16 autocast on CUDA", results=True),
+    "channels_last": key(True, "channels_last memory format on CUDA", results=False),
+    "fuse_backbones": key(False, "run the two backbones as one network of twice the width (grouped convolutions): "
+                          "same results, half the kernel launches; convolution + BatchNorm backbones only",
+                          results=False),
+    "branch_streams": key(False, "on CUDA, run the two backbones on two CUDA streams so their kernels overlap "
+                          "(single-process, uncompiled runs only)", results=False),
+    "compile": key(False, "torch.compile the model", results=False),
+    "compile_mode": key("default", "torch.compile mode, e.g. 'max-autotune-no-cudagraphs', 'reduce-overhead'",
+                        results=False, text=True),
+    "eval_batch_size": key(128, "pairs per inference step", results=False, low=1),
+}
 
 
 class CheckpointError(ValueError):
@@ -71,18 +115,40 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class ImageRecipe:
     """What an image experiment builds, part by part; its script (exp/<name>/train.py) replaces the parts its idea
-    changes and the runner (src/runner.py) does the rest.
+    changes and the runner (src/runner.py) does the rest. Each part declares the settings it reads (``keys``).
 
-    features(cfg) -> MetadataFeatures (unfitted); network(cfg, n_meta, n_aux) -> DualNet; loss(cfg, y_train) ->
-    criterion(logits, targets); optimizer(cfg, model, stage, steps_per_epoch, fused) -> (optimizer, scheduler)."""
+    features(cfg) -> MetadataFeatures (unfitted); network(cfg, n_meta, n_aux) -> DualNet; loss: a ``Loss``
+    (src/loss.py: criterion, link, auxiliary weight); optimizer(cfg, model, stage, steps_per_epoch, fused) ->
+    (optimizer, scheduler); mixing: ``active(cfg, stage, epoch, total_epochs)`` and ``mixing(cfg, clin, derm, meta,
+    y, gen)``; augment(cfg, mean, std, channels_last) -> DeviceAugment. The fold loop's own settings are
+    ``IMAGE_KEYS``, ``TRAINING_KEYS`` and ``SPEED_KEYS``."""
 
     features: Callable = base_features
     network: Callable = reference_network
-    loss: Callable = weighted_loss
+    loss: Loss = WeightedLoss()
     optimizer: Callable = stage_optimizer
+    mixing: MixupCutmix = MixupCutmix()
+    augment: Callable = device_augment
 
     images = True
-    shared_results = None  # every shared setting that changes results is part of the fingerprint
+
+    def key_groups(self) -> dict[str, dict]:
+        """The settings of an experiment of this recipe, by the part that reads them."""
+        return {"images": IMAGE_KEYS, "features": keys_of(self.features), "network": keys_of(self.network),
+                "augmentation": keys_of(self.augment), "loss": keys_of(self.loss), "mixing": keys_of(self.mixing),
+                "optimizer": keys_of(self.optimizer), "training": TRAINING_KEYS, "speed": SPEED_KEYS}
+
+    def validate(self, cfg: Config) -> str | None:
+        """Why these settings cannot train, or None."""
+        if cfg.stage1_epochs + cfg.epochs < 1:
+            return (f"stage1_epochs={cfg.stage1_epochs} and epochs={cfg.epochs} train nothing; at least one epoch is "
+                    "needed")
+        return None
+
+    def build(self, cfg: Config, n_meta: int, n_aux: int, device: torch.device,
+              world: int = 1) -> tuple[torch.nn.Module, DeviceAugment]:
+        """The network on its device with its speed machinery, and its augmentation."""
+        return setup_model(cfg, self.network(cfg, n_meta, n_aux), device, world, self.augment)
 
     def data_print(self, cfg: Config, lesions: Lesions) -> dict:
         return data_fingerprint(lesions, images=True, hash_store=cfg.resolved_cache_dir() / HASHES)
@@ -128,7 +194,8 @@ def fold_inputs(recipe: ImageRecipe, cfg: Config, fold: int, data: Prepared) -> 
     train_df, val_df = data.train.iloc[tr_rows], data.train.iloc[va_rows]
     features = recipe.features(cfg).fit(train_df)
     y_all = data.train[CLASSES].to_numpy(np.float32)
-    aux_vocab = sorted(v for v in train_df["diagnosis_full"].unique() if v) if cfg.aux_weight > 0 else []
+    wants_aux = recipe.loss.aux_weight(cfg) > 0
+    aux_vocab = sorted(v for v in train_df["diagnosis_full"].unique() if v) if wants_aux else []
     aux_index = {v: i for i, v in enumerate(aux_vocab)}
     aux_all = np.array([aux_index.get(v, -100) for v in data.train["diagnosis_full"]], dtype=np.int64)
     return FoldInputs(fold, tr_rows, va_rows, val_df["lesion_id"].tolist(), data.test["lesion_id"].tolist(),
@@ -171,22 +238,6 @@ def _save_torch(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-LEGACY_NAMES = (("head.", "head.classifier."), ("aux_head.", "head.aux."), ("meta.", "head.meta."))
-
-
-def plain_layout(state: dict) -> dict:
-    """Weights as today's networks name them: a checkpoint written before fusion heads were parts of their own
-    (``head.weight``, ``aux_head.*``, ``meta.*``, fused ``pair.*``) is renamed, tensors unchanged."""
-    if "head.weight" not in state and not any(k.startswith("pair.") for k in state):
-        return state
-    state = split_fused_state(state)
-    out = {}
-    for name, t in state.items():
-        old = next((o for o, _ in LEGACY_NAMES if name.startswith(o)), None)
-        out[name if old is None else dict(LEGACY_NAMES)[old] + name[len(old):]] = t
-    return out
-
-
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """A checkpoint written by this project, read as plain tensors and JSON-like state only (nothing in the file
     can run code); a damaged or foreign file is a CheckpointError naming it."""
@@ -198,10 +249,6 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
                               f"{first})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} is not a checkpoint of this project (no model weights in it)")
-    ckpt.setdefault("fused", any(k.startswith("pair.") for k in ckpt["model"]))  # earlier checkpoints: by layout
-    ckpt["model"] = plain_layout(ckpt["model"])
-    if isinstance(ckpt.get("ema"), dict):
-        ckpt["ema"] = plain_layout(ckpt["ema"])
     return ckpt
 
 
@@ -250,11 +297,10 @@ def load_resume(cfg: Config, fold: int, model, device: torch.device, dist: DistC
     try:
         load_plain_state(model, ckpt["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} holds the weights of another network (an earlier version of the project, or "
-                              f"another experiment's code: {str(exc).splitlines()[0][:120]}); fold {fold} cannot "
-                              f"resume from it: delete {cfg.fold_dir(fold)} to restart it") from None
+        raise CheckpointError(f"{path} holds the weights of another network ({str(exc).splitlines()[0][:120]}); fold "
+                              f"{fold} cannot resume from it: delete {cfg.fold_dir(fold)} to restart it") from None
     fused = isinstance(model, FusedDualNet)
-    if ckpt.get("fused", False) != fused:
+    if ckpt.get("fused") != fused:
         was = str(not fused).lower()
         raise CheckpointError(f"{path} was saved with fuse_backbones={was} and its optimiser state is laid out "
                               f"for that: resume fold {fold} with fuse_backbones={was} "
@@ -270,11 +316,13 @@ def load_resume(cfg: Config, fold: int, model, device: torch.device, dist: DistC
 class FoldRun:
     """Everything one fold's epochs share."""
 
+    recipe: ImageRecipe
     cfg: Config
     inputs: FoldInputs
     model: torch.nn.Module
     augment: DeviceAugment
-    criterion: Callable
+    objective: Callable                       # the loss part's training loss (src/loss.py)
+    link: Callable                            # the loss part's logits -> probabilities
     batches: LoaderBatches | DeviceBatches
     train_images: np.ndarray | torch.Tensor   # the cache, or its copy in device memory
     test_images: np.ndarray | torch.Tensor
@@ -318,17 +366,15 @@ def start_fold(recipe: ImageRecipe, cfg: Config, fold: int, data: Prepared, dist
     """The fold's inputs (saved beside its config), its model, loss and training batches."""
     device = dist.device if dist.world > 1 else resolve_device(cfg)
     inputs = fold_inputs(recipe, cfg, fold, data)
-    current = fingerprint(cfg, data.data_print, recipe.shared_results)
+    current = fingerprint(cfg, data.data_print)
     if dist.is_main:
         fdir = ExperimentDir(cfg).begin_fold(fold, current)
-        inputs.features.save(fdir / "encoder.json")
         inputs.features.save_fitted(fdir / "features.json")
         atomic_write_json(fdir / "aux_vocab.json", inputs.aux_vocab)
 
     torch.manual_seed(cfg.seed * 1000 + fold)
-    net = recipe.network(cfg, inputs.meta_tr.shape[1], len(inputs.aux_vocab))
-    model, augment = setup_model(cfg, net, device, dist.world)
-    criterion = recipe.loss(cfg, inputs.y_tr)
+    model, augment = recipe.build(cfg, inputs.meta_tr.shape[1], len(inputs.aux_vocab), device, dist.world)
+    objective = recipe.loss.objective(cfg, inputs.y_tr)
 
     local_batch = cfg.batch_size // dist.world
     if local_batch * dist.world != cfg.batch_size:
@@ -339,7 +385,8 @@ def start_fold(recipe: ImageRecipe, cfg: Config, fold: int, data: Prepared, dist
     if dist.is_main and on_device:
         print(f"[{cfg.name} fold {fold}] image cache held in {device} memory "
               f"({(train_images.nbytes + test_images.nbytes) / 2**30:.2f} GiB)", flush=True)
-    return FoldRun(cfg, inputs, model, augment, criterion, batches, train_images, test_images,
+    return FoldRun(recipe, cfg, inputs, model, augment, objective, recipe.loss.link(cfg), batches, train_images,
+                   test_images,
                    steps_per_epoch(cfg, len(inputs.tr_rows)), device, dist, current)
 
 
@@ -361,7 +408,7 @@ def train_epoch(run: FoldRun, stage: Stage, epoch: int) -> tuple[float, int, flo
     gen = torch.Generator().manual_seed(seed)
     run.batches.set_order(epoch_order(cfg, len(inputs.tr_rows), inputs.targets_tr, inputs.fold, epoch,
                                       cfg.batch_size))
-    mixing = stage.number == 2 and epoch < run.total_epochs - cfg.mix_off_epochs
+    mixing = run.recipe.mixing.active(cfg, stage.number, epoch, run.total_epochs)
     stage.train_mode()
     t0, n_seen = time.time(), 0
     loss_acc = torch.zeros((), device=device)
@@ -377,8 +424,8 @@ def train_epoch(run: FoldRun, stage: Stage, epoch: int) -> tuple[float, int, flo
         meta, y, aux = (t.to(device, non_blocking=True) for t in (meta, y, aux))
         clin, derm = run.augment.train(pairs, gen)
         if mixing:
-            clin, derm, meta, y = mix(cfg, clin, derm, meta, y, gen)
-        loss = train_step(cfg, stage, run.criterion, clin, derm, meta, y, aux)
+            clin, derm, meta, y = run.recipe.mixing(cfg, clin, derm, meta, y, gen)
+        loss = train_step(cfg, stage, run.objective, clin, derm, meta, y, aux)
         if stage.ema is not None:
             stage.ema.update(run.model, step=(epoch - cfg.stage1_epochs) * run.steps + step)
         loss_acc += loss * y.shape[0]
@@ -394,7 +441,7 @@ def end_epoch(run: FoldRun, stage: Stage, state: FoldState, epoch: int, trained:
     train_loss, n_seen, t0, train_time = trained
     fdir = cfg.fold_dir(fold)
     eval_model = stage.eval_model()
-    val_probs = predict(eval_model, cfg, run.train_images, inputs.va_rows, inputs.meta_va, run.augment, run.device,
+    val_probs = predict(eval_model, run.link, cfg, run.train_images, inputs.va_rows, inputs.meta_va, run.augment, run.device,
                         1, "validate")
     if not (np.isfinite(train_loss) and np.isfinite(val_probs).all()):
         raise NonFiniteLoss(
@@ -442,13 +489,13 @@ def finish_fold(run: FoldRun, state: FoldState, tracker: Tracker | None) -> dict
     best = read_checkpoint(cfg.fold_dir(fold) / "best.pt", run.device)
     load_plain_state(run.model, best["model"])
     views = 8 if cfg.tta else 1
-    oof = predict(run.model, cfg, run.train_images, inputs.va_rows, inputs.meta_va, run.augment, run.device, views,
+    oof = predict(run.model, run.link, cfg, run.train_images, inputs.va_rows, inputs.meta_va, run.augment, run.device, views,
                   "oof")
     metrics = fold_metrics(inputs.y_va, oof)
     metrics.update(fold=fold, best_epoch=state.best_epoch + 1, epochs_run=len(state.history),
                    wall_time_s=sum(h["epoch_time_s"] for h in state.history) + time.time() - t_pred,
                    tta_views=views, params=count_parameters(run.model), fingerprint=run.current)
-    test = predict(run.model, cfg, run.test_images, np.arange(len(inputs.meta_te)), inputs.meta_te, run.augment,
+    test = predict(run.model, run.link, cfg, run.test_images, np.arange(len(inputs.meta_te)), inputs.meta_te, run.augment,
                    run.device, views, "test")
     ExperimentDir(cfg).write_fold(fold, probs_frame(inputs.va_ids, oof), probs_frame(inputs.test_ids, test), metrics,
                                   pd.DataFrame(state.history))

@@ -95,31 +95,22 @@ def test_a_checkpoint_of_another_network_is_named(mini_data, unfinished, tmp_pat
         run_experiment(_cfg(mini_data, out), folds="0")
 
 
-def test_a_fold_left_in_progress_by_the_earlier_layout_resumes(mini_data, unfinished, tmp_path):
-    """Checkpoints and fingerprints written before fusion heads were parts of their own (the classifier as
-    ``head.weight``, fingerprints without a version listing the keys of the time) resume, and end as the same fold
-    resumed from today's files."""
+def test_a_fold_made_by_an_earlier_version_is_refused_in_one_line_and_retrained_on_request(mini_data, unfinished,
+                                                                                        tmp_path):
+    """A fold whose fingerprint is of another version (an earlier layout of the project) is not translated: the run
+    stops in one line saying what to do, and retrain=true retrains it."""
     import json
 
-    today, earlier = _copy(unfinished, tmp_path / "a"), _copy(unfinished, tmp_path / "b")
-    fold = earlier / "exp001" / "fold0"
-    for name in ("last.pt", "best.pt"):
-        ckpt = torch.load(fold / name, weights_only=True)
-        ckpt["model"] = {k.replace("head.classifier.", "head."): v for k, v in ckpt["model"].items()}
-        ckpt.pop("fused", None)
-        if "fingerprint" in ckpt:
-            ckpt["fingerprint"] = _earlier_fingerprint(ckpt["fingerprint"])
-        torch.save(ckpt, fold / name)
+    from src.experiment import StaleOutputs
+
+    out = _copy(unfinished, tmp_path / "a")
+    fold = out / "exp001" / "fold0"
     saved = json.loads((fold / "fingerprint.json").read_text())
-    (fold / "fingerprint.json").write_text(json.dumps(_earlier_fingerprint(saved)))
-    run_experiment(_cfg(mini_data, today), folds="0")
-    run_experiment(_cfg(mini_data, earlier), folds="0")
-    assert (fold / "oof.csv").read_bytes() == (today / "exp001" / "fold0" / "oof.csv").read_bytes()
-
-
-def _earlier_fingerprint(current: dict) -> dict:
-    """``current`` as the earlier version wrote it: no version, no experiment, the keys of that version."""
-    settings = {k: v for k, v in current["settings"].items() if k != "experiment"}
-    settings.update(model="image", meta_mode="concat", meta_hidden=128, meta_dropout=0.3, head_dropout=0.0,
-                    embed_norm=False, max_steps_per_epoch=0)
-    return {"settings": settings, "data": current["data"]}
+    (fold / "fingerprint.json").write_text(json.dumps({**saved, "version": 2}))
+    with pytest.raises(StaleOutputs) as err:
+        run_experiment(_cfg(mini_data, out), folds="0")
+    assert "\n" not in str(err.value)
+    assert "fold(s) [0] were made by another version of the project (fingerprint version 2, this one 3)" in \
+        str(err.value) and "retrain=true" in str(err.value)
+    run_experiment(_cfg(mini_data, out), folds="0", retrain=True)
+    assert json.loads((fold / "fingerprint.json").read_text())["version"] == 3 and (fold / "metrics.json").is_file()

@@ -25,7 +25,7 @@ def test_cli_overrides_are_typed():
     ("tta=maybe", "expected a bool"),
     ("loss=focal", "is not one of"),
     ("folds=7", "folds= is an argument of `bash run.sh EXP`, not a setting"),
-    ("class_mult=FOO=2", "unknown class 'FOO'"),
+    ("class_mult=FOO=2", "class_mult='FOO=2': unknown class 'FOO'"),
     ("epochs", "is not key=value"),
     ("epochs=-1", "epochs=-1: must be >= 0"),
     ("name=../elsewhere", "use a plain name"),
@@ -57,10 +57,13 @@ def test_settings_that_train_nothing_are_refused():
 
 
 def test_python_values_of_wrong_type_are_refused():
+    cfg = load_config("exp001")
     with pytest.raises(ConfigError, match="expected an int"):
-        Config().replace(epochs=2.5)
+        cfg.replace(epochs=2.5)
     with pytest.raises(ConfigError, match="expected an int, got a bool"):
-        Config().replace(epochs=True)
+        cfg.replace(epochs=True)
+    with pytest.raises(ConfigError, match="unknown config key 'epochs'"):   # a Config of no experiment: paths only
+        Config().replace(epochs=2)
 
 
 def test_unknown_experiment_lists_known_ones():
@@ -97,11 +100,23 @@ def test_saved_config_round_trips(tmp_path):
         config_from_dict({**data, "embed_norm": False})
 
 
-def test_help_lists_every_key():
+def test_help_lists_every_key_by_the_part_that_reads_it():
+    from src.config import experiment_keys
+
     text = describe(load_config("exp002"))
-    for key in [*KEYS, "meta_features", "stage1_weight_decay", "meta_hidden"]:
+    for key in [*KEYS, *experiment_keys("exp002")]:
         assert f"  {key} " in text
-    assert "[exp002's own (exp/exp002/train.py)]" in text and "folds=0,2" in text
+    assert "folds=0,2" in text
+    group = {}
+    for line in text.splitlines():
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif line.startswith("  ") and "=" in line:
+            group[line.split()[0]] = current
+    assert (group["meta_hidden"], group["backbone"], group["stage1_weight_decay"], group["meta_features"]) == (
+        "network", "network", "optimizer", "features")
+    assert (group["label_smoothing"], group["mixup_alpha"], group["aug_color"], group["tta"], group["device"]) == (
+        "loss", "mixing", "augmentation", "training", "speed")
 
 
 def test_written_files_get_ordinary_permissions(tmp_path):
@@ -146,14 +161,18 @@ def test_the_demo_settings_apply_on_top_of_any_experiment():
     assert load_config("exp002", preset="demo").loss == load_config("exp002").loss == "ce"
     # keys of the demo's parent that another experiment does not have are skipped, not refused
     assert load_config("exp000", preset="demo").own == {"tabular_models": "lrx"}
+    assert load_config("exp000", preset="demo").data_dir == demo["data_dir"]
     with pytest.raises(ConfigError, match="exp/demo is a preset"):
         load_config("demo")
 
 
-def test_every_shared_key_is_declared_once_with_its_help_range_and_effect():
-    assert len(KEYS) <= 55 and sum(len(g) for g in SHARED.values()) == len(KEYS)   # no key in two groups
-    assert set(SHARED) == {"data", "network", "augmentation", "loss", "training", "speed", "decision", "tracking"}
-    for name, spec in KEYS.items():
+@pytest.mark.parametrize("name", experiment_names())
+def test_every_key_is_declared_once_with_its_help_range_and_effect(name):
+    from src.config import experiment_keys
+
+    assert sum(len(g) for g in SHARED.values()) == len(KEYS)   # no shared key in two groups
+    assert set(SHARED) == {"data", "decision", "tracking"}     # what every kind of run reads
+    for name, spec in {**KEYS, **experiment_keys(name)}.items():
         assert spec.help.strip() and isinstance(spec.results, bool), name
         if spec.type in ("int", "float"):
             assert spec.low is not None or spec.high is not None, f"{name}: no range"
@@ -173,8 +192,8 @@ def test_every_shared_key_is_read_by_some_code():
 
     root = Path(__file__).resolve().parent.parent
     code = "\n".join(p.read_text() for d in ("src", "exp") for p in (root / d).rglob("*.py")
-                     if p.name != "config.py" or p.parent.name != "src")
-    unread = [k for k in KEYS if not re.search(rf"(cfg|self\.cfg|c|first|s\.cfg)\.{k}\b|\"{k}\"", code)]
+                     if p.name not in ("config.py", "settings.py") or p.parent.name != "src")
+    unread = [k for k in KEYS if not re.search(rf"(cfg|self\.cfg|c|first|s\.cfg|base)\.{k}\b|\"{k}\"", code)]
     assert unread == []
 
 

@@ -21,11 +21,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from exp.exp001.train import KEYS as PARENT_KEYS, RECIPE as PARENT
-from src.config import key
-from src.model import DualNet, backbones
-
-KEYS = {**PARENT_KEYS, "mix_width": key(4, "width of the product features", results=True, low=1)}
+from exp.exp001.train import RECIPE as PARENT
+from src.config import key, reads
+from src.model import BACKBONE_KEYS, DualNet, backbones
 
 
 class ProductHead(nn.Module):
@@ -40,6 +38,7 @@ class ProductHead(nn.Module):
         return self.classifier(torch.cat([emb, meta, prod], dim=1)), None
 
 
+@reads(BACKBONE_KEYS, mix_width=key(4, "width of the product features", results=True, low=1))
 def network(cfg, n_meta, n_aux):
     clin, derm = backbones(cfg)
     return DualNet(clin, derm, ProductHead(2 * clin.num_features, n_meta, 11, cfg.mix_width))

@@ -78,11 +78,10 @@ def predict_validation(cfg, fold: int, data: Prepared, weights: dict) -> np.ndar
     recipe = experiment_recipe(cfg.experiment)
     inputs = train_module.fold_inputs(recipe, cfg, fold, data)
     device = torch.device("cpu")
-    net = recipe.network(cfg, inputs.meta_tr.shape[1], len(inputs.aux_vocab))
-    model, augment = train_module.setup_model(cfg, net, device)
+    model, augment = recipe.build(cfg, inputs.meta_tr.shape[1], len(inputs.aux_vocab), device)
     model.load_state_dict(weights)
-    return train_module.predict(model, cfg, data.train_cache, inputs.va_rows, inputs.meta_va, augment, device, 1,
-                                "check")
+    return train_module.predict(model, torch.sigmoid, cfg, data.train_cache, inputs.va_rows, inputs.meta_va, augment,
+                                device, 1, "check")
 
 
 def spy_metadata_fits(monkeypatch) -> list[list[str]]:
@@ -152,7 +151,7 @@ def failing_to_csv(monkeypatch, only: str = "") -> None:
 def test_metadata_encoder_is_fitted_on_the_fold_training_rows_only(mini_data, tmp_path, cache_dir, monkeypatch):
     """Catches a metadata transform fitted on training and validation rows together (e.g. ``fold_inputs`` fitting
     on ``data.train`` instead of the fold's training rows): the validation lesions get an age of 100 and one of
-    them a site no training lesion has, so any leak shows in the saved encoder.json."""
+    them a site no training lesion has, so any leak shows in the saved features.json."""
     cfg = make_cfg(mini_data, tmp_path, cache_dir, stage1_epochs=1, epochs=0)
     data = prepare(cfg)
     val = data.folds == FOLD
@@ -167,7 +166,7 @@ def test_metadata_encoder_is_fitted_on_the_fold_training_rows_only(mini_data, tm
     train_rows = lesions[data.folds != FOLD]
     assert len(train_rows) == 96 and (~val).sum() == 96           # 120 lesions in 5 folds of 24
     assert len(fits) == 1 and fits[0] == train_rows["lesion_id"].tolist()
-    saved = json.loads((cfg.fold_dir(FOLD) / "encoder.json").read_text())
+    saved = json.loads((cfg.fold_dir(FOLD) / "features.json").read_text())["encoder"]
     ages = train_rows["age_approx"].dropna().to_numpy(np.float64)
     assert saved["age"]["median"] == pytest.approx(float(np.median(ages)))
     assert saved["age"]["mean"] == pytest.approx(float(ages.mean()))

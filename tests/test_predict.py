@@ -132,18 +132,6 @@ def test_a_metadata_only_source_needs_no_images(trained, tmp_path):
     assert_same(out, trained["subs"] / "exp000.csv")
 
 
-def test_a_fold_trained_before_features_were_saved_refits_them(trained, tmp_path):
-    """An image fold without features.json (trained by an earlier version): its 'interactions' transform is refitted
-    on the fold's training rows and checked against its encoder.json; the prediction is unchanged."""
-    out = tmp_path / "out"
-    shutil.copytree(trained["out"], out, ignore=shutil.ignore_patterns("cache", "last.pt"))
-    for f in out.glob("exp001/fold*/features.json"):
-        f.unlink()
-    where = [f"output_dir={out}", f"submission_dir={out / 'subs'}"]
-    assert cli(["predict", "exp001", "--data", str(trained["data"]), *where, "--out", str(tmp_path / "p.csv")]) == 0
-    assert_same(tmp_path / "p.csv", trained["subs"] / "exp001.csv")
-
-
 def test_a_stacker_predicts_from_its_inputs(trained, tmp_path):
     where = trained["where"]
     cfg = load_config("stack001", [f"data_dir={trained['data']}", *where, "n_folds=2", "stack_inputs=exp000,exp001",

@@ -84,7 +84,7 @@ def test_outputs_complete(mini_data, stacked):
     train, test = load_train(mini_data, check_images=False), load_test(mini_data, check_images=False)
     for k in range(cfg.n_folds):
         assert ExperimentDir(cfg).fold_done(k)
-        assert all((cfg.fold_dir(k) / f).is_file() for f in ("oof.csv", "test.csv", "encoder.json", "config.json"))
+        assert all((cfg.fold_dir(k) / f).is_file() for f in ("oof.csv", "test.csv", "features.json", "config.json"))
     oof, tst = pd.read_csv(cfg.exp_dir() / "oof.csv"), pd.read_csv(cfg.exp_dir() / "test.csv")
     assert oof["lesion_id"].tolist() == train["lesion_id"].tolist()
     assert sorted(tst["lesion_id"]) == sorted(test["lesion_id"])

@@ -7,7 +7,8 @@ import torch
 
 from src.config import experiment_recipe, load_config
 from src.data import CLASSES
-from src.step import build_stage, class_weights, lr_lambda, mix, setup_model
+from src.loss import class_weights
+from src.step import build_stage, lr_lambda, mix, setup_model
 
 
 def _labels(counts):

@@ -18,7 +18,7 @@ from src.experiment import ExperimentDir
 from src.runner import run_experiment
 from src.tabular import MODELS, fit_predict, parse_models
 
-FOLD_FILES = ("oof.csv", "test.csv", "encoder.json", "config.json", "metrics.json")
+FOLD_FILES = ("oof.csv", "test.csv", "features.json", "config.json", "metrics.json")
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +74,7 @@ def test_deterministic(mini_data, mini_run, tmp_path):
     cfg, _ = mini_run
     again = exp000(mini_data, tmp_path)
     assert not run_experiment(again, folds="3")["complete"]
-    for name in ("oof.csv", "test.csv", "encoder.json"):
+    for name in ("oof.csv", "test.csv", "features.json"):
         assert (again.fold_dir(3) / name).read_bytes() == (cfg.fold_dir(3) / name).read_bytes()
 
 

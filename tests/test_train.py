@@ -115,7 +115,7 @@ def test_fold_outputs_follow_the_submission_format(mini_data, tmp_path):
     for key in ("macro_f1", "f1", "auc", "accuracy", "loss", "epochs_run", "wall_time_s"):
         assert key in m
     assert m["tta_views"] == 8 and m["epochs_run"] == 2
-    for name in ("best.pt", "encoder.json", "config.json", "history.csv"):
+    for name in ("best.pt", "features.json", "config.json", "history.csv"):
         assert (cfg.fold_dir(2) / name).is_file()
 
 

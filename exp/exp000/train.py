@@ -1,6 +1,5 @@
 """exp000's code: the tabular recipe (src/tabular.py) on the extended metadata features; which scikit-learn models
 it averages is a value (``tabular_models``, exp/exp000/config.py)."""
-from src.tabular import TABULAR_KEYS, TabularRecipe, extended_features
+from src.tabular import TabularRecipe, extended_features
 
-KEYS = TABULAR_KEYS
 RECIPE = TabularRecipe(features=extended_features)

@@ -8,16 +8,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from exp.exp001.train import KEYS as EXP001_KEYS, RECIPE as EXP001_RECIPE
-from src.config import key
+from exp.exp001.train import RECIPE as EXP001_RECIPE
+from src.config import key, reads
 from src.data import CLASSES
-from src.model import DualNet, backbones
-
-KEYS = {
-    **EXP001_KEYS,
-    "meta_hidden": key(128, "hidden width of the metadata MLP", results=True, low=1),
-    "meta_dropout": key(0.3, "dropout inside the metadata MLP", results=True, low=0, high=1, high_open=True),
-}
+from src.model import BACKBONE_KEYS, DualNet, backbones
 
 
 class MetaMLPHead(nn.Module):
@@ -37,6 +31,9 @@ class MetaMLPHead(nn.Module):
         return self.classifier(z), (self.aux(z) if self.aux is not None else None)
 
 
+@reads(BACKBONE_KEYS,
+       meta_hidden=key(128, "hidden width of the metadata MLP", results=True, low=1),
+       meta_dropout=key(0.3, "dropout inside the metadata MLP", results=True, low=0, high=1, high_open=True))
 def network(cfg, n_meta: int, n_aux: int) -> DualNet:
     clin, derm = backbones(cfg)
     head = MetaMLPHead(2 * clin.num_features, n_meta, len(CLASSES), n_aux, cfg.meta_hidden, cfg.meta_dropout)

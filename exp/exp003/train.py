@@ -4,9 +4,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from exp.exp001.train import KEYS, RECIPE as EXP001_RECIPE  # noqa: F401 (KEYS: exp003 reads exp001's keys)
+from exp.exp001.train import RECIPE as EXP001_RECIPE
+from src.config import reads
 from src.data import CLASSES
-from src.model import DualNet, backbones
+from src.model import BACKBONE_KEYS, DualNet, backbones
 
 
 class GatedHead(nn.Module):
@@ -34,6 +35,7 @@ class GatedHead(nn.Module):
         return self.classifier(z), (self.aux(z) if self.aux is not None else None)
 
 
+@reads(BACKBONE_KEYS)
 def network(cfg, n_meta: int, n_aux: int) -> DualNet:
     clin, derm = backbones(cfg)
     return DualNet(clin, derm, GatedHead(2 * clin.num_features, n_meta, len(CLASSES), n_aux))

@@ -26,7 +26,7 @@ from ..inference import predict
 from ..io_utils import atomic_write_text
 from ..model import count_parameters
 from ..speed.apply import FusedDualNet
-from ..step import Stage, build_stage, setup_model, train_step
+from ..step import Stage, build_stage, train_step
 from ..synth import generate
 from ..speed.device_cache import cache_to_device
 
@@ -124,12 +124,12 @@ class Trainer:
     model: nn.Module
     augment: DeviceAugment
     stage: Stage
-    criterion: Callable
+    objective: Callable
     gen: torch.Generator
 
     def step(self, clin: torch.Tensor, derm: torch.Tensor, meta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """src.step.train_step, as training calls it for exp001 (no mixing, EMA or aux head)."""
-        return train_step(self.cfg, self.stage, self.criterion, clin, derm, meta, y)
+        return train_step(self.cfg, self.stage, self.objective, clin, derm, meta, y)
 
     def pair_step(self, batch) -> float:
         """One step from a PairDataset batch: to the device, DeviceAugment's train path, then ``step``."""
@@ -141,10 +141,9 @@ class Trainer:
 
 
 def build(cfg: Config, device: torch.device, n_meta: int) -> tuple[nn.Module, DeviceAugment]:
-    """Model and augmentation exactly as training sets them up: the experiment's network part, then
-    src.step.setup_model."""
+    """Model and augmentation exactly as training sets them up (the experiment's ``recipe.build``)."""
     torch.manual_seed(cfg.seed)
-    return setup_model(cfg, experiment_recipe(cfg.experiment).network(cfg, n_meta, 0), device)
+    return experiment_recipe(cfg.experiment).build(cfg, n_meta, 0, device)
 
 
 def make_trainer(cfg: Config, device: torch.device, n_meta: int, y: np.ndarray, stage: int,
@@ -153,7 +152,8 @@ def make_trainer(cfg: Config, device: torch.device, n_meta: int, y: np.ndarray, 
     model, augment = build(cfg, device, n_meta)
     built = build_stage(cfg, model, stage, steps_per_epoch, device, optimizer=recipe.optimizer)
     built.train_mode()
-    return Trainer(cfg, device, model, augment, built, recipe.loss(cfg, y), torch.Generator().manual_seed(cfg.seed))
+    return Trainer(cfg, device, model, augment, built, recipe.loss.objective(cfg, y),
+                   torch.Generator().manual_seed(cfg.seed))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -297,10 +297,11 @@ def bench_predict(s: Settings, data: BenchData, views: int) -> dict:
         model, augment = build(cfg, dev, data.meta.shape[1])
         images = cache_to_device(data.cache, dev) if s.on_device else data.cache
         warm = min(len(rows), cfg.eval_batch_size * max(1, s.warmup))
-        predict(model, cfg, images, rows[:warm], meta[:warm], augment, dev, views, "warm-up")
+        link = experiment_recipe(cfg.experiment).loss.link(cfg)
+        predict(model, link, cfg, images, rows[:warm], meta[:warm], augment, dev, views, "warm-up")
         _sync(dev)
         start = time.perf_counter()
-        predict(model, cfg, images, rows, meta, augment, dev, views, "bench")
+        predict(model, link, cfg, images, rows, meta, augment, dev, views, "bench")
         _sync(dev)
         seconds = time.perf_counter() - start
     return _row(len(rows), seconds, mem, views=views)
