@@ -55,15 +55,15 @@ case "$cmd" in
   setup) setup ;;
   test) setup; exec "$PY" -m pytest -q tests "$@" ;;
   demo) setup; exec "$PY" -m src.cli demo "$@" ;;
-  download) setup; exec "$PY" -m src.download "$@" ;;
-  synth) setup; exec "$PY" -m src.synth "$@" ;;
+  download) setup; exec "$PY" -m src.tools.download "$@" ;;
+  synth) setup; exec "$PY" -m src.tools.synth "$@" ;;
   score) setup; exec "$PY" -m src.scoring "$@" ;;
   blend) setup; exec "$PY" -m src.cli blend "$@" ;;
   tune) setup; exec "$PY" -m src.cli tune "$@" ;;
   spread) setup; exec "$PY" -m src.cli spread "$@" ;;
   predict) setup; exec "$PY" -m src.cli predict "$@" ;;
   export) setup; exec "$PY" -m src.cli export "$@" ;;
-  bench) setup; exec "$PY" -m src.bench "$@" ;;
+  bench) setup; exec "$PY" -m src.tools.bench "$@" ;;
   *)
     if [[ -f "exp/$cmd/config.py" ]]; then
       setup; exec "$PY" -m src.cli run "$cmd" "$@"

@@ -15,7 +15,7 @@ from scipy.optimize import minimize
 from scipy.special import softmax
 from sklearn.metrics import roc_auc_score
 
-from .config import Config, apply_overrides, load_config, parse_cli_overrides
+from .config import Config, apply_overrides, load_named, parse_cli_overrides
 from .data import CLASSES
 from .decision import RULES, fold_probabilities, honest_oof, tune_thresholds
 from .experiment import ExperimentDir, Lesions, data_fingerprint
@@ -42,7 +42,7 @@ class BlendError(ValueError):
 
 
 @dataclass(frozen=True)
-class Member:
+class BlendInput:
     cfg: Config
     oof: np.ndarray  # (training lesions, 11) in training order
     test: np.ndarray  # (test lesions, 11) in the order of the first experiment's test.csv
@@ -52,11 +52,12 @@ class Member:
 # inputs
 # ----------------------------------------------------------------------------------------------------
 def resolve_configs(experiments: Sequence[str | Config], overrides: list[str] | None = None) -> list[Config]:
-    """Configs of the experiments: names are loaded with ``overrides``; Config objects get them applied."""
+    """Configs of the experiments: names (experiment folders, or runs given ``name=``) are loaded with
+    ``overrides``; Config objects get them applied."""
     if not experiments:
         raise BlendError("no experiments to blend")
     cli = parse_cli_overrides(overrides or [])
-    cfgs = [load_config(e, overrides) if isinstance(e, str) else apply_overrides(e, cli, "command line")
+    cfgs = [load_named(e, overrides) if isinstance(e, str) else apply_overrides(e, cli, "command line")
             for e in experiments]
     names = [c.name for c in cfgs]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -104,16 +105,16 @@ def check_current(cfg: Config, current: dict) -> None:
                          f"{what} changed since): its scores would be wrong; rerun it with retrain=true")
 
 
-def load_members(cfgs: list[Config], train: pd.DataFrame) -> tuple[list[Member], list[str]]:
+def load_members(cfgs: list[Config], train: pd.DataFrame) -> tuple[list[BlendInput], list[str]]:
     """Each experiment's OOF (training order) and test probabilities; all must cover the same lesions."""
     train_ids = train["lesion_id"].tolist()
-    members: list[Member] = []
+    members: list[BlendInput] = []
     test_ids: list[str] | None = None
     for cfg in cfgs:
         oof = _read_probs(cfg, "oof.csv", train_ids)
         test = _read_probs(cfg, "test.csv", test_ids)
         test_ids = test_ids or test.index.tolist()
-        members.append(Member(cfg, oof.to_numpy(np.float64), test.to_numpy(np.float64)))
+        members.append(BlendInput(cfg, oof.to_numpy(np.float64), test.to_numpy(np.float64)))
     assert test_ids is not None
     return members, test_ids
 

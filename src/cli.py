@@ -71,7 +71,7 @@ def cmd_run(name: str, args: list[str], demo: bool = False) -> int:
 def make_demo_data(cfg) -> None:
     """The generated miniature MILK10k the demo trains on, made on first use."""
     from .config import experiment_module
-    from .synth import generate
+    from .tools.synth import generate
 
     data_dir = Path(cfg.data_dir)
     if not (data_dir / "MILK10k_Training_Metadata.csv").is_file():
@@ -98,8 +98,9 @@ def cmd_demo(args: list[str]) -> int:
     if args and args[0] == "blend":
         from .submission import main as blend_main
 
-        demo = experiment_module(DEMO).OVERRIDES
-        return blend_main(args[1:] + [f"{k}={demo[k]}" for k in ("data_dir", "output_dir", "submission_dir")])
+        demo, given = experiment_module(DEMO).OVERRIDES, {a.split("=", 1)[0] for a in args if "=" in a}
+        return blend_main(args[1:] + [f"{k}={demo[k]}" for k in ("data_dir", "output_dir", "submission_dir")
+                                      if k not in given])
     name = args.pop(0) if args and "=" not in args[0] and not args[0].startswith("-") else "exp001"
     return cmd_run(name, args, demo=True)
 
@@ -149,7 +150,7 @@ USER_ERRORS = {
     "src.preflight": ("SetupError",), "src.blend": ("BlendError",), "src.scoring": ("SubmissionError",),
     "src.stacker": ("StackError",), "src.model": ("WeightsUnavailable",),
     "src.speed.fuse": ("FusionUnsupported",), "src.train": ("NonFiniteLoss", "CheckpointError"),
-    "src.predict_source": ("PredictError",), "src.bundle": ("BundleError",),
+    "src.deliver.source": ("PredictError",), "src.deliver.bundle": ("BundleError",),
 }
 FIXABLE_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
@@ -197,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "tune":
             return cmd_tune(rest)
         if cmd == "predict":
-            from .predict_cli import main as predict_main
+            from .deliver.cli import main as predict_main
 
             return predict_main(rest)
         if cmd == "export":
-            from .export import main as export_main
+            from .deliver.export import main as export_main
 
             return export_main(rest)
         if cmd == "spread":

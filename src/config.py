@@ -449,6 +449,26 @@ def load_config(name: str, cli: list[str] | dict[str, Any] | None = None, preset
     return cfg
 
 
+def load_named(name: str, cli: list[str] | None = None) -> "Config":
+    """The config of ``name``: an experiment folder (``load_config``), or else a run given ``name=`` (the settings it
+    saved in ``<output_dir>/<name>/config.json``, output_dir as ``cli`` gives it); ``cli`` applied last (only the keys
+    that run has)."""
+    if experiment_dir(name) is not None:
+        return load_config(name, cli)
+    pairs = parse_cli_overrides(cli or [])
+    saved = Path(pairs.get("output_dir", KEYS["output_dir"].default)) / (name or "?") / "config.json"
+    if not PLAIN_NAME.fullmatch(name or "") or ".." in name or not saved.is_file():
+        raise ConfigError(f"no experiment {name!r} (no exp/{name}/config.py; known: "
+                          f"{', '.join(experiment_names()) or 'none'}) and no run of that name ({saved} is missing; "
+                          "give output_dir= where it was trained)")
+    try:
+        values = json.loads(saved.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{saved}: not a saved config ({exc})") from None
+    cfg = config_from_dict(values, source=str(saved))
+    return apply_overrides(cfg, {k: v for k, v in pairs.items() if k in cfg.declared()}, "command line")
+
+
 def describe(cfg: "Config") -> str:
     """The ``--help`` text: every key, by concern, with its type, resolved value, allowed values and meaning."""
     lines = [f"Keys of {cfg.name} (experiment {cfg.experiment}; override any with key=value; * = changes results):"]

@@ -8,8 +8,9 @@ Rules: 'threshold' (thresholds maximising each class's F1 on labelled out-of-fol
 'expected_f1' (label-free: maximise the F1 expected under the predicted probabilities of the batch
 itself), 'none' (the plain 0.5 cut).  Macro F1 is a sum of per-class terms, so tuning each class on
 its own is an exact maximisation of the macro value.  ``decision=auto`` (the default) carries the rule
-with the best honest out-of-fold estimate (``choose_rule``). A new rule is one entry of ``RULES``: blending,
-the submission, tuning, the spread over fold seeds and the demo summary iterate over it.
+with the best honest out-of-fold estimate (``choose_rule``). A new rule is one entry of ``RULES``: the settings'
+choices, blending, the submission and its sidecar, ``predict``, the model card, tuning, the spread over fold seeds and
+the demo summary all read it from there.
 """
 from __future__ import annotations
 
@@ -119,9 +120,10 @@ def expected_f1_thresholds(probs) -> np.ndarray:
 @dataclass(frozen=True)
 class Rule:
     """A decision rule: ``fit(y_fit, p_fit, batch)`` gives the thresholds for the rows of ``batch``; a ``labelled``
-    rule learns them from labelled rows (y_fit, p_fit), a label-free one from the batch itself. ``score_key`` names
-    its honest out-of-fold score in the score tables, ``label`` its column; ``rank`` breaks ties in
-    ``choose_rule`` (lower first: label-free rules need no labelled rows to transfer)."""
+    rule learns them from labelled rows (y_fit, p_fit), a label-free one from the batch itself (a new batch given to
+    ``predict`` gets its own). ``score_key`` names its honest out-of-fold score in the score tables, ``label`` its
+    column, ``meaning`` how that score is made; ``rank`` breaks ties in ``choose_rule`` (lower first: label-free rules
+    need no labelled rows to transfer). ``explain``: what the rule does, in a sentence, for reports and model cards."""
 
     name: str
     labelled: bool
@@ -130,15 +132,26 @@ class Rule:
     label: str
     meaning: str
     rank: int
+    explain: str = ""
+    source: str = ""  # where a submission's thresholds come from, when not the default of its kind
+
+    @property
+    def thresholds_from(self) -> str:
+        """Where a submission's thresholds under this rule come from."""
+        return self.source or ("all blended out-of-fold rows" if self.labelled else "the submitted batch")
 
 
 RULES: dict[str, Rule] = {r.name: r for r in (
     Rule("threshold", True, lambda y, p, batch: tune_thresholds(y, p), "f1_threshold_honest", "thr_hon",
-         "per-class thresholds tuned on the other folds", 1),
+         "per-class thresholds tuned on the other folds", 1,
+         "one threshold per class, the one that maximises that class's F1 on the labelled out-of-fold rows"),
     Rule("expected_f1", False, lambda y, p, batch: expected_f1_thresholds(batch), "f1_expected_f1_honest", "ef1_hon",
-         "expected-F1 thresholds of each held-out fold as its own batch", 0),
+         "expected-F1 thresholds of each held-out fold as its own batch", 0,
+         "per class, the top-k of the batch that maximises the F1 expected under the model's own probabilities "
+         "(label-free; it transfers better where a class has too few lesions to tune a threshold on)"),
     Rule("none", False, lambda y, p, batch: np.full(np.shape(batch)[1], 0.5), "f1_raw", "f1@0.5",
-         "macro F1 of the raw probabilities cut at 0.5", 2),
+         "macro F1 of the raw probabilities cut at 0.5", 2, "the probabilities cut at 0.5 as they are",
+         "the plain 0.5 cut"),
 )}
 
 
@@ -209,7 +222,7 @@ def choose_rule(setting: str, honest: dict[str, float]) -> tuple[str, str]:
     return best, f"decision=auto: {best} has the best honest CV ({listed}){note}"
 
 
-def decide(rule: str, y_true, oof, batch) -> np.ndarray:
+def submitted_thresholds(rule: str, y_true, oof, batch) -> np.ndarray:
     """The thresholds a submission of ``batch`` carries under ``rule``: tuned on all labelled out-of-fold rows
     (y_true, oof) for a labelled rule, from the batch itself for a label-free one."""
     r = get_rule(rule)

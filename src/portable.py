@@ -1,7 +1,7 @@
 """Fitted scikit-learn parts as plain numbers: a JSON-able dict out, the same fitted object back, nothing in between
 that can run code.
 
-A fold folder and an export (src/export.py) keep the fitted metadata transform and the tabular models in this form
+A fold folder and an export (src/deliver/export.py) keep the fitted metadata transform and the tabular models in this form
 instead of pickles. Supported: ``Pipeline`` of ``StandardScaler``, ``SplineTransformer``, ``LogisticRegression`` and
 the project's ``InteractionFeatures``; the rebuilt object is the same class with the same fitted attributes, so it
 computes exactly what the fitted one computed (floats round-trip through JSON exactly). Anything else

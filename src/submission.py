@@ -25,9 +25,9 @@ import pandas as pd
 
 from .blend import (BLEND, HONEST_KEY, SCORES, Blend, BlendError, blend_experiments, format_scores, resolve_configs,
                     score_frame, score_legend)
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_named
 from .data import CLASSES, DataError, load_test, load_train
-from .decision import RULES, choose_rule, decide as rule_thresholds, fold_probabilities
+from .decision import RULES, choose_rule, fold_probabilities, submitted_thresholds
 from .experiment import probs_frame
 from .io_utils import atomic_write_many
 from .preflight import check_outputs
@@ -36,8 +36,6 @@ from .scoring import SubmissionError, read_prediction_csv
 from .tracking import Tracker
 
 HEADER = ["lesion_id", *CLASSES]
-THRESHOLDS_FROM = {"threshold": "all blended out-of-fold rows", "expected_f1": "the blended test batch",
-                   "none": "the plain 0.5 cut"}
 
 
 @dataclass(frozen=True)
@@ -53,13 +51,13 @@ class Decision:
     honest_cv: float
 
 
-def decide(blend: Blend, setting: str, y: np.ndarray) -> Decision:
+def choose_decision(blend: Blend, setting: str, y: np.ndarray) -> Decision:
     """The rule ``setting`` names ('auto': the one with the best honest CV of the blend) applied to the blended
     test probabilities (a labelled rule tuned on every blended out-of-fold row, ``y`` their labels); its honest
     out-of-fold decisions and score come along."""
     cv = {r: blend.scores[BLEND][HONEST_KEY[r]] for r in RULES}
     rule, reason = choose_rule(setting, cv)
-    thresholds = rule_thresholds(rule, y, blend.oof, blend.test)
+    thresholds = submitted_thresholds(rule, y, blend.oof, blend.test)
     honest, info = blend.evals[BLEND].honest[rule]
     return Decision(rule, reason, thresholds,
                     probs_frame(blend.test_ids, fold_probabilities(blend.test, thresholds)), honest, info, cv[rule])
@@ -121,7 +119,7 @@ def write_submission(cfg: Config, name: str, blend: Blend, decision: Decision, t
         "name": name, "experiments": [c.name for c in blend.cfgs], "weights": blend.weights, "decision": rule,
         "decision_setting": first.decision, "decision_reason": decision.reason,
         "blend_in_sample_honest": blend.evals[BLEND].in_sample_honest,
-        "thresholds": dict(zip(CLASSES, map(float, decision.thresholds))), "thresholds_from": THRESHOLDS_FROM[rule],
+        "thresholds": dict(zip(CLASSES, map(float, decision.thresholds))), "thresholds_from": RULES[rule].thresholds_from,
         "cv_macro_f1_honest": decision.honest_cv, "cv_scores": blend.scores,
         "score_meanings": {k: v[1] for k, v in SCORES.items()},
         "honest_per_fold_thresholds": decision.honest_info["per_fold_thresholds"],
@@ -142,7 +140,7 @@ def report(cfg: Config, name: str, blend: Blend, decision: Decision, train: pd.D
     """The blend report (per-class table, confusion matrix, threshold curves, subgroups) and its W&B run."""
     rule = decision.rule
     preamble = "\n\n".join([
-        f"Experiments {', '.join(blend.weights)}; decision rule **{rule}** (thresholds from {THRESHOLDS_FROM[rule]}); "
+        f"Experiments {', '.join(blend.weights)}; decision rule **{rule}** (thresholds from {RULES[rule].thresholds_from}); "
         f"honest CV macro F1 of the blend **{decision.honest_cv:.4f}**. Submission: `{paths['submission']}`.",
         decision.reason + ".",
         "## Out-of-fold scores", markdown_table(score_frame(blend.scores, blend.weights, rule)), score_legend(rule)])
@@ -172,7 +170,7 @@ def finalize(cfg: Config, experiments: Sequence[str | Config], name: str | None 
     test = load_test(cfg.data_dir, check_images=False)
     check_outputs(cfg)
     blend = blend_experiments(cfgs, train, test)
-    decision = decide(blend, cfgs[0].decision, train[CLASSES].to_numpy(np.float64))
+    decision = choose_decision(blend, cfgs[0].decision, train[CLASSES].to_numpy(np.float64))
     rule = decision.rule
     print(f"[blend] out-of-fold scores on {len(train)} training lesions, {len(np.unique(blend.folds))} folds:")
     print(format_scores(blend.scores, blend.weights, rule), flush=True)
@@ -204,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not experiments:
             raise BlendError("name at least one experiment to blend")
-        cfg = load_config(experiments[0], overrides)
+        cfg = load_named(experiments[0], overrides)
         finalize(cfg, experiments, name=ns.name, overrides=overrides)
     except (BlendError, SubmissionError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

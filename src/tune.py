@@ -1,8 +1,11 @@
-"""Optuna study over the loss weighting and the learning rates, scored AFTER the decision rule.
+"""Optuna study over an experiment's search space, scored AFTER the decision rule.
 
 Each trial trains a few folds briefly (``--folds``, ``--epochs``) and returns the honest out-of-fold macro
 F1 of the configured decision rule on those folds: loss weights and thresholds interact, so the weights are
-judged the way the submission will be. The search includes ``pos_weight_power = 0`` (no weighting).
+judged the way the submission will be. The search space is the experiment's own ``search(trial) -> {key: value}``
+in its train.py where it declares one (its own keys, e.g. a focal loss's gamma, beside or instead of the library's),
+else the library's ``suggest``: the loss weighting (including ``pos_weight_power = 0``, no weighting) and the
+learning rates. ``--write-best NAME`` writes the best trial's values as a child experiment.
 
 The study lives in a storage URL (default: a SQLite file under <output_dir>/<exp>/tune/), so it resumes after an
 interruption, can be inspected with optuna's own tools, and is shared: ``bash run.sh tune exp001`` started N
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, ConfigError, load_config, parse_folds
+from .config import Config, ConfigError, experiment_script, load_config, parse_folds
 from .data import CLASSES
 from .io_utils import HOST, atomic_write_text, pid_alive
 
@@ -80,8 +83,11 @@ def join_study(url: str, name: str, sampler, attempts: int = 8):
     raise AssertionError("unreachable")
 
 
+SUGGESTED = ("pos_weight_power", "class_mult", "lr", "backbone_lr")  # the keys the library's search sets
+
+
 def suggest(trial) -> dict:
-    """The searched keys, as config overrides."""
+    """The library's search space, as config overrides: the loss weighting and the stage-2 learning rates."""
     power = trial.suggest_float("pos_weight_power", 0.0, 1.0)
     rare = trial.suggest_float("rare_mult", 0.5, 4.0, log=True)
     return {
@@ -90,6 +96,19 @@ def suggest(trial) -> dict:
         "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
         "backbone_lr": trial.suggest_float("backbone_lr", 1e-5, 3e-4, log=True),
     }
+
+
+def search_space(cfg: Config):
+    """``search(trial) -> overrides``: the experiment's own (``search`` in its train.py), else the library's
+    ``suggest``, which needs the keys it sets."""
+    own = getattr(experiment_script(cfg.experiment), "search", None)
+    if own is not None:
+        return own
+    missing = [k for k in SUGGESTED if k not in cfg.own]
+    if missing:
+        raise ConfigError(f"{cfg.name}: tune's default search sets {missing}, which experiment {cfg.experiment} does "
+                          f"not have; declare its own search(trial) -> {{key: value}} in exp/{cfg.experiment}/train.py")
+    return suggest
 
 
 def trial_config(cfg: Config, params: dict, epochs: int) -> Config:
@@ -204,6 +223,7 @@ def run_tune(cfg: Config, args: TuneArgs = TuneArgs(), data=None) -> "object":
     from .tracking import Tracker
 
     check_tune(cfg, args.folds, args.epochs)
+    space = search_space(cfg)
     check_image_run(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage_url(cfg, args.storage)
@@ -219,7 +239,8 @@ def run_tune(cfg: Config, args: TuneArgs = TuneArgs(), data=None) -> "object":
         if not _may_run(study, trial, args.trials):
             blocked = True
             raise optuna.TrialPruned("the study already has its trials")
-        params = suggest(trial)
+        params = space(trial)
+        trial.set_user_attr("overrides", params)
         tcfg = trial_config(cfg, params, args.epochs)
         trial.set_user_attr("trial_dir", str(tcfg.exp_dir()))
         value = evaluate(tcfg, data, args.folds)
@@ -247,17 +268,16 @@ def run_tune(cfg: Config, args: TuneArgs = TuneArgs(), data=None) -> "object":
 
 
 def write_best(cfg: Config, study, name: str, args: TuneArgs = TuneArgs()) -> Path:
-    """exp/<name>/: the tuned experiment as a child of ``cfg``'s experiment: config.py with the trial's values and
-    a train.py that reuses its parent's code."""
+    """exp/<name>/: the tuned experiment as a child of ``cfg``'s experiment: config.py with the best trial's values
+    (the overrides its search gave) and a train.py that reuses its parent's code."""
     from .config import EXP_ROOT, PLAIN_NAME
 
     if not PLAIN_NAME.fullmatch(name) or ".." in name:
         raise ConfigError(f"--write-best {name!r}: use a plain name (letters, digits, '.', '_', '-'; no '/' and no "
                           "'..'), e.g. --write-best exp004")
     best = study.best_trial
-    params = {k: v for k, v in best.params.items() if k != "rare_mult"}
-    params["class_mult"] = ",".join(f"{c}={best.params['rare_mult']:.4g}" for c in RARE)
-    lines = [f'"""{name}: {cfg.experiment} with the loss weighting and learning rates of Optuna trial {best.number}.',
+    params = best.user_attrs["overrides"]
+    lines = [f'"""{name}: {cfg.experiment} with the values of Optuna trial {best.number} ({", ".join(sorted(params))}).',
              "", f"Honest out-of-fold macro F1 after the '{cfg.decision}' rule on folds {args.folds} "
              f"({args.epochs} stage-2 epochs per trial): {best.value:.4f}.", '"""',
              f'PARENT = "{cfg.experiment}"', "OVERRIDES = dict("]

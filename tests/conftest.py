@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from src.config import experiment_module
-from src.synth import generate
+from src.tools.synth import generate
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}

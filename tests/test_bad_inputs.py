@@ -15,10 +15,10 @@ import pytest
 from src.cache import build_cache
 from src.data import (CLASSES, TEST_IMAGES, TEST_METADATA, TRAIN_GROUND_TRUTH, TRAIN_IMAGES, TRAIN_METADATA,
                       DataError, load_test, load_train)
-from src.download import verify
+from src.tools.download import verify
 from src.features import MetadataEncoder
 from src.scoring import read_prediction_csv
-from src.synth import generate
+from src.tools.synth import generate
 
 from .conftest import REPO, get_field, read_rows, set_field, write_rows
 

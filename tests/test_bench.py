@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from src.bench import main as bench, rows as bench_rows
+from src.tools.bench import main as bench, rows as bench_rows
 from src.config import load_config
 
 TINY = ["--device", "cpu", "--backbone", "test_efficientnet", "--img-size", "32", "--batch", "8", "--steps", "2",

@@ -15,7 +15,7 @@ from src.data import (
     TRAIN_GROUND_TRUTH, TRAIN_IMAGES, TRAIN_METADATA, TRAIN_SUPPLEMENT, DataError, check_jpeg, load_test,
     load_train, locate,
 )
-from src.synth import generate
+from src.tools.synth import generate
 
 from .conftest import add_column, drop_column, get_field, read_rows, set_field, write_rows
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from src import download as dl
+from src.tools import download as dl
 
 FIXTURES = Path(__file__).parent / "fixtures" / "milk10k_sample"
 N_ROWS = {"MILK10k_Training_Metadata.csv": 6, "MILK10k_Training_Supplement.csv": 6,

@@ -12,9 +12,9 @@ from PIL import Image
 
 from src.cache import build_cache, decode_image
 from src.data import TRAIN_IMAGES, TRAIN_METADATA, DataError, load_train
-from src.download import verify
+from src.tools.download import verify
 from src.jpeg import CorruptJPEG, load, open_image
-from src.synth import generate
+from src.tools.synth import generate
 
 from .conftest import get_field
 

@@ -255,7 +255,7 @@ def test_a_metadata_csv_with_other_columns_is_refused(trained, tmp_path, capsys)
 
 
 def rewrite_manifest(folder: Path) -> None:
-    from src.export import write_manifest
+    from src.deliver.export import write_manifest
 
     write_manifest(folder)
 

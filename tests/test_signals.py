@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from src.cache import HASHES
-from src.synth import generate
+from src.tools.synth import generate
 
 from .conftest import ENV, REPO, tiny
 

@@ -21,7 +21,7 @@ from src.data import (
     TRAIN_SUPPLEMENT, load_test, load_train,
 )
 from src.data import DataError
-from src.synth import generate, images_for_csvs, main
+from src.tools.synth import generate, images_for_csvs, main
 
 CSVS = [TRAIN_METADATA, TRAIN_GROUND_TRUTH, TRAIN_SUPPLEMENT, TEST_METADATA, SAMPLE_SUBMIT]
 HIDDEN = Path("hidden") / "MILK10k_Test_GroundTruth.csv"

@@ -42,19 +42,20 @@ class StreamedDualNet(DualNet):
 
 def accelerate(net: DualNet, cfg, world: int = 1) -> DualNetBase:
     """``net`` with the configured speed machinery: fused backbones, or (single process, uncompiled) two streams."""
+    fuse, streams = cfg.fuse_backbones, cfg.branch_streams and not cfg.compile and world == 1  # DDP: one stream
     if net.shared:
         return net
-    if cfg.fuse_backbones:
+    if fuse:
         return FusedDualNet(net)
-    if cfg.branch_streams and not cfg.compile and world == 1:  # DDP's reducer expects one stream
+    if streams:
         return StreamedDualNet(net)
     return net
 
 
 def runner(model: nn.Module, cfg, dist) -> nn.Module:
     """What a training step calls: the model wrapped for DDP (several processes) and compiled when asked."""
-    wrapped = dist.wrap(model)
-    return torch.compile(wrapped, mode=cfg.compile_mode) if cfg.compile else wrapped
+    wrapped, mode = dist.wrap(model), cfg.compile_mode
+    return torch.compile(wrapped, mode=mode) if cfg.compile else wrapped
 
 
 def plain_state(model: nn.Module) -> dict:

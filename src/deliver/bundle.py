@@ -1,7 +1,7 @@
 """Reading an export back: what a bundle is (its format, manifest and the versions of what it stores), and the
 checks ``predict`` makes before it reads anything in one (``verify``: every listed file present and unchanged, no
 unlisted file; ``open_bundle``: the format and versions, then each experiment's settings). Weights are read from
-safetensors; nothing in a bundle is ever executed. Writing one is src/export.py.
+safetensors; nothing in a bundle is ever executed. Writing one is src/deliver/export.py.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import REPO_ROOT
-from .data import CLASSES
-from .io_utils import atomic_write, sha256_file
-from .predict_source import Member, PredictError, Source, member_kind, saved_config
+from ..config import REPO_ROOT
+from ..data import CLASSES
+from ..io_utils import atomic_write, sha256_file
+from .source import Member, PredictError, Source, member_kind, saved_config
 
 BUNDLE_FORMAT = 1
 
@@ -42,9 +42,9 @@ class BundleError(ValueError):
 def versions() -> dict[str, object]:
     """The versions of everything a bundle's files mean: its layout, the stored transforms and models, and the
     decoding of images (a bundle stores none, but its weights were trained on images decoded so)."""
-    from .cache import CACHE_VERSION
-    from .features import ENCODER_VERSION, FEATURES_VERSION
-    from .portable import PORTABLE_VERSION
+    from ..cache import CACHE_VERSION
+    from ..features import ENCODER_VERSION, FEATURES_VERSION
+    from ..portable import PORTABLE_VERSION
 
     return {"bundle": BUNDLE_FORMAT, "features": FEATURES_VERSION, "encoder": ENCODER_VERSION,
             "portable": PORTABLE_VERSION, "image_decoding": CACHE_VERSION}

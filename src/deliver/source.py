@@ -3,7 +3,7 @@
 
 SOURCE is what made a submission: an experiment (``<output_dir>/<name>/`` and its submission's sidecar
 ``<submission_dir>/<name>.json``), a blend (its sidecar names the experiments and their weights) or an export (a
-folder or ``.tar.gz`` written by ``bash run.sh export``; src/export.py opens it). A stacker brings its inputs along
+folder or ``.tar.gz`` written by ``bash run.sh export``; src/deliver/export.py opens it). A stacker brings its inputs along
 as members. Each member's settings are the ones its folds were trained with (its config.json); only settings that
 do not change results (paths, device, eval_batch_size, ...) may be given as key=value.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, ConfigError, config_from_dict, experiment_recipe
-from .data import CLASSES
-from .settings import KEYS, merge_keys
+from ..config import Config, ConfigError, config_from_dict, experiment_recipe
+from ..data import CLASSES
+from ..settings import KEYS, merge_keys
 
 
 class PredictError(ValueError):
@@ -72,7 +72,7 @@ class Source:
 
 def member_kind(cfg: Config) -> tuple[str, list[str]]:
     """('image' | 'tabular' | 'stack', the stacker's inputs) of an experiment, from this checkout's recipe."""
-    from .stacker import StackRecipe, input_names
+    from ..stacker import StackRecipe, input_names
 
     recipe = experiment_recipe(cfg.experiment)
     if isinstance(recipe, StackRecipe):
@@ -86,10 +86,10 @@ NOT_TAKEN = ("name", "decision")  # the folder is the source's; the rule is the 
 def split_overrides(args: list[str]) -> dict[str, str]:
     """key=value arguments; only settings that do not change results are accepted (the folds' own settings are
     what predicts)."""
-    from .config import parse_cli_overrides
+    from ..config import parse_cli_overrides
 
-    from .model import BACKBONE_KEYS
-    from .train import IMAGE_KEYS, SPEED_KEYS
+    from ..model import BACKBONE_KEYS
+    from ..train import IMAGE_KEYS, SPEED_KEYS
 
     known = merge_keys(KEYS, IMAGE_KEYS, SPEED_KEYS, BACKBONE_KEYS)
     pairs = parse_cli_overrides(args)
@@ -152,7 +152,7 @@ def sidecar_source(name: str, overrides: dict[str, str]) -> Source:
             continue
         folder = Path(base.output_dir) / exp_name
         cfg = saved_config(folder / "config.json", {**overrides, "output_dir": str(base.output_dir)})
-        from .experiment import ExperimentDir
+        from ..experiment import ExperimentDir
 
         reason = ExperimentDir(cfg.replace(name=exp_name)).incomplete_reason()
         if reason:

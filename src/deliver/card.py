@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import CLASSES, load_test, load_train
-from .io_utils import atomic_write_text
-from .report import save_png, group_scores, markdown_table, per_class_table
+from ..data import CLASSES, load_test, load_train
+from ..io_utils import atomic_write_text
+from ..report import save_png, group_scores, markdown_table, per_class_table
 
 N_BINS = 10
 FEW = 100  # a class with fewer training lesions than this has a noisy threshold and a noisy F1
@@ -83,8 +83,8 @@ def spreads(source) -> list[str]:
 
 def write_card(folder: Path, source, measure_monet: bool = False) -> dict:
     """MODEL_CARD.md and reliability.png of ``source`` into ``folder``; returns the card's headline figures."""
-    from .blend import BLEND, blend_experiments, score_frame
-    from .decision import RULES
+    from ..blend import BLEND, blend_experiments, score_frame
+    from ..decision import RULES
     from .monet import monet_cost
 
     members = [source.members[n] for n in source.weights]
@@ -249,20 +249,20 @@ def use_and_limits(counts: np.ndarray) -> list[str]:
 
 
 def decision_section(source) -> list[str]:
-    """The submitted rule, why it was chosen, and its thresholds."""
-    rule = source.rule
+    """The submitted rule, what it does, why it was chosen, and its thresholds (src/decision.py's registry)."""
+    from ..decision import RULES
+
+    rule = RULES[source.rule]
     thresholds = pd.DataFrame([dict(zip(CLASSES, map(float, source.thresholds)))])
+    others = "; ".join(f"'{r.name}': {r.explain}" for r in RULES.values() if r.name != rule.name)
     return [
         "## Decision rule",
         "",
-        f"Rule **{rule}**. {source.info.get('decision_reason', '')}. The rule is chosen as the one with the best "
-        "honest out-of-fold score: 'threshold' tunes a threshold per class on the labelled out-of-fold rows; "
-        "'expected_f1' takes each class's top-k of the submitted batch that maximises the F1 expected under the "
-        "model's own probabilities (label-free; it transfers better where a class has few lesions to tune on). "
-        "The thresholds are folded into the submitted probabilities, so the leaderboard's 0.5 cut makes exactly "
-        "these decisions. " + ("For a new batch `predict` recomputes them on that batch (`--thresholds stored` and "
-                               "a single lesion use the submission's, below). " if rule == "expected_f1" else "")
-        + f"The submission's thresholds ({source.thresholds_from or 'as submitted'}):",
+        f"Rule **{rule.name}**: {rule.explain}. {source.info.get('decision_reason', '')}. The other rules scored: "
+        f"{others}. The thresholds are folded into the submitted probabilities, so the leaderboard's 0.5 cut makes "
+        "exactly these decisions. " + ("" if rule.labelled else "For a new batch `predict` recomputes them on that "
+                                       "batch (`--thresholds stored` and a single lesion use the submission's, below). ")
+        + f"The submission's thresholds (from {source.thresholds_from or rule.thresholds_from}):",
         "",
         markdown_table(thresholds),
         "",

@@ -17,18 +17,18 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..augment import DeviceAugment
-from ..batches import epoch_order, training_batches
-from ..cache import build_cache
-from ..config import Config, experiment_recipe
-from ..data import CLASSES, load_train
-from ..inference import predict
-from ..io_utils import atomic_write_text
-from ..model import count_parameters
-from ..speed.apply import FusedDualNet
-from ..step import Stage, build_stage, train_step
+from ...augment import DeviceAugment
+from ...batches import epoch_order, training_batches
+from ...cache import build_cache
+from ...config import Config, experiment_recipe
+from ...data import CLASSES, load_train
+from ...inference import predict
+from ...io_utils import atomic_write_text
+from ...model import count_parameters
+from ...speed.apply import FusedDualNet
+from ...step import Stage, build_stage, train_step
 from ..synth import generate
-from ..speed.device_cache import cache_to_device
+from ...speed.device_cache import cache_to_device
 
 ROWS = {
     "a": "exp001 step (stage 2), uint8 pairs on device",

@@ -1,5 +1,5 @@
-"""The prediction itself: a source's fold models (src/predict_source.py says what a source is) on a table of
-lesions, and the decision. The command is src/predict_cli.py (``bash run.sh predict``).
+"""The prediction itself: a source's fold models (src/deliver/source.py says what a source is) on a table of
+lesions, and the decision. The command is src/deliver/cli.py (``bash run.sh predict``).
 
 Each experiment's folds predict with their best weights, their own fitted metadata transform and the experiment's
 test-time augmentation; the folds are averaged as the experiment's test.csv averages them (or, for ``rows_of``,
@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import experiment_recipe
-from .data import CLASSES, MONET, DataError
+from ..config import experiment_recipe
+from ..data import CLASSES, MONET, DataError
 from .bundle import MANIFEST, open_bundle, read_safetensors
-from .predict_source import Member, PredictError, Source, sidecar_source
+from .source import Member, PredictError, Source, sidecar_source
 
 def resolve_source(name: str, overrides: dict[str, str]) -> Source:
     """SOURCE as the command line names it: an export (a folder or archive path), else the sidecar of a submission
@@ -49,7 +49,7 @@ LOGIT_CLIP = 1e-6  # the stacker's (src/stacker.py)
 # ----------------------------------------------------------------------------------------------------
 def load_features(member: Member, k: int):
     """The fold's fitted metadata transform (features.json)."""
-    from .features import MetadataFeatures
+    from ..features import MetadataFeatures
 
     return MetadataFeatures.load(_need(member.fold_dir(k) / "features.json"))
 
@@ -67,7 +67,7 @@ def read_weights(member: Member, k: int) -> dict:
     if member.bundle:
 
         return read_safetensors(_need(fdir / "weights.safetensors"))
-    from .train import CheckpointError, read_checkpoint
+    from ..train import CheckpointError, read_checkpoint
 
     try:
         return read_checkpoint(_need(fdir / "best.pt"))["model"]
@@ -87,7 +87,7 @@ class ImageFold:
         self.model = self.augment = None
 
     def _build(self, n_meta: int) -> None:
-        from .speed.apply import load_plain_state
+        from ..speed.apply import load_plain_state
 
         cfg = self.member.cfg
         recipe = experiment_recipe(cfg.experiment)
@@ -103,7 +103,7 @@ class ImageFold:
                                f"{str(exc).splitlines()[0][:120]})") from None
 
     def predict(self, lesions: pd.DataFrame, images: np.ndarray, rows: np.ndarray, extra=None) -> np.ndarray:
-        from .inference import predict
+        from ..inference import predict
 
         meta = self.features.transform(lesions.iloc[rows])
         if self.model is None:
@@ -126,8 +126,8 @@ class TabularFold:
                                f"({bad[0].get('why', '')}); predict supports the linear tabular models (lrx, logreg)")
 
     def predict(self, lesions: pd.DataFrame, images, rows: np.ndarray, extra=None) -> np.ndarray:
-        from .portable import NotPortable
-        from .tabular import predict_saved
+        from ..portable import NotPortable
+        from ..tabular import predict_saved
 
         x = self.features.transform(lesions.iloc[rows])
         if extra is not None:
@@ -148,7 +148,7 @@ def open_fold(member: Member, k: int, device):
 def decode_images(lesions: pd.DataFrame, size: int, workers: int = 1) -> np.ndarray:
     """uint8 (n, 2, size, size, 3): each lesion's two JPEGs decoded exactly as the training cache decodes them
     (src/cache.py), in memory; a missing or broken image is a DataError naming it."""
-    from .cache import decode_lesion
+    from ..cache import decode_lesion
 
     jobs = [(i, str(lid), str(c), str(d), size)
             for i, (lid, c, d) in enumerate(zip(lesions["lesion_id"], lesions["clin_path"], lesions["derm_path"]))]
@@ -207,7 +207,7 @@ class Predictor:
 
     def __init__(self, source: Source, lesions: pd.DataFrame, images: dict[int, np.ndarray] | None = None,
                  rows_of: np.ndarray | None = None, device=None):
-        from .batches import resolve_device
+        from ..batches import resolve_device
 
         self.source, self.lesions, self.rows_of = source, lesions, rows_of
         self.images = images if images is not None else {}
@@ -258,20 +258,18 @@ class Predictor:
         return np.tensordot(weights, np.stack([self.probs(n) for n in names]), axes=1)
 
 
-def decide(source: Source, blended: np.ndarray, thresholds: str = "batch") -> tuple[np.ndarray, str]:
-    """The thresholds this batch is decided with, and where they come from."""
-    from .decision import RULES, expected_f1_thresholds
+def batch_thresholds(source: Source, blended: np.ndarray, thresholds: str = "batch") -> tuple[np.ndarray, str]:
+    """The thresholds this batch is decided with, and where they come from: the submission's stored ones for a
+    labelled rule (or when ``thresholds`` is 'stored'), the rule's own fit on this batch for a label-free one."""
+    from ..decision import RULES
 
     rule = RULES.get(source.rule)
     if rule is None:
         raise PredictError(f"{source.where}: decision rule {source.rule!r} is not one this checkout knows "
                            f"({', '.join(RULES)})")
-    if source.rule == "none":
-        return np.full(len(CLASSES), 0.5), "the plain 0.5 cut"
     if rule.labelled or thresholds == "stored":
-        return source.thresholds, (f"the submission's stored thresholds ({source.thresholds_from or 'as submitted'})"
-                                   if not rule.labelled else "the thresholds tuned on the out-of-fold rows")
-    return expected_f1_thresholds(blended), f"rule {source.rule} on this batch of {len(blended)} lesion(s)"
+        return source.thresholds, f"the submission's stored thresholds (from {source.thresholds_from})"
+    return rule.fit(None, None, blended), f"rule {source.rule} on this batch of {len(blended)} lesion(s)"
 
 
 def readable_frame(ids, blended: np.ndarray, folded: np.ndarray) -> pd.DataFrame:
@@ -291,9 +289,9 @@ def readable_frame(ids, blended: np.ndarray, folded: np.ndarray) -> pd.DataFrame
 def write_outputs(out: Path, ids: list[str], blended: np.ndarray, folded: np.ndarray) -> dict[str, Path]:
     """The submission-format file (checked by the scorer's reader before it is moved into place) and the readable
     one, both or neither."""
-    from .experiment import probs_frame
-    from .io_utils import atomic_write_many
-    from .submission import checked_csv
+    from ..experiment import probs_frame
+    from ..io_utils import atomic_write_many
+    from ..submission import checked_csv
 
     readable = out.with_name(out.stem + "_diagnoses.csv")
     table = readable_frame(ids, blended, folded)
@@ -325,8 +323,8 @@ def predict_batch(source: Source, lesions: pd.DataFrame, workers: int = 1, thres
     t_decode = time.time() - t0
     blended = predictor.blended()
     t_models = time.time() - t0 - t_decode
-    t, why = decide(source, blended, thresholds)
-    from .decision import fold_probabilities
+    t, why = batch_thresholds(source, blended, thresholds)
+    from ..decision import fold_probabilities
 
     return {"blended": blended, "thresholds": t, "thresholds_why": why, "folded": fold_probabilities(blended, t),
             "decode_s": t_decode, "models_s": t_models, "fold_models": predictor.fold_models,

@@ -17,8 +17,8 @@ download. ``signal`` says what the images carry:
 Every lesion's drawing comes from its own random stream (seed, lesion_id), so the output does not depend
 on the order or the number of worker processes.
 
-    python -m src.synth OUT_DIR [--n-train N] [--n-test N] [--seed S] [--layout plain|nested]
-    python -m src.synth OUT_DIR --from-csvs DIR [--test-metadata CSV] [--signal weak|none]
+    python -m src.tools.synth OUT_DIR [--n-train N] [--n-test N] [--seed S] [--layout plain|nested]
+    python -m src.tools.synth OUT_DIR --from-csvs DIR [--test-metadata CSV] [--signal weak|none]
                         [--layout plain|nested|zip] [--workers N] [--seed S]
 """
 from __future__ import annotations
@@ -40,11 +40,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .data import (
+from ..data import (
     CLASSES, GT_COLUMNS, IMAGE_TYPES, METADATA_COLUMNS, MONET, SAMPLE_SUBMIT, SUPPLEMENT_COLUMNS,
     TEST_IMAGES, TEST_METADATA, TRAIN_GROUND_TRUTH, TRAIN_IMAGES, TRAIN_METADATA, TRAIN_SUPPLEMENT,
 )
-from .io_utils import atomic_write_csv
+from ..io_utils import atomic_write_csv
 
 WEAK_SHARE = 0.4  # signal=weak: the share of training lesions drawn with their own class's look
 SIGNALS = ("weak", "none")
@@ -379,7 +379,7 @@ def images_for_csvs(out_dir: str | os.PathLike, train_dir: str | os.PathLike,
     ``out_dir`` (new or empty) byte for byte, and write a JPEG for every image they list (see the module
     docstring for ``signal``). ``layout``: 'plain' folders, 'nested' (as unzipping makes them) or 'zip' (the
     official zips, not unzipped). The folder appears complete or not at all."""
-    from .data import DataError, load_test, load_train, locate
+    from ..data import DataError, load_test, load_train, locate
 
     if signal not in SIGNALS or layout not in LAYOUTS:
         raise ValueError(f"signal must be one of {SIGNALS} and layout one of {LAYOUTS}")
@@ -417,7 +417,7 @@ def images_for_csvs(out_dir: str | os.PathLike, train_dir: str | os.PathLike,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m src.synth", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m src.tools.synth", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("out_dir", help="new or empty folder to write into")
     parser.add_argument("--n-train", type=int, default=300, help="lesions of a generated miniature dataset")

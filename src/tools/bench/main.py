@@ -1,6 +1,6 @@
 """Training and inference throughput of exp001 on one device, side by side with a reference and a naive pipeline.
 
-    python -m src.bench [--device auto|cpu|cuda] [--batch 64] [--img-size 256] [--steps 20] [--warmup 5]
+    python -m src.tools.bench [--device auto|cpu|cuda] [--batch 64] [--img-size 256] [--steps 20] [--warmup 5]
                         [--backbone NAME] [--n-lesions 256] [--workers -1] [--compile] [--out bench.json]
                         [--only a,b,c,d,e] [--epochs-for-projection N] [--profile] [--fuse]
                         [--variants fuse,compile,fuse+compile:reduce-overhead,streams]
@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from ..batches import resolve_device, resolve_workers
-from ..config import Config, load_config
-from ..io_utils import atomic_write_json
-from ..speed.fuse import FusionUnsupported
+from ...batches import resolve_device, resolve_workers
+from ...config import Config, load_config
+from ...io_utils import atomic_write_json
+from ...speed.fuse import FusionUnsupported
 from .rows import (ROWS, BenchData, Settings, bench_device_tensors, bench_loader, bench_naive, bench_predict,
                          device_name, prepare_data)
-from ..speed.device_cache import resolve_cache_on_device
+from ...speed.device_cache import resolve_cache_on_device
 
 EXPERIMENT = "exp001"
 FULL_TRAIN, FULL_TEST = 5240, 479          # lesions of the official release
@@ -172,7 +172,7 @@ def format_table(result: dict) -> str:
 # command line
 # ----------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m src.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m src.tools.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch", type=int, default=None, help=f"pairs per step (default: {EXPERIMENT}'s batch_size, 64)")

@@ -8,7 +8,7 @@ SOURCE is an experiment or a blend with a submission (``<submission_dir>/<SOURCE
     bundle.json                        what it is: the bundle format and the versions of what it stores, the
                                        experiments and their blend weights, the decision rule and its thresholds,
                                        each experiment's settings and data fingerprints, package versions, commit
-    MODEL_CARD.md, reliability.png     the model card (src/model_card.py)
+    MODEL_CARD.md, reliability.png     the model card (src/deliver/card.py)
     experiments/<name>/config.json     the settings its folds were trained with
     experiments/<name>/fold<k>/        weights.safetensors, features.json, aux_vocab.json (an image experiment);
                                        features.json, models.json (a tabular experiment or a stacker)
@@ -30,10 +30,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .bundle import BUNDLE_FORMAT, MANIFEST, BundleError, commit, packages, versions, write_safetensors
-from .data import CLASSES
-from .io_utils import atomic_write, atomic_write_json, pid_alive, sha256_file
+from ..data import CLASSES
+from ..io_utils import atomic_write, atomic_write_json, pid_alive, sha256_file
 from .predict import load_features, read_weights, resolve_source
-from .predict_source import Member, Source, split_overrides
+from .source import Member, Source, split_overrides
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ from .predict_source import Member, Source, split_overrides
 # ----------------------------------------------------------------------------------------------------
 def _copy_member(member: Member, dest: Path) -> dict:
     """One experiment's settings and folds into ``dest``; what bundle.json records of it."""
-    from .experiment import ExperimentDir
+    from ..experiment import ExperimentDir
     from .predict import TabularFold
 
     atomic_write_json(dest / "config.json", member.cfg.to_dict())
@@ -91,7 +91,7 @@ def write_manifest(root: Path) -> dict[str, str]:
 def export(source: Source, out: Path, measure_monet: bool = False) -> dict[str, Path]:
     """Write the bundle of ``source`` to ``out`` (a folder, replaced whole) and ``out``.tar.gz; nothing half-written
     is left in either place."""
-    from .model_card import write_card
+    from .card import write_card
 
     if source.kind == "export":
         raise BundleError(f"{source.where} is an export already; export an experiment or a blend")

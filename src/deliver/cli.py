@@ -4,11 +4,11 @@
     bash run.sh predict SOURCE --clinical A.jpg --dermoscopic B.jpg [--age 60 --sex female --site head_neck_face
                                --skin-tone 3]
     bash run.sh predict SOURCE --monet-cost [key=value ...]
-    bash run.sh predict --speed          (lesions per second here; src/predict_speed.py)
+    bash run.sh predict --speed          (lesions per second here; src/deliver/speed.py)
 
-SOURCE is what made a submission: an experiment, a blend or an export (src/predict_source.py finds it). Its folds
+SOURCE is what made a submission: an experiment, a blend or an export (src/deliver/source.py finds it). Its folds
 predict as they were trained, are blended with the submission's weights, and the submitted decision rule is folded
-into the probabilities (src/predict.py); on the official test set this reproduces the submission. ``--data`` writes
+into the probabilities (src/deliver/predict.py); on the official test set this reproduces the submission. ``--data`` writes
 the submission-format CSV and a readable one beside it; one lesion prints its diagnoses; ``--monet-cost`` measures
 what leaving out the MONET scores costs the source (honest out-of-fold macro F1 on the training lesions).
 
@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import CLASSES, DataError, load_test
+from ..data import CLASSES, DataError, load_test
 from .monet import format_monet_cost, monet_cost, monet_note
 from .predict import check_out, known_sites, predict_batch, resolve_source, single_lesion, write_outputs
-from .predict_source import PredictError, Source, split_overrides
+from .source import PredictError, Source, split_overrides
 
 
 def parser() -> argparse.ArgumentParser:
@@ -108,7 +108,7 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def _workers(source: Source) -> int:
-    from .batches import cache_workers
+    from ..batches import cache_workers
 
     image = source.image_config()
     return cache_workers(image) if image is not None else 1
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     exit status 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--speed" in argv:
-        from .predict_speed import main as speed
+        from .speed import main as speed
 
         return speed(argv)
     return run(parser().parse_intermixed_args(argv))

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import MONET
+from ..data import MONET
 from .predict import Predictor
-from .predict_source import PredictError, Source
+from .source import PredictError, Source
 
 # What leaving out the 14 MONET scores cost exp000 on the 4,192 real training lesions (README, Results): honest
 # out-of-fold macro F1 of the expected-F1 rule with the MONET scores removed from the validation rows only (the models
@@ -24,8 +24,8 @@ def monet_cost(source: Source) -> dict:
     folds' models trained with them, as deployed): each fold predicts its own validation rows with every MONET score
     missing, the blend weights are the submission's, and every decision rule is scored honestly (a labelled rule
     tuned on the other folds, the label-free one per fold)."""
-    from .decision import honest_scores
-    from .experiment import load_lesions
+    from ..decision import honest_scores
+    from ..experiment import load_lesions
 
     if source.kind == "export":
         raise PredictError("--monet-cost needs the training lesions and folds: run it on the experiment or blend, "
@@ -41,8 +41,8 @@ def monet_cost(source: Source) -> dict:
     for label, table in (("with", train), ("without", blind)):
         predictor = Predictor(source, table, rows_of=lesions.folds)
         if predictor.sizes():
-            from .batches import cache_workers
-            from .cache import build_cache
+            from ..batches import cache_workers
+            from ..cache import build_cache
 
             image = source.image_config()
             predictor.images = {s: build_cache(train, s, image.resolved_cache_dir(), "train",

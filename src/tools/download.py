@@ -1,6 +1,6 @@
 """Fetch, unpack and verify the official ISIC 2025 MILK10k release.
 
-    python -m src.download [--dest input] [--only NAME ...] [--verify-only] [--keep-zip] [--force]
+    python -m src.tools.download [--dest input] [--only NAME ...] [--verify-only] [--keep-zip] [--force]
 
 Every file streams to ``<dest>/.partial/<name>`` and is renamed into place only once complete, so an
 interrupted run leaves nothing half-written in ``dest``; rerunning resumes it (HTTP Range where the
@@ -130,7 +130,7 @@ def _listed_images(dest: Path, folder: str) -> dict[str, int] | None:
 
 def _decode_problem(path: str) -> str | None:
     """Why ``path`` is not a JPEG that decodes completely and intact (src/jpeg.py), or None."""
-    from .jpeg import load, open_image
+    from ..jpeg import load, open_image
 
     try:
         im, data = open_image(path)
@@ -334,7 +334,7 @@ def _parse_expect(pairs: list[str]) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m src.download", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m src.tools.download", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dest", default="input", help="folder to fill (default: input)")
     parser.add_argument("--base-url", default=DEFAULT_URL, help=f"where the files live (default: {DEFAULT_URL})")
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"only these files: {', '.join(FILES)}")

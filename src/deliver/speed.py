@@ -17,11 +17,11 @@ import time
 import numpy as np
 import torch
 
-from .config import experiment_recipe, load_config
-from .data import load_test
-from .inference import predict
+from ..config import experiment_recipe, load_config
+from ..data import load_test
+from ..inference import predict
 from .predict import decode_images
-from .synth import generate
+from ..tools.synth import generate
 
 TEST_LESIONS = 479
 
@@ -32,7 +32,7 @@ def _fold_net(cfg, n_meta: int, device):
 
 def timed_predict(cfg, lesions, folds: int, views: int, device) -> dict:
     """Seconds to decode ``lesions`` at cfg.img_size and to run ``folds`` networks over ``views`` views each."""
-    from .features import MetadataFeatures
+    from ..features import MetadataFeatures
 
     t0 = time.perf_counter()
     images = decode_images(lesions, cfg.img_size)

@@ -1,0 +1,1 @@
+"""Delivering a trained model: predict on new lesions, export a bundle, its model card."""

@@ -1,0 +1,1 @@
+"""Tooling around the solution: fetching the official files, the generated miniature data, the benchmark."""
