@@ -24,16 +24,21 @@ from .scoring import SubmissionError, log_loss, macro_f1
 
 EPS = 1e-7
 # Out-of-fold scores reported for every input and the blend: key -> (short label, meaning); each decision rule's
-# honest score comes from the rule registry (src/decision.py).
-SCORES = {
+# honest score comes from the rule registry (src/decision.py), read at call time: ``score_meanings``.
+BASE_SCORES = {
     "log_loss": ("logloss", "mean binary log-loss over the 11 classes"),
     "auc": ("auc", "mean per-class ROC AUC"),
     "f1_raw": ("f1@0.5", "macro F1 of the raw probabilities cut at 0.5"),
     "f1_argmax": ("argmax", "macro F1 with only the top class positive"),
     "f1_threshold_optimistic": ("thr_opt", "per-class thresholds tuned on all OOF rows, scored on the same rows"),
-    **{r.score_key: (r.label, r.meaning) for r in RULES.values()},
 }
-HONEST_KEY = {name: r.score_key for name, r in RULES.items()}
+
+
+def score_meanings() -> dict[str, tuple[str, str]]:
+    """Every reported score: key -> (short label, meaning), the registry's rules included."""
+    return {**BASE_SCORES, **{r.score_key: (r.label, r.meaning) for r in RULES.values()}}
+
+
 BLEND = "blend"  # the blend's row in the score tables
 
 
@@ -169,7 +174,7 @@ def honest_rule(rule: str, y: np.ndarray, stack: np.ndarray, folds: np.ndarray,
 
 
 def evaluate(y: np.ndarray, stack: np.ndarray, folds: np.ndarray) -> Evaluation:
-    """Every score of :data:`SCORES` for the out-of-fold probabilities of the inputs ``stack`` (inputs, rows,
+    """Every score of ``score_meanings`` for the out-of-fold probabilities of the inputs ``stack`` (inputs, rows,
     classes) blended; one input is scored as it is. The blend's own scores are honest like its inputs': each fold is
     blended with weights fitted on the other folds (only ``thr_opt`` uses all rows, as its name says)."""
     weights = nested_weights(y, stack, folds)
@@ -191,20 +196,21 @@ def evaluate(y: np.ndarray, stack: np.ndarray, folds: np.ndarray) -> Evaluation:
     in_sample = {}
     if len(stack) > 1:  # the optimism of fitting the weights on the rows they are scored on, measured
         fixed = {f: fit_weights(y, list(stack)) for f in weights}
-        in_sample = {HONEST_KEY[r]: macro_f1(y, honest_rule(r, y, stack, folds, fixed)[0]) for r in RULES}
+        in_sample = {RULES[r].score_key: macro_f1(y, honest_rule(r, y, stack, folds, fixed)[0]) for r in RULES}
     return Evaluation(scores, thresholds, honest, in_sample)
 
 
 def score_frame(scores: dict[str, dict[str, float]], weights: dict[str, float], rule: str) -> pd.DataFrame:
     """One row per input and the blend, one column per score; '*' marks the chosen rule's honest score."""
-    labels = {k: SCORES[k][0] + ("*" if k == HONEST_KEY[rule] else "") for k in SCORES}
+    meanings = score_meanings()
+    labels = {k: meanings[k][0] + ("*" if k == RULES[rule].score_key else "") for k in meanings}
     return pd.DataFrame([{"input": name, "weight": weights.get(name, float("nan")),
-                          **{labels[k]: row[k] for k in SCORES}} for name, row in scores.items()])
+                          **{labels[k]: row[k] for k in meanings}} for name, row in scores.items()])
 
 
 def score_legend(rule: str) -> str:
     return (f"* = the honest CV of decision rule '{rule}'. " +
-            "; ".join(f"{label}: {meaning}" for label, meaning in SCORES.values()) + ".")
+            "; ".join(f"{label}: {meaning}" for label, meaning in score_meanings().values()) + ".")
 
 
 def format_scores(scores: dict[str, dict[str, float]], weights: dict[str, float], rule: str) -> str:

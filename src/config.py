@@ -257,24 +257,19 @@ def experiment_names() -> list[str]:
 
 def _exec_file(path: Path, module_name: str, fresh: bool = False):
     """Execute one experiment file; a mistake in it is one line naming the file and the line. A script is loaded
-    once per process (importable as ``exp.<name>.train`` from the repo, so a child can import its parent's);
-    ``fresh``: executed anew at every call (values only)."""
+    once per process as ``exp.<name>.train``, from whichever experiment root holds it (MILK10K_EXP_PATH's or the
+    repo's), so a child anywhere can import its parent's; ``fresh``: executed anew at every call (values only)."""
     try:
-        if not fresh and path.parent.parent == REPO_ROOT / "exp":
+        if not fresh:
             if str(REPO_ROOT) not in sys.path:
                 sys.path.insert(0, str(REPO_ROOT))
+            import exp
+
+            exp.__path__ = [str(r) for r in experiment_roots()]
             return importlib.import_module(f"exp.{path.parent.name}.{path.stem}")
-        if not fresh and module_name in sys.modules:
-            return sys.modules[module_name]
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
-        if not fresh:
-            sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            sys.modules.pop(module_name, None)
-            raise
+        spec.loader.exec_module(module)
         return module
     except ConfigError:
         raise
@@ -423,8 +418,9 @@ def experiment_chain(name: str) -> list[tuple[str, dict[str, Any], str]]:
 
 def load_config(name: str, cli: list[str] | dict[str, Any] | None = None, preset: str | None = None) -> "Config":
     """The config of experiment ``name``: its chain of parents from the shared defaults, then (``preset``) the
-    OVERRIDES of another experiment's own file (e.g. the demo's small settings on top of exp002; keys the
-    experiment does not have are skipped when the preset's parent declares them), then the command line ``cli``."""
+    OVERRIDES of another experiment's own file (e.g. the demo's small settings on top of exp002), then the command
+    line ``cli``. A value a parent or the preset sets for a key of its own experiment that ``name`` does not have (a
+    child that replaces its parent's loss has none of its loss keys) is skipped; any other unknown key is refused."""
     experiment_module(name)  # a clear error for an unknown name before anything else
     if experiment_script(name) is None:
         raise ConfigError(f"experiment {name!r} has no exp/{name}/train.py: an experiment folder holds config.py "
@@ -433,20 +429,26 @@ def load_config(name: str, cli: list[str] | dict[str, Any] | None = None, preset
     cfg = Config(name=name, experiment=name, own=_own_defaults(name))
     chain = experiment_chain(name)
     if preset is not None:
-        _, values, _ = _config_file(preset)
-        known = cfg.declared()
-        for exp_name, _, _ in experiment_chain(preset):
-            known_there = experiment_keys(exp_name) if experiment_script(exp_name) is not None else {}
-            values = {k: v for k, v in values.items() if k in known or k not in known_there}
-        chain.append((preset, values, ""))
+        chain.append((preset, _config_file(preset)[1], ""))
+    known = cfg.declared()
     for exp_name, overrides, _ in chain:
         if "name" in overrides:
             raise ConfigError(f"exp/{exp_name}/config.py: 'name' comes from the folder name; remove it")
+        if exp_name != name:
+            theirs = _chain_keys(exp_name)
+            overrides = {k: v for k, v in overrides.items() if k in known or k not in theirs}
         cfg = apply_overrides(cfg, overrides, f"exp/{exp_name}/config.py")
     if cli:
         pairs = parse_cli_overrides(cli) if isinstance(cli, list) else dict(cli)
         cfg = apply_overrides(cfg, pairs, "command line")
     return cfg
+
+
+def _chain_keys(name: str) -> set[str]:
+    """The keys of ``name``'s experiment, or for a preset (no train.py) those of the experiments it extends."""
+    if experiment_script(name) is not None:
+        return set(experiment_keys(name))
+    return {k for parent, _, _ in experiment_chain(name)[:-1] for k in _chain_keys(parent)}
 
 
 def load_named(name: str, cli: list[str] | None = None) -> "Config":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .blend import BLEND, HONEST_KEY, blend_experiments
+from .blend import BLEND, blend_experiments
 from .config import Config, load_config
 from .data import load_test, load_train
 from .decision import RULES, choose_rule
@@ -30,7 +30,7 @@ def honest_of(cfg: Config) -> dict:
     """Every rule's honest out-of-fold macro F1 of a complete experiment, the AUC, and the rule ``decision`` picks."""
     train, test = load_train(cfg.data_dir, check_images=False), load_test(cfg.data_dir, check_images=False)
     scores = blend_experiments([cfg], train, test).scores[BLEND]
-    honest = {r: scores[HONEST_KEY[r]] for r in RULES}
+    honest = {r: scores[RULES[r].score_key] for r in RULES}
     rule, _ = choose_rule(cfg.decision, honest)
     return {**honest, "auc": scores["auc"], "chosen": rule, "chosen_score": honest[rule]}
 

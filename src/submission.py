@@ -23,8 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from .blend import (BLEND, HONEST_KEY, SCORES, Blend, BlendError, blend_experiments, format_scores, resolve_configs,
-                    score_frame, score_legend)
+from .blend import (BLEND, Blend, BlendError, blend_experiments, format_scores, resolve_configs,
+                    score_frame, score_legend, score_meanings)
 from .config import Config, ConfigError, load_named
 from .data import CLASSES, DataError, load_test, load_train
 from .decision import RULES, choose_rule, fold_probabilities, submitted_thresholds
@@ -55,7 +55,7 @@ def choose_decision(blend: Blend, setting: str, y: np.ndarray) -> Decision:
     """The rule ``setting`` names ('auto': the one with the best honest CV of the blend) applied to the blended
     test probabilities (a labelled rule tuned on every blended out-of-fold row, ``y`` their labels); its honest
     out-of-fold decisions and score come along."""
-    cv = {r: blend.scores[BLEND][HONEST_KEY[r]] for r in RULES}
+    cv = {r: blend.scores[BLEND][RULES[r].score_key] for r in RULES}
     rule, reason = choose_rule(setting, cv)
     thresholds = submitted_thresholds(rule, y, blend.oof, blend.test)
     honest, info = blend.evals[BLEND].honest[rule]
@@ -121,7 +121,7 @@ def write_submission(cfg: Config, name: str, blend: Blend, decision: Decision, t
         "blend_in_sample_honest": blend.evals[BLEND].in_sample_honest,
         "thresholds": dict(zip(CLASSES, map(float, decision.thresholds))), "thresholds_from": RULES[rule].thresholds_from,
         "cv_macro_f1_honest": decision.honest_cv, "cv_scores": blend.scores,
-        "score_meanings": {k: v[1] for k, v in SCORES.items()},
+        "score_meanings": {k: v[1] for k, v in score_meanings().items()},
         "honest_per_fold_thresholds": decision.honest_info["per_fold_thresholds"],
         "n_train": len(train), "n_test": len(blend.test_ids), "data_dir": str(cfg.data_dir),
         "folds_csv": str(first.resolved_folds_csv()), "files": {k: str(p) for k, p in paths.items()},
@@ -177,8 +177,8 @@ def finalize(cfg: Config, experiments: Sequence[str | Config], name: str | None 
     in_sample = blend.evals[BLEND].in_sample_honest
     if in_sample:
         print(f"[blend] the blend row is honest: each fold is blended with weights fitted on the other folds; with "
-              f"weights fitted on all rows its {SCORES[HONEST_KEY[rule]][0]} would read "
-              f"{in_sample[HONEST_KEY[rule]]:.4f} (optimism {in_sample[HONEST_KEY[rule]] - decision.honest_cv:+.4f})")
+              f"weights fitted on all rows its {score_meanings()[RULES[rule].score_key][0]} would read "
+              f"{in_sample[RULES[rule].score_key]:.4f} (optimism {in_sample[RULES[rule].score_key] - decision.honest_cv:+.4f})")
     print(f"[blend] {decision.reason}", flush=True)
     paths = write_submission(cfg, name, blend, decision, train, test)
     paths.update(report(cfg, name, blend, decision, train, paths))

@@ -268,9 +268,9 @@ def run_tune(cfg: Config, args: TuneArgs = TuneArgs(), data=None) -> "object":
 
 
 def write_best(cfg: Config, study, name: str, args: TuneArgs = TuneArgs()) -> Path:
-    """exp/<name>/: the tuned experiment as a child of ``cfg``'s experiment: config.py with the best trial's values
-    (the overrides its search gave) and a train.py that reuses its parent's code."""
-    from .config import EXP_ROOT, PLAIN_NAME
+    """<name>/ beside ``cfg``'s experiment folder: the tuned experiment as its child, config.py with the best trial's
+    values (the overrides its search gave) and a train.py that reuses its parent's code."""
+    from .config import PLAIN_NAME, experiment_dir
 
     if not PLAIN_NAME.fullmatch(name) or ".." in name:
         raise ConfigError(f"--write-best {name!r}: use a plain name (letters, digits, '.', '_', '-'; no '/' and no "
@@ -283,7 +283,7 @@ def write_best(cfg: Config, study, name: str, args: TuneArgs = TuneArgs()) -> Pa
              f'PARENT = "{cfg.experiment}"', "OVERRIDES = dict("]
     lines += [f"    {k}={v!r}," for k, v in sorted(params.items())]
     lines.append(")")
-    folder = EXP_ROOT / name
+    folder = experiment_dir(cfg.experiment).parent / name  # beside its parent
     if folder.exists():
         raise FileExistsError(f"{folder} exists; choose another --write-best name")
     atomic_write_text(folder / "train.py", f'"""{name}: the code of {cfg.experiment}; only values differ."""\n'
