@@ -129,15 +129,14 @@ def _listed_images(dest: Path, folder: str) -> dict[str, int] | None:
 
 
 def _decode_problem(path: str) -> str | None:
-    """Why ``path`` is not a JPEG that decodes completely and intact (src/jpeg.py), or None."""
-    from .jpeg import load, open_image
+    """Why ``path`` is not a JPEG that decodes completely and intact, as every image is decoded (src/jpeg.py
+    ``decode``: within the size limits, strictly, turned upright), or None."""
+    from .jpeg import ImageTooLarge, decode
 
     try:
-        im, data = open_image(path)
-        with im:
-            load(im, data)
-            if im.format != "JPEG":
-                return f"holds {im.format} data, not a JPEG"
+        decode(path).close()
+    except ImageTooLarge as exc:
+        return f"refused before decoding: {exc}"
     except Exception as exc:  # noqa: BLE001 - PIL raises several kinds for broken files
         return f"not a decodable JPEG ({type(exc).__name__}: {exc})"
     return None
