@@ -3,10 +3,11 @@
 Index 0 of axis 1 is the clinical close-up, 1 the dermoscopic image; rows follow the lesion table.
 The file name carries a short hash of everything the pixels depend on (lesion ids, image paths, each file's
 content digest (io_utils.file_digests: a file is re-read only when its size, times or inode change), the size, the
-decoder version), so a changed source or size builds a new file and an unchanged one, touched or not, is reused
-without decoding. A build writes a temporary file and renames it at the end: an interrupted build never leaves a
-usable-looking cache; a cache file whose size or header does not match its shape (truncated, overwritten) is
-rebuilt, with a line saying so.
+decoder version CACHE_VERSION), so a changed source or size builds a new file and an unchanged one, touched or not,
+is reused without decoding. CACHE_VERSION changes whenever the decoded pixels do: version 2 turns each image upright
+by its EXIF orientation, so every cache built before it is rebuilt once after upgrading. A build writes a temporary
+file and renames it at the end: an interrupted build never leaves a usable-looking cache; a cache file whose size or
+header does not match its shape (truncated, overwritten) is rebuilt, with a line saying so.
 """
 from __future__ import annotations
 
@@ -30,21 +31,17 @@ from . import faults, jpeg
 from .data import DataError
 from .io_utils import atomic_write, atomic_write_json, file_digests
 
-CACHE_VERSION = "1:draft+lanczos,squash"
+CACHE_VERSION = "2:exif-upright,draft+lanczos,squash"
 VIEWS = ("clin", "derm")
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
-    """One JPEG as uint8 ``(size, size, 3)``: DCT-domain downscale, RGB, squashed to a square. Damaged compressed
-    data (which Pillow alone decodes to wrong pixels without an error) raises ``jpeg.CorruptJPEG``."""
-    img, data = jpeg.open_image(path)
-    with img:
-        if img.format != "JPEG":
-            raise OSError(f"format is {img.format}, not JPEG")
-        img.draft("RGB", (size, size))
-        jpeg.load(img, data)
-        rgb = img.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(rgb, dtype=np.uint8)
+    """One JPEG as uint8 ``(size, size, 3)``: upright as a viewer shows it (EXIF orientation), DCT-domain
+    downscale, RGB, squashed to a square (``jpeg.decode``). Damaged compressed data (which Pillow alone decodes to
+    wrong pixels without an error) raises ``jpeg.CorruptJPEG``; a file or a declared size over the limits,
+    ``jpeg.ImageTooLarge``."""
+    with jpeg.decode(path, (size, size)) as rgb:
+        return np.asarray(rgb.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
 
 
 def decode_lesion(job: tuple[int, str, str, str, int]) -> tuple[int, np.ndarray]:
@@ -53,6 +50,9 @@ def decode_lesion(job: tuple[int, str, str, str, int]) -> tuple[int, np.ndarray]
     for v, path in enumerate((clin, derm)):
         try:
             out[v] = decode_image(path, size)
+        except jpeg.ImageTooLarge as err:
+            raise DataError(f"{path}: refused before decoding (lesion_id {lesion_id}, {VIEWS[v]}_path): "
+                            f"{err}") from None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise DataError(f"{path}: not a decodable JPEG (lesion_id {lesion_id}, {VIEWS[v]}_path): {err}; "
                             "`bash run.sh download --verify-only --dest <data_dir>` lists every broken image, "

@@ -266,3 +266,53 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert "unknown file name(s) ['train.csv']" in capsys.readouterr().err
     assert dl.main(["--dest", str(tmp_path), "--verify-only", "--expect-rows", "MILK10k_Test_Metadata.csv=x"]) == 2
     assert "expected NAME=N" in capsys.readouterr().err
+
+
+def test_a_users_files_in_dest_are_never_deleted_or_overwritten(server, tmp_path, capsys):
+    dest, folder = tmp_path / "input", tmp_path / "input" / "MILK10k_Test_Input"
+    dl.download(dest, server.url, expect=EXPECT)
+    lesion = next(folder.iterdir())
+    users = [dest / "notes.txt", folder / "README.txt", lesion / "sketch.png", dest / ".partial" / "mine"]
+    for path in users:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"the user's")
+    victim = next(folder.glob("*/*.jpg"))
+    victim.unlink()                                                         # a repair: the zip is unzipped again
+    before = _snapshot(dest)
+    args = ["--dest", str(dest), "--base-url", server.url, *EXPECT_ARGS]
+    assert dl.main(args) == 0
+    assert _snapshot(dest) == {**before, str(victim.relative_to(dest)): _jpeg()}
+
+    edited = next(p for p in folder.glob("*/*.jpg") if p != victim)         # an official name, other bytes
+    edited.write_bytes(b"the user's edit")
+    victim.unlink()
+    before = _snapshot(dest)
+    assert dl.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {folder}: 1 file(s) differ from the zip's: {edited}; " in err and "--force" in err
+    assert _snapshot(dest) == {**before, "MILK10k_Test_Input.zip": (server.handler.root / "MILK10k_Test_Input.zip")
+                               .read_bytes()}                               # refused before anything moved
+    metadata = dest / "MILK10k_Test_Metadata.csv"                           # a CSV that fails verification
+    metadata.write_bytes(b"".join(metadata.read_bytes().splitlines(keepends=True)[:-1]))
+    before = _snapshot(dest)
+    assert dl.main([*args, "--only", metadata.name]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {metadata}: 3 data rows, expected 4; it is left as it is" in err and "--force" in err
+    assert _snapshot(dest) == before
+
+    assert dl.main([*args, "--force"]) == 0                                 # asked for: the official files replace
+    assert metadata.read_bytes() == (server.handler.root / metadata.name).read_bytes()
+    assert edited.read_bytes() == victim.read_bytes() == _jpeg()
+    assert all(path.read_bytes() == b"the user's" for path in users)       # and nothing else is touched
+
+
+def test_an_image_folder_linked_from_elsewhere_is_repaired_in_place(server, tmp_path):
+    dest, name = tmp_path / "input", "MILK10k_Test_Input"
+    dl.download(dest, server.url, files=[f"{name}.zip"], expect=EXPECT)
+    (dest / name).rename(tmp_path / "elsewhere")
+    (dest / name).symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "notes.txt").write_text("the user's")
+    next((tmp_path / "elsewhere").glob("*/*.jpg")).unlink()
+    dl.download(dest, server.url, files=[f"{name}.zip"], expect=EXPECT)
+    assert (dest / name).is_symlink() and (tmp_path / "elsewhere" / "notes.txt").read_text() == "the user's"
+    assert dl.verify(dest, [f"{name}.zip"], EXPECT) == []

@@ -1,18 +1,24 @@
 """JPEGs whose compressed data was overwritten: Pillow decodes them to wrong pixels without an error (libjpeg only
 warns); the cache build and `download --verify-only` refuse them (src/jpeg.py), and intact JPEGs of every common
-kind decode exactly as Pillow decodes them."""
+kind decode exactly as Pillow decodes them. Every decode turns the image upright by its EXIF orientation, and refuses
+a file over the byte limit unread and one whose header declares too many pixels undecoded."""
 from __future__ import annotations
 
 import io
+import re
+import struct
+import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
-from src.cache import build_cache, decode_image
+from src import jpeg as jpeg_mod
+from src.cache import build_cache, decode_image, decode_lesion
 from src.data import TRAIN_IMAGES, TRAIN_METADATA, DataError, load_train
-from src.tools.download import verify
+from src.tools.download import _decode_problem, verify
 from src.jpeg import CorruptJPEG, load, open_image
 from src.tools.synth import generate
 
@@ -132,3 +138,142 @@ def test_a_truncated_or_unreadable_file_fails_as_pillow_fails(full_size, tmp_pat
     (tmp_path / "empty.jpg").write_bytes(b"")
     with pytest.raises(OSError, match=r"cannot identify image file '.*empty\.jpg'"):
         open_image(tmp_path / "empty.jpg")
+
+
+# --- every image is decoded upright, and only within the size limits ---------------------------------------------
+# How a camera stores an upright picture under each EXIF orientation (a viewer undoes it to show it upright).
+STORED = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_270}
+
+
+def upright_picture(size=(60, 40)) -> Image.Image:
+    """Landscape, with a colour ramp each way and one bright quadrant: every turn and flip moves its pixels."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([xx * 255 // w, yy * 255 // h, np.where((xx < w // 2) & (yy < h // 2), 255, 40)], -1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def save_turned(picture: Image.Image, path: Path, orientation: int) -> Path:
+    """``picture`` stored as a camera stores it under ``orientation``, and tagged so."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    picture.transpose(STORED[orientation]).save(path, "JPEG", quality=100, exif=exif)
+    return path
+
+
+def mad(a, b) -> float:
+    return float(np.abs(np.asarray(a, float) - np.asarray(b, float)).mean())
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED))
+def test_an_image_is_decoded_upright_as_a_viewer_shows_it(tmp_path, orientation):
+    picture = upright_picture()
+    picture.save(tmp_path / "upright.jpg", "JPEG", quality=100)
+    turned = save_turned(picture, tmp_path / "turned.jpg", orientation)
+    with Image.open(turned) as im:
+        assert mad(ImageOps.exif_transpose(im), picture) < 3                 # what a viewer shows
+        as_stored = np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.LANCZOS))
+    upright = decode_image(str(tmp_path / "upright.jpg"), 32)
+    assert mad(as_stored, upright) > 25                                      # the pixels as stored are not it
+    assert mad(decode_image(str(turned), 32), upright) < 3                   # the cache's and predict's decode
+    with jpeg_mod.decode(turned) as full:                                    # verification's decode, in full
+        assert full.size == (60, 40) and mad(full, picture) < 3
+
+
+def test_a_draft_asks_for_the_upright_size(tmp_path):
+    picture = upright_picture((600, 450))
+    picture.save(tmp_path / "upright.jpg", "JPEG", quality=95)
+    turned = save_turned(picture, tmp_path / "turned.jpg", 6)               # stored 450x600
+    with jpeg_mod.decode(tmp_path / "upright.jpg", (300, 100)) as up, jpeg_mod.decode(turned, (300, 100)) as im:
+        assert up.size == im.size == (300, 225) and mad(im, up) < 3          # not (600, 450): no 1/2 scale
+
+
+def test_every_decode_goes_through_the_one_function(full_size, monkeypatch):
+    image = next((full_size / TRAIN_IMAGES).glob("*/*.jpg"))
+    seen = []
+    real = jpeg_mod.decode
+    monkeypatch.setattr(jpeg_mod, "decode", lambda path, draft=None: seen.append(str(path)) or real(path, draft))
+    decode_image(str(image), 32)
+    decode_lesion((0, "IL_1", str(image), str(image), 32))
+    assert _decode_problem(str(image)) is None
+    assert seen == [str(image)] * 4
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A tiny real JPEG whose frame header (SOF0) declares ``width`` x ``height``."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 120, 90)).save(buf, "JPEG")
+    raw = bytearray(buf.getvalue())
+    sof = raw.index(b"\xff\xc0")
+    raw[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(raw)
+
+
+def refused_quickly(call, match: str) -> tuple[float, int]:
+    """(seconds, peak bytes allocated) of ``call``, which must raise ImageTooLarge matching ``match``."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(jpeg_mod.ImageTooLarge, match=match):
+        call()
+    seconds, peak = time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return seconds, peak
+
+
+def test_a_file_over_the_byte_limit_is_refused_without_being_read(tmp_path, monkeypatch):
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as fh:                                             # sparse: no disk used
+        fh.write(jpeg_declaring(8, 6))
+        fh.truncate(200 * 2**20)
+    assert jpeg_mod.MAX_IMAGE_BYTES == 50 * 2**20
+    why = r"209715200 bytes, over the limit of 52428800 for an image file .*set MILK10K_MAX_IMAGE_BYTES"
+    seconds, peak = refused_quickly(lambda: decode_image(str(huge), 32), why)
+    assert seconds < 0.5 and peak < 2**20, (seconds, peak)
+    with pytest.raises(DataError, match=rf"^{huge}: refused before decoding \(lesion_id IL_1, clin_path\): {why}"):
+        decode_lesion((0, "IL_1", str(huge), str(huge), 32))
+    assert re.match(f"refused before decoding: {why}", _decode_problem(str(huge)))
+
+    small = tmp_path / "small.jpg"                                           # the limit is read at each call
+    small.write_bytes(jpeg_declaring(8, 6))
+    monkeypatch.setenv("MILK10K_MAX_IMAGE_BYTES", str(small.stat().st_size - 1))
+    refused_quickly(lambda: jpeg_mod.decode(small), f"{small.stat().st_size} bytes, over the limit of")
+    monkeypatch.setenv("MILK10K_MAX_IMAGE_BYTES", str(small.stat().st_size))
+    assert decode_image(str(small), 8).shape == (8, 8, 3)
+    monkeypatch.setenv("MILK10K_MAX_IMAGE_BYTES", "50MB")
+    refused_quickly(lambda: jpeg_mod.decode(small), "MILK10K_MAX_IMAGE_BYTES='50MB' is not a positive whole number")
+
+
+@pytest.mark.parametrize("size", [(65535, 65535), (8000, 7000)])            # over Pillow's own limit, and under it
+def test_a_header_declaring_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch, size):
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(jpeg_declaring(*size))
+
+    def never(*args):
+        raise AssertionError("decoding started")
+
+    monkeypatch.setattr(jpeg_mod, "load", never)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
+    assert jpeg_mod.MAX_IMAGE_PIXELS == 50_000_000
+    why = (rf"its header declares {size[0]}x{size[1]} pixels, over the limit of 50000000 for an image .*set "
+           "MILK10K_MAX_IMAGE_PIXELS to a higher number")
+    seconds, peak = refused_quickly(lambda: decode_image(str(bomb), 32), why)
+    assert seconds < 0.5 and peak < 2**20, (seconds, peak)
+    good = tmp_path / "good.jpg"
+    good.write_bytes(jpeg_declaring(8, 6))
+    monkeypatch.setattr(jpeg_mod, "load", lambda img, data: img.load())   # the clinical image decodes
+    with pytest.raises(DataError, match=rf"^{bomb}: refused before decoding \(lesion_id IL_1, derm_path\): {why}"):
+        decode_lesion((0, "IL_1", str(good), str(bomb), 32))
+    monkeypatch.setattr(jpeg_mod, "load", never)
+    assert re.match(f"refused before decoding: {why}", _decode_problem(str(bomb)))
+    monkeypatch.setenv("MILK10K_MAX_IMAGE_PIXELS", str(size[0] * size[1]))   # trusted: decoding starts
+    with pytest.raises(AssertionError, match="decoding started"):
+        jpeg_mod.decode(bomb)
+
+
+def test_the_declared_size_is_read_from_every_common_kind(full_size):
+    img = Image.open(next((full_size / TRAIN_IMAGES).glob("*/*.jpg"))).convert("RGB")
+    for name, data in _encodings(img):
+        assert jpeg_mod.frame_size(data) == (600, 450), name
+    assert jpeg_mod.frame_size(b"\x89PNG\r\n") is None and jpeg_mod.frame_size(b"\xff\xd8\xff\xd9") is None

@@ -21,7 +21,7 @@ from src.data import (
     TRAIN_SUPPLEMENT, load_test, load_train,
 )
 from src.data import DataError
-from src.tools.synth import generate, images_for_csvs, main
+from src.tools.synth import generate, images_for_csvs, main, staged
 
 CSVS = [TRAIN_METADATA, TRAIN_GROUND_TRUTH, TRAIN_SUPPLEMENT, TEST_METADATA, SAMPLE_SUBMIT]
 HIDDEN = Path("hidden") / "MILK10k_Test_GroundTruth.csv"
@@ -154,7 +154,7 @@ def test_refuses_a_non_empty_folder_and_leaves_nothing_behind(tmp_path: Path) ->
     target = tmp_path / "taken"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match=re.escape(str(target))):
+    with pytest.raises(DataError, match=re.escape(str(target))):
         generate(target, n_train=12, n_test=3, **TINY)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
@@ -164,6 +164,51 @@ def test_refuses_a_non_empty_folder_and_leaves_nothing_behind(tmp_path: Path) ->
     empty.mkdir()
     assert generate(empty, n_train=12, n_test=3, **TINY) == empty.resolve()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("how", ["generate", "from-csvs", "a file in its place"])
+def test_a_taken_out_folder_is_one_line_and_nothing_is_written_or_deleted(sample_dir: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture, how: str):
+    out = tmp_path / "out"
+    if how == "a file in its place":
+        out.write_text("mine")
+    else:
+        (out / "MILK10k_Training_Input").mkdir(parents=True)              # a user's files, some in synth's names
+        (out / "notes.txt").write_text("keep me")
+        (out / "MILK10k_Training_Input" / "mine.jpg").write_bytes(b"not synth's")
+    before = _snapshot(tmp_path)
+    args = [str(out), "--n-train", "12", "--n-test", "3"] if how != "from-csvs" else \
+        [str(out), "--from-csvs", str(sample_dir), "--workers", "1"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert captured.err.startswith(f"error: {out.resolve()} already exists and is not an empty folder (")
+    assert ("a file" if how == "a file in its place" else "it holds MILK10k_Training_Input, notes.txt") in captured.err
+    assert _snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_the_demo_reports_a_taken_data_folder_in_one_line(tmp_path: Path) -> None:
+    from src.cli import user_message                                       # what `bash run.sh demo` prints
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(Exception) as err:
+        generate(tmp_path, n_train=12, n_test=3, **TINY)
+    assert user_message(err.value) == str(err.value) and "notes.txt" in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_files_put_in_the_folder_while_synth_runs_are_left_alone(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="something was put there while synth ran"):
+        with staged(out) as (stage, _):
+            (stage / "made.csv").write_text("synth's")
+            out.mkdir()
+            (out / "theirs.txt").write_text("keep me")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in out.iterdir()] == ["theirs.txt"]
 
 
 # --- images for real CSVs (the fixture's real rows: "MILK study team", CC-BY-NC) --------------------------------
@@ -231,7 +276,7 @@ def test_a_taken_folder_or_a_missing_test_metadata_is_refused(sample_dir: Path, 
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not an empty folder"):
+    with pytest.raises(DataError, match="not an empty folder"):
         images_for_csvs(taken, sample_dir, **SMALL)
     only_train = tmp_path / "csvs"
     only_train.mkdir()

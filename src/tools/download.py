@@ -5,7 +5,9 @@
 Every file streams to ``<dest>/.partial/<name>`` and is renamed into place only once complete, so an
 interrupted run leaves nothing half-written in ``dest``; rerunning resumes it (HTTP Range where the
 server allows). Files already present and verified are skipped. Each zip is extracted to a temporary
-folder and renamed into place as ``<dest>/<zip top folder>/<lesion_id>/<isic_id>.jpg``.
+folder and renamed into place as ``<dest>/<zip top folder>/<lesion_id>/<isic_id>.jpg``; into an image folder
+already there only its missing images are moved. Nothing in ``dest`` that is not the release is ever deleted or
+overwritten, and a file of the release's that fails verification only with ``--force``.
 
 Dataset: ISIC 2025 MILK10k, "MILK study team", CC-BY-NC 4.0, DOI 10.34970/648456.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import filecmp
 import http.client
 import multiprocessing
 import os
@@ -129,15 +132,14 @@ def _listed_images(dest: Path, folder: str) -> dict[str, int] | None:
 
 
 def _decode_problem(path: str) -> str | None:
-    """Why ``path`` is not a JPEG that decodes completely and intact (src/jpeg.py), or None."""
-    from ..jpeg import load, open_image
+    """Why ``path`` is not a JPEG that decodes completely and intact, as every image is decoded (src/jpeg.py
+    ``decode``: within the size limits, strictly, turned upright), or None."""
+    from ..jpeg import ImageTooLarge, decode
 
     try:
-        im, data = open_image(path)
-        with im:
-            load(im, data)
-            if im.format != "JPEG":
-                return f"holds {im.format} data, not a JPEG"
+        decode(path).close()
+    except ImageTooLarge as exc:
+        return f"refused before decoding: {exc}"
     except Exception as exc:  # noqa: BLE001 - PIL raises several kinds for broken files
         return f"not a decodable JPEG ({type(exc).__name__}: {exc})"
     return None
@@ -266,8 +268,25 @@ def _fetch(url: str, target: Path, partial_dir: Path, timeout: float, retries: i
             time.sleep(delay)
 
 
-def _extract(zip_path: Path, folder: str, dest: Path, partial_dir: Path) -> None:
-    """Unpack ``zip_path`` to a temporary folder, then rename its top folder to ``dest/folder``."""
+def _merge(top: Path, root: Path, force: bool) -> None:
+    """Move the files under ``top`` into ``root``: one already there with the same bytes is kept, one with other
+    bytes is replaced only with ``force`` (else DownloadError, before anything moves); whatever else ``root`` holds
+    is left as it is."""
+    moves = [(p, root / p.relative_to(top)) for p in sorted(top.rglob("*")) if p.is_file()]
+    differ = {dst for src, dst in moves if dst.exists() and not (dst.is_file() and filecmp.cmp(src, dst, False))}
+    if differ and not force:
+        raise DownloadError(f"{root}: {len(differ)} file(s) differ from the zip's: {_show(sorted(differ))}; they are "
+                            "left as they are: move them away and rerun, or rerun with --force to replace them")
+    for src, dst in moves:
+        if dst in differ or not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+
+
+def _extract(zip_path: Path, folder: str, dest: Path, partial_dir: Path, force: bool = False) -> None:
+    """Unpack ``zip_path`` to a temporary folder, then rename its top folder to ``dest/folder``. Into an image
+    folder already there (either layout, or a link to one elsewhere) only the zip's files are moved (``_merge``):
+    nothing else in it is deleted or overwritten."""
     partial_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{folder}.", dir=partial_dir))
     try:
@@ -279,14 +298,17 @@ def _extract(zip_path: Path, folder: str, dest: Path, partial_dir: Path) -> None
         except OSError as exc:
             raise DownloadError(f"{zip_path}: cannot unzip ({exc})") from None
         top = tmp / folder if (tmp / folder).is_dir() else tmp
-        target = dest / folder
-        if target.exists():
-            old = tmp.with_name(tmp.name + ".old")
-            target.rename(old)
-            top.rename(target)
-            shutil.rmtree(old)
+        root = image_root(dest, folder)
+        if root.is_dir():
+            try:
+                _merge(top, root, force)
+            except OSError as exc:
+                raise DownloadError(f"{root}: cannot move the images of {zip_path.name} in ({exc})") from None
+        elif os.path.lexists(root):
+            raise DownloadError(f"{root}: a file stands where {zip_path.name} unzips to; it is left as it is: move "
+                                "it away and rerun")
         else:
-            top.rename(target)
+            top.rename(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -297,8 +319,10 @@ def download(dest: str | Path = "input", base_url: str = DEFAULT_URL, files=None
     """Fetch the release into ``dest``, unzip the images, and return ``dest``.
 
     Files already present and verified are skipped unless ``force``. A zip is deleted after successful
-    extraction and verification unless ``keep_zip``. Raises DownloadError when a file cannot be fetched
-    or unpacked; verification problems are left to ``verify``.
+    extraction and verification unless ``keep_zip``. Nothing in ``dest`` that is not the release is deleted or
+    overwritten, and a file of the release's that fails verification (a CSV, an image) is replaced only with
+    ``force`` (else DownloadError). Raises DownloadError when a file cannot be fetched or unpacked; verification
+    problems are left to ``verify``.
     """
     dest = Path(dest)
     partial_dir = dest / ".partial"
@@ -306,16 +330,20 @@ def download(dest: str | Path = "input", base_url: str = DEFAULT_URL, files=None
     dest.mkdir(parents=True, exist_ok=True)
     for name in _check_names(files or FILES):
         spec = FILES[name]
-        if not force and not _problems(dest, name, expect):
+        problems = [] if force else _problems(dest, name, expect)
+        if not force and not problems:
             print(f"{name}: present and verified, skipped", flush=True)
             continue
         target = dest / name
-        if force or spec["kind"] == "csv" or not target.is_file():
+        if spec["kind"] == "csv" and os.path.lexists(target) and not force:
+            raise DownloadError(f"{problems[0]}; it is left as it is: move it away and rerun to download the "
+                                "official file, or rerun with --force to replace it")
+        if force or not target.is_file():
             print(f"{name}: downloading{' (' + spec['size'] + ')' if 'size' in spec else ''}", flush=True)
             _fetch(base + name, target, partial_dir, timeout, retries)
         if spec["kind"] == "zip":
             print(f"{name}: extracting to {dest / spec['folder']}", flush=True)
-            _extract(target, spec["folder"], dest, partial_dir)
+            _extract(target, spec["folder"], dest, partial_dir, force)
             if not keep_zip and not _problems(dest, name, expect):
                 target.unlink()
     if partial_dir.is_dir() and not any(partial_dir.iterdir()):

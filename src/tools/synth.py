@@ -30,6 +30,7 @@ from contextlib import contextmanager
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 import zipfile
@@ -42,7 +43,7 @@ from PIL import Image
 
 from ..data import (
     CLASSES, GT_COLUMNS, IMAGE_TYPES, METADATA_COLUMNS, MONET, SAMPLE_SUBMIT, SUPPLEMENT_COLUMNS,
-    TEST_IMAGES, TEST_METADATA, TRAIN_GROUND_TRUTH, TRAIN_IMAGES, TRAIN_METADATA, TRAIN_SUPPLEMENT,
+    TEST_IMAGES, TEST_METADATA, TRAIN_GROUND_TRUTH, TRAIN_IMAGES, TRAIN_METADATA, TRAIN_SUPPLEMENT, DataError,
 )
 from ..io_utils import atomic_write_csv
 
@@ -103,17 +104,28 @@ _MONET_SHIFT = {"AKIEC": (0.8, 0.0, 0.8, -0.5), "BCC": (0.6, 1.0, 0.3, -0.6), "I
 @contextmanager
 def staged(out_dir: str | os.PathLike) -> Iterator[tuple[Path, Path]]:
     """(a temporary sibling folder to fill, ``out_dir``): renamed into place when the block ends without error,
-    removed otherwise; ``out_dir`` must be new or an empty folder."""
+    removed otherwise. synth never deletes or overwrites a file it did not write: ``out_dir`` must be new or an
+    empty folder, and one that holds anything (an earlier output of synth included) or is a file is refused with
+    a DataError, before anything is written; so is one that files appeared in meanwhile."""
     out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not an empty folder; choose a new one")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held or out.exists() and not out.is_dir():
+        shown = ", ".join(held[:3]) + (f", ... ({len(held)} in all)" if len(held) > 3 else "")
+        what = f"it holds {shown}" if held else "a file"
+        raise DataError(f"{out} already exists and is not an empty folder ({what}); synth writes only "
+                        "into a new or empty folder and never deletes or overwrites what is there: choose another "
+                        "folder, or delete this one yourself if nothing in it is needed")
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield stage, out
-        if out.exists():
-            out.rmdir()
-        os.replace(stage, out)
+        try:
+            if out.is_dir():
+                out.rmdir()
+            os.replace(stage, out)
+        except OSError as err:
+            raise DataError(f"{out}: something was put there while synth ran ({err.strerror}); it is left as it "
+                            "is and nothing was written: choose another folder") from None
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -379,7 +391,7 @@ def images_for_csvs(out_dir: str | os.PathLike, train_dir: str | os.PathLike,
     ``out_dir`` (new or empty) byte for byte, and write a JPEG for every image they list (see the module
     docstring for ``signal``). ``layout``: 'plain' folders, 'nested' (as unzipping makes them) or 'zip' (the
     official zips, not unzipped). The folder appears complete or not at all."""
-    from ..data import DataError, load_test, load_train, locate
+    from ..data import load_test, load_train, locate
 
     if signal not in SIGNALS or layout not in LAYOUTS:
         raise ValueError(f"signal must be one of {SIGNALS} and layout one of {LAYOUTS}")
@@ -416,7 +428,7 @@ def images_for_csvs(out_dir: str | os.PathLike, train_dir: str | os.PathLike,
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.tools.synth", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("out_dir", help="new or empty folder to write into")
@@ -432,17 +444,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
                         help="with --from-csvs: drawing processes")
     args = parser.parse_args(argv)
-    if args.from_csvs:
-        out = images_for_csvs(args.out_dir, args.from_csvs, args.test_metadata, args.signal, args.layout,
-                              args.seed, args.workers)
-        print(f"wrote the CSVs of {args.from_csvs} and their images ({args.signal} signal, {args.layout}) to {out}")
-        return
-    if args.layout == "zip":
+    if args.layout == "zip" and not args.from_csvs:
         parser.error("--layout zip needs --from-csvs")
-    out = generate(args.out_dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed, layout=args.layout)
+    try:
+        if args.from_csvs:
+            out = images_for_csvs(args.out_dir, args.from_csvs, args.test_metadata, args.signal, args.layout,
+                                  args.seed, args.workers)
+            print(f"wrote the CSVs of {args.from_csvs} and their images ({args.signal} signal, {args.layout}) to "
+                  f"{out}")
+            return 0
+        out = generate(args.out_dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed, layout=args.layout)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {args.n_train} training and {args.n_test} test lesions to {out}")
     print(f"test labels (never read by the pipeline): {out / HIDDEN_TEST_TRUTH}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
