@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import multiprocessing
 import os
 import re
 import signal
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 from . import faults, jpeg
 from .data import DataError
-from .io_utils import atomic_write, atomic_write_json, file_digests
+from .io_utils import atomic_write, atomic_write_json, file_digests, worker_pool
 
 CACHE_VERSION = "2:exif-upright,draft+lanczos,squash"
 VIEWS = ("clin", "derm")
@@ -140,19 +139,6 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _exit_quietly(signum, frame) -> None:
-    raise SystemExit(0)
-
-
-def _quiet_worker() -> None:
-    """A decode worker ends silently on SIGTERM (the pool's terminate, or a signal to the whole process group) and
-    leaves Ctrl-C to its parent, which stops the pool. It ends by an exception, not on the spot, so the pool's queue
-    locks it may hold (an idle worker waits for its next task holding one) are released: a worker killed holding one
-    would leave the parent's pool shutdown waiting for it forever."""
-    signal.signal(signal.SIGTERM, _exit_quietly)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _fill(tmp: str, jobs: list[tuple[int, str, str, str, int]], shape: tuple[int, ...], num_workers: int,
           desc: str, progress: bool) -> None:
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
@@ -161,8 +147,8 @@ def _fill(tmp: str, jobs: list[tuple[int, str, str, str, int]], shape: tuple[int
                                        disable=None if progress else True) as bar:
         if num_workers > 1:
             chunk = max(1, min(64, len(jobs) // (num_workers * 8)))
-            with multiprocessing.Pool(num_workers, initializer=_quiet_worker) as pool:
-                for i, pair in pool.imap_unordered(decode_lesion, jobs, chunksize=chunk):
+            with worker_pool(num_workers) as imap:
+                for i, pair in imap(decode_lesion, jobs, chunk):
                     faults.point("cache.lesion", tmp)
                     arr[i] = pair
                     bar.update()

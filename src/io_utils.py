@@ -12,8 +12,9 @@ import os
 import re
 import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import faults
 
@@ -195,3 +196,44 @@ def file_digests(paths, store: str | os.PathLike | None = None) -> list[str]:
         except OSError:
             pass
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# worker processes
+# ----------------------------------------------------------------------------------------------------
+_STOP = None  # in a pool worker: the event that turns its remaining tasks into no-ops
+
+
+def _pool_worker(stop) -> None:
+    """A pool worker leaves SIGINT and SIGTERM to its parent, which stops the pool, and skips its remaining tasks
+    once ``stop`` is set."""
+    global _STOP
+    import signal
+
+    _STOP = stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _unless_stopped(task):
+    fn, item = task
+    return None if _STOP.is_set() else fn(item)
+
+
+@contextmanager
+def worker_pool(workers: int) -> Iterator[Callable]:
+    """``imap(fn, items, chunksize)`` over ``workers`` processes: ``fn(item)`` of every item, results as they come.
+    Leaving the block, however it is left (an error from a task, Ctrl-C, SIGTERM as Ctrl-C), turns the remaining
+    tasks into no-ops and waits for the workers to end: the pool is never terminated by signals, which can kill a
+    worker holding one of the pool's queue locks and leave the parent waiting for it forever."""
+    import multiprocessing
+
+    stop = multiprocessing.Event()
+    pool = multiprocessing.Pool(workers, initializer=_pool_worker, initargs=(stop,))
+    try:
+        yield lambda fn, items, chunksize=1: pool.imap_unordered(_unless_stopped, ((fn, x) for x in items),
+                                                                 chunksize=chunksize)
+    finally:
+        stop.set()
+        pool.close()
+        pool.join()

@@ -154,10 +154,10 @@ def decode_images(lesions: pd.DataFrame, size: int, workers: int = 1) -> np.ndar
             for i, (lid, c, d) in enumerate(zip(lesions["lesion_id"], lesions["clin_path"], lesions["derm_path"]))]
     out = np.empty((len(jobs), 2, size, size, 3), dtype=np.uint8)
     if workers > 1 and len(jobs) >= 64:
-        import multiprocessing
+        from ..io_utils import worker_pool
 
-        with multiprocessing.Pool(workers) as pool:
-            for i, pair in pool.imap_unordered(decode_lesion, jobs, chunksize=16):
+        with worker_pool(workers) as imap:
+            for i, pair in imap(decode_lesion, jobs, 16):
                 out[i] = pair
     else:
         for job in jobs:

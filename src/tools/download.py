@@ -17,7 +17,6 @@ import argparse
 import csv
 import filecmp
 import http.client
-import multiprocessing
 import os
 import re
 import shutil
@@ -30,6 +29,8 @@ import zipfile
 from pathlib import Path
 
 from tqdm import tqdm
+
+from ..io_utils import worker_pool
 
 DEFAULT_URL = "https://isic-archive.s3.amazonaws.com/challenges/milk10k/"
 MANUAL_HINT = "download the files by hand as input/README.md explains"
@@ -145,6 +146,10 @@ def _decode_problem(path: str) -> str | None:
     return None
 
 
+def _path_problem(path: str) -> tuple[str, str | None]:
+    return path, _decode_problem(path)
+
+
 def _show(paths: list, limit: int = 5) -> str:
     return ", ".join(map(str, paths[:limit])) + (f" ... ({len(paths)} in all)" if len(paths) > limit else "")
 
@@ -174,8 +179,9 @@ def _image_problems(dest: Path, folder: str, images: int, decode: bool = False, 
         paths = [str(root / name) for name in found]
         print(f"{folder}: decoding {len(paths)} images ({workers} process(es))", flush=True)
         if workers > 1:
-            with multiprocessing.Pool(workers) as pool:
-                why = pool.map(_decode_problem, paths, chunksize=64)
+            with worker_pool(workers) as imap:
+                why = dict(imap(_path_problem, paths, 64))
+            why = [why[p] for p in paths]
         else:
             why = [_decode_problem(p) for p in paths]
         broken = [f"{p}: {w}" for p, w in zip(paths, why) if w]

@@ -26,8 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-from contextlib import contextmanager
-import multiprocessing
+from contextlib import contextmanager, nullcontext
 import os
 import shutil
 import sys
@@ -45,7 +44,7 @@ from ..data import (
     CLASSES, GT_COLUMNS, IMAGE_TYPES, METADATA_COLUMNS, MONET, SAMPLE_SUBMIT, SUPPLEMENT_COLUMNS,
     TEST_IMAGES, TEST_METADATA, TRAIN_GROUND_TRUTH, TRAIN_IMAGES, TRAIN_METADATA, TRAIN_SUPPLEMENT, DataError,
 )
-from ..io_utils import atomic_write_csv
+from ..io_utils import atomic_write_csv, worker_pool
 
 WEAK_SHARE = 0.4  # signal=weak: the share of training lesions drawn with their own class's look
 SIGNALS = ("weak", "none")
@@ -364,16 +363,10 @@ def _draw_job(job: tuple) -> None:
 
 def _draw_all(jobs: list[tuple], workers: int, what: str) -> None:
     start, every = time.time(), max(1, len(jobs) // 10)
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
-    try:
-        done = pool.imap_unordered(_draw_job, jobs, chunksize=16) if pool else map(_draw_job, jobs)
-        for n, _ in enumerate(done, 1):
+    with worker_pool(workers) if workers > 1 else nullcontext(lambda fn, items, chunksize: map(fn, items)) as imap:
+        for n, _ in enumerate(imap(_draw_job, jobs, 16), 1):
             if n % every == 0 or n == len(jobs):
                 print(f"[synth] {what}: {n}/{len(jobs)} lesions ({time.time() - start:.0f}s)", flush=True)
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
 
 
 def _zip_folder(folder: Path, zip_path: Path) -> None:
