@@ -56,13 +56,14 @@ MIXING_KEYS = {
 
 
 class MixupCutmix:
-    """The mixing part: ``active(cfg, stage, epoch, total_epochs)`` says whether an epoch mixes (stage 2 up to its
-    last ``mix_off_epochs`` epochs); calling it mixes a batch (``mix``)."""
+    """The mixing part: ``active(cfg, stage, epoch, total_epochs)`` says whether an epoch mixes (with mixup or cutmix
+    on: stage 2 up to its last ``mix_off_epochs`` epochs); calling it mixes a batch (``mix``)."""
 
     keys = MIXING_KEYS
 
     def active(self, cfg: Config, stage: int, epoch: int, total_epochs: int) -> bool:
-        return stage == 2 and epoch < total_epochs - cfg.mix_off_epochs
+        on = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
+        return on and stage == 2 and epoch < total_epochs - cfg.mix_off_epochs
 
     def __call__(self, cfg: Config, clin, derm, meta, y, gen: torch.Generator):
         return mix(cfg, clin, derm, meta, y, gen)

@@ -355,8 +355,7 @@ def train_fold(recipe: ImageRecipe, cfg: Config, fold: int, data: Prepared, dist
             if resume is not None and resume.stage == number:
                 stage.load_state(resume.stage_state)
         resume = None
-        train_loss, n_seen, t0, train_time = train_epoch(run, stage, epoch)
-        end_epoch(run, stage, state, epoch, (train_loss, n_seen, t0, train_time), tracker)
+        end_epoch(run, stage, state, epoch, train_epoch(run, stage, epoch), tracker)
     metrics = finish_fold(run, state, tracker) if dist.is_main else {}
     dist.barrier()
     return metrics
@@ -401,8 +400,19 @@ def open_tracker(cfg: Config, fold: int, state: FoldState, model, dist: DistCont
     return tracker
 
 
-def train_epoch(run: FoldRun, stage: Stage, epoch: int) -> tuple[float, int, float, float]:
-    """One pass over the epoch's batches: (mean train loss over all processes, pairs seen, start time, seconds)."""
+@dataclass(frozen=True)
+class Trained:
+    """What one pass over an epoch's batches did."""
+
+    loss: float       # mean training loss over all processes
+    pairs: int        # lesion pairs seen
+    start: float      # time.time() at its start
+    seconds: float
+    mixed: bool       # the batches went through the recipe's mixing part
+
+
+def train_epoch(run: FoldRun, stage: Stage, epoch: int) -> Trained:
+    """One pass over the epoch's batches."""
     cfg, inputs, device = run.cfg, run.inputs, run.device
     seed = epoch_seed(cfg, inputs.fold, epoch)
     gen = torch.Generator().manual_seed(seed)
@@ -431,14 +441,14 @@ def train_epoch(run: FoldRun, stage: Stage, epoch: int) -> tuple[float, int, flo
         loss_acc += loss * y.shape[0]
         n_seen += y.shape[0]
     loss_sum, n_seen = run.dist.sum(float(loss_acc), n_seen)
-    return loss_sum / max(1, n_seen), n_seen, t0, time.time() - t0
+    return Trained(loss_sum / max(1, n_seen), n_seen, t0, time.time() - t0, mixing)
 
 
-def end_epoch(run: FoldRun, stage: Stage, state: FoldState, epoch: int, trained: tuple[float, int, float, float],
+def end_epoch(run: FoldRun, stage: Stage, state: FoldState, epoch: int, trained: Trained,
               tracker: Tracker | None) -> None:
     """Validate, keep the best weights, decide early stopping, log, and checkpoint the epoch."""
     cfg, inputs, fold = run.cfg, run.inputs, run.inputs.fold
-    train_loss, n_seen, t0, train_time = trained
+    train_loss, n_seen, t0, train_time = trained.loss, trained.pairs, trained.start, trained.seconds
     fdir = cfg.fold_dir(fold)
     eval_model = stage.eval_model()
     val_probs = predict(eval_model, run.link, cfg, run.train_images, inputs.va_rows, inputs.meta_va, run.augment, run.device,
@@ -462,7 +472,7 @@ def end_epoch(run: FoldRun, stage: Stage, state: FoldState, epoch: int, trained:
     row = {"epoch": epoch + 1, "stage": stage.number, "train_loss": train_loss,
            "val_loss": log_loss(inputs.y_va, val_probs), "val_macro_f1": float(per_class.mean()), "val_score": score,
            "lr_head": stage.opt.param_groups[-1]["lr"],
-           "lr_backbone": stage.opt.param_groups[0]["lr"] if stage.number == 2 else 0.0,
+           "lr_backbone": stage.opt.param_groups[0]["lr"] if stage.number == 2 else 0.0, "mixing": int(trained.mixed),
            "pairs_per_s": n_seen / max(train_time, 1e-9), "epoch_time_s": time.time() - t0}
     state.history.append(row)
     state.epoch = epoch
