@@ -1,7 +1,10 @@
 """Reading an export back: what a bundle is (its format, manifest and the versions of what it stores), and the
-checks ``predict`` makes before it reads anything in one (``verify``: every listed file present and unchanged, no
-unlisted file; ``open_bundle``: the format and versions, then each experiment's settings). Weights are read from
-safetensors; nothing in a bundle is ever executed. Writing one is src/deliver/export.py.
+checks ``predict`` makes before it reads anything in one (``extract``: an archive's bounds from its tar headers,
+before anything is unpacked; ``verify``: the manifest unchanged, every listed file present and unchanged, no
+unlisted file, no link; ``open_bundle``: the format and versions, plain names, then each experiment's settings and
+the files predict will read, all listed). Weights are read from safetensors; nothing in a bundle is ever executed.
+The manifest detects damage and accidental change, not a forger (who rewrites a file and the manifest together):
+what a bundle's own data can make predict do is bounded instead. Writing one is src/deliver/export.py.
 """
 from __future__ import annotations
 

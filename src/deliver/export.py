@@ -14,10 +14,12 @@ SOURCE is an experiment or a blend with a submission (``<submission_dir>/<SOURCE
                                        features.json, models.json (a tabular experiment or a stacker)
     MANIFEST.json                      the SHA-256 of every other file, written last
 
-No pickle anywhere: weights are safetensors, fitted transforms and models JSON (src/portable.py). ``predict`` checks
-the manifest before it reads anything (a changed, missing or unlisted file is refused by name), refuses a bundle
-of another format, and builds each network with this checkout's code of the experiment the bundle names; nothing
-in a bundle is ever executed.
+No pickle anywhere: weights are safetensors, fitted transforms and models JSON (src/portable.py), and no folder of
+the exporting machine (the path settings are stored at their defaults). ``predict`` checks the manifest before it
+reads anything (a changed, missing or unlisted file is refused by name), refuses a bundle of another format, and
+builds each network with this checkout's code of the experiment the bundle names; nothing in a bundle is ever
+executed. The manifest detects damage and accidental change; it is no signature. ``--out DIR`` replaces only an
+earlier export (``check_out``).
 """
 from __future__ import annotations
 
