@@ -36,9 +36,10 @@ def resolve_workers(cfg: Config, device: torch.device) -> int:
 
 
 def cache_workers(cfg: Config) -> int:
-    """Decode processes of the one-time image-cache build: ``num_workers`` (0 or 1 = this process), or with -1
-    one per CPU core."""
-    return max(1, cfg.num_workers) if cfg.num_workers >= 0 else max(1, os.cpu_count() or 1)
+    """Decode processes of the one-time image-cache build and of predict: ``num_workers`` (0 or 1 = this process),
+    or with -1 one per CPU core; never more than this machine's cores (os.cpu_count())."""
+    cores = max(1, os.cpu_count() or 1)
+    return min(max(1, cfg.num_workers), cores) if cfg.num_workers >= 0 else cores
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ USER_ERRORS = {
     "src.preflight": ("SetupError",), "src.blend": ("BlendError",), "src.scoring": ("SubmissionError",),
     "src.stacker": ("StackError",), "src.model": ("WeightsUnavailable",),
     "src.speed.fuse": ("FusionUnsupported",), "src.train": ("NonFiniteLoss", "CheckpointError"),
-    "src.deliver.source": ("PredictError",), "src.deliver.bundle": ("BundleError",),
+    "src.deliver.source": ("PredictError",), "src.deliver.bundle": ("BundleError",), "src.owned": ("NotOurs",),
 }
 FIXABLE_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
@@ -168,6 +168,21 @@ def user_message(exc: BaseException) -> str | None:
 
 
 _MAIN_PID = os.getpid()
+
+
+# What Ctrl-C (or SIGTERM) leaves, by command: a command that trains resumes; the others start again
+RESUMES = "interrupted: rerun the same command to resume from the last finished epoch"
+REDO = "interrupted: nothing half-written was kept (every file is as it was, or complete); rerun the same command"
+INTERRUPTED = {"predict": REDO, "export": REDO, "blend": REDO,
+               "spread": "interrupted: nothing half-written was kept; rerun the same command: finished runs are kept "
+                         "and the unfinished one resumes from its last finished epoch"}
+
+
+def interrupted(cmd: str, rest: list[str]) -> str:
+    """The line printed when command ``cmd`` (its arguments ``rest``) is interrupted."""
+    if cmd == "demo" and rest[:1] == ["blend"]:
+        cmd = "blend"
+    return INTERRUPTED.get(cmd, RESUMES)
 
 
 def _terminate(signum, frame) -> None:
@@ -217,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume from the last finished epoch", file=sys.stderr)
+        print(interrupted(cmd, rest), file=sys.stderr)
         return 130
     except Exception as exc:  # a user-facing error gets one message and no traceback
         message = user_message(exc)

@@ -5,7 +5,8 @@ each in its own folder, and the honest out-of-fold macro F1 of every decision ru
 
 A difference between two experiments smaller than these spreads is noise. The runs are ordinary experiments named
 ``<EXP>_fs<seed>`` (resumable, fingerprinted like any other); no submission is written. The table also goes to
-``<output_dir>/spread/<EXP>.json``.
+``<output_dir>/spread/<EXP>.json`` (a file there that is not a spread of this project is refused before anything
+runs); nothing is ever removed.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .config import Config, load_config
 from .data import load_test, load_train
 from .decision import RULES, choose_rule
 from .io_utils import atomic_write_json
+from .owned import replaceable_json
 
 
 def seed_config(name: str, seed: int, overrides: list[str]) -> Config:
@@ -83,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fold-seeds", type=fold_seeds, default="42,7,2026", help="comma list of fold seeds")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_intermixed_args(argv)
-    result = run(args.exp, args.fold_seeds, args.overrides)
     out = Path(load_config(args.exp, args.overrides).output_dir) / "spread" / f"{args.exp}.json"
+    replaceable_json(out, ("experiment", "fold_seeds", "per_seed", "summary"), "move it away or give another "
+                     "output_dir=")
+    result = run(args.exp, args.fold_seeds, args.overrides)
     atomic_write_json(out, result)
     print(format_spread(result))
     print(f"written: {out}")

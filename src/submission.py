@@ -157,6 +157,17 @@ def report(cfg: Config, name: str, blend: Blend, decision: Decision, train: pd.D
     return files
 
 
+def check_replaceable(cfg: Config, name: str) -> None:
+    """Refuse a submission name whose files in submission_dir would overwrite files this project did not write
+    (src/owned.py): the two CSVs must carry the submission header, the sidecar its fields."""
+    from .owned import replaceable_csv, replaceable_json
+
+    out, fix = Path(cfg.submission_dir), "move it away or choose another --name"
+    replaceable_csv(out / f"{name}.csv", HEADER, fix)
+    replaceable_csv(out / f"{name}_oof_honest.csv", HEADER, fix)
+    replaceable_json(out / f"{name}.json", ("experiments", "weights", "decision", "thresholds"), fix)
+
+
 def finalize(cfg: Config, experiments: Sequence[str | Config], name: str | None = None,
              overrides: list[str] | None = None) -> dict:
     """Blend ``experiments`` (names or Configs), score them, write the submission, sidecar, honest OOF and report.
@@ -169,6 +180,7 @@ def finalize(cfg: Config, experiments: Sequence[str | Config], name: str | None 
     train = load_train(cfg.data_dir, check_images=False)
     test = load_test(cfg.data_dir, check_images=False)
     check_outputs(cfg)
+    check_replaceable(cfg, name)
     blend = blend_experiments(cfgs, train, test)
     decision = choose_decision(blend, cfgs[0].decision, train[CLASSES].to_numpy(np.float64))
     rule = decision.rule

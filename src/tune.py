@@ -267,14 +267,25 @@ def run_tune(cfg: Config, args: TuneArgs = TuneArgs(), data=None) -> "object":
     return study
 
 
-def write_best(cfg: Config, study, name: str, args: TuneArgs = TuneArgs()) -> Path:
-    """<name>/ beside ``cfg``'s experiment folder: the tuned experiment as its child, config.py with the best trial's
-    values (the overrides its search gave) and a train.py that reuses its parent's code."""
-    from .config import PLAIN_NAME, experiment_dir
+def check_best_name(name: str) -> None:
+    """Refuse a ``--write-best`` name that is not a plain name or whose exp/<name>/ already exists (checked before
+    the study runs, and again before writing): an experiment folder is never overwritten."""
+    from .config import EXP_ROOT, PLAIN_NAME, experiment_roots
 
     if not PLAIN_NAME.fullmatch(name) or ".." in name:
         raise ConfigError(f"--write-best {name!r}: use a plain name (letters, digits, '.', '_', '-'; no '/' and no "
                           "'..'), e.g. --write-best exp004")
+    taken = next((root / name for root in [*experiment_roots(), EXP_ROOT] if (root / name).exists()), None)
+    if taken is not None:
+        raise ConfigError(f"--write-best {name!r}: {taken} exists and is not replaced; choose another name")
+
+
+def write_best(cfg: Config, study, name: str, args: TuneArgs = TuneArgs()) -> Path:
+    """<name>/ beside ``cfg``'s experiment folder: the tuned experiment as its child, config.py with the best trial's
+    values (the overrides its search gave) and a train.py that reuses its parent's code."""
+    from .config import experiment_dir
+
+    check_best_name(name)
     best = study.best_trial
     params = best.user_attrs["overrides"]
     lines = [f'"""{name}: {cfg.experiment} with the values of Optuna trial {best.number} ({", ".join(sorted(params))}).',
@@ -284,8 +295,6 @@ def write_best(cfg: Config, study, name: str, args: TuneArgs = TuneArgs()) -> Pa
     lines += [f"    {k}={v!r}," for k, v in sorted(params.items())]
     lines.append(")")
     folder = experiment_dir(cfg.experiment).parent / name  # beside its parent
-    if folder.exists():
-        raise FileExistsError(f"{folder} exists; choose another --write-best name")
     atomic_write_text(folder / "train.py", f'"""{name}: the code of {cfg.experiment}; only values differ."""\n'
                       f"from exp.{cfg.experiment}.train import *  # noqa: F401,F403\n")
     atomic_write_text(folder / "config.py", "\n".join(lines) + "\n")
@@ -307,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.trials < 1 or ns.epochs < 0:
         raise ConfigError(f"--trials {ns.trials} --epochs {ns.epochs}: need at least one trial and epochs >= 0")
     args = TuneArgs(ns.trials, ns.folds, ns.epochs, ns.storage)
+    if ns.write_best:
+        check_best_name(ns.write_best)
     cfg = load_config(ns.exp, ns.overrides)
     study = run_tune(cfg, args)
     if ns.write_best:

@@ -179,7 +179,7 @@ def test_the_export_has_a_manifest_a_model_card_and_no_pickle(bundle):
         assert head[:1] != b"\x80" and head != b"PK", f"{f} looks like a pickle or a torch archive"
     assert len([f for f in files if f.endswith("weights.safetensors")]) == 2
     info = json.loads((bundle / "bundle.json").read_text())
-    assert info["experiments"] == ["exp001", "exp000"] and info["versions"]["bundle"] == 1
+    assert info["experiments"] == ["exp001", "exp000"] and info["versions"]["bundle"] == 2
     assert info["members"]["exp001"]["data_fingerprint"]["tables"] and info["packages"]["torch"]
     card = (bundle / "MODEL_CARD.md").read_text()
     for needle in ("MILK study team", "CC-BY-NC", "honest out-of-fold macro F1", "Spread over fold seeds",
@@ -283,9 +283,9 @@ def test_a_changed_missing_or_foreign_export_is_refused_by_name(trained, bundle,
     refused(capsys, tmp_path, ["predict", str(copy), *args], "written by another version of the project",
             "features 99 there, 1 here")
     manifest = json.loads((copy / "MANIFEST.json").read_text())
-    (copy / "MANIFEST.json").write_text(json.dumps({**manifest, "format": 2}))
+    (copy / "MANIFEST.json").write_text(json.dumps({**manifest, "format": 99}))
     refused(capsys, tmp_path, ["predict", str(copy), *args], "written by another version of the project",
-            "bundle format 2")
+            "bundle format 99")
     archive = tmp_path / "cut.tar.gz"
     archive.write_bytes(bundle.with_name("both.tar.gz").read_bytes()[:3000])
     refused(capsys, tmp_path, ["predict", str(archive), *args], str(archive), "cannot be read as an export archive")

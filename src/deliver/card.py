@@ -131,7 +131,7 @@ def write_card(folder: Path, source, measure_monet: bool = False) -> dict:
         "## Data",
         "",
         f"MILK10k (ISIC 2025), by the \"MILK study team\", CC-BY-NC 4.0, DOI 10.34970/648456: {len(train)} "
-        f"training lesions in `{first.data_dir}` (data fingerprint in bundle.json), {first.n_folds} folds "
+        f"training lesions in `{Path(first.data_dir).name}` (data fingerprint in bundle.json), {first.n_folds} folds "
         f"(fold seed {first.fold_seed}). Lesions per class:",
         "",
         markdown_table(pd.DataFrame([dict(zip(CLASSES, map(int, counts)))])),

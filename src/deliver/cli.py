@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ..data import CLASSES, DataError, load_test
+from .bundle import BundleError, archive_names
 from .monet import format_monet_cost, monet_cost, monet_note
 from .predict import check_out, known_sites, predict_batch, resolve_source, single_lesion, write_outputs
 from .source import PredictError, Source, split_overrides
@@ -139,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         from .speed import main as speed
 
         return speed(argv)
-    return run(parser().parse_intermixed_args(argv))
+    try:
+        return run(parser().parse_intermixed_args(argv))
+    except (PredictError, BundleError) as exc:  # a path inside an unpacked archive: named by the archive
+        exc.args = (archive_names(str(exc)),)
+        raise
 
 
 if __name__ == "__main__":

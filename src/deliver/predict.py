@@ -310,6 +310,27 @@ def check_out(out: Path) -> None:
             if not parent.is_dir():
                 raise PredictError(f"--out {out}: {parent} is a file, not a folder")
             break
+    check_replaceable(out)
+
+
+DIAGNOSES_HEADER = ["lesion_id", "top1", "p1", "top2", "p2", "top3", "p3", "decided"]  # readable_frame's columns
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse to overwrite what predict did not write: ``out`` or its readable sibling must be absent or a CSV with
+    predict's header on line 1 (src/owned.py), neither inside an experiment's output folder (its oof.csv and
+    test.csv have that header) nor a submission (a CSV with its sidecar ``<stem>.json`` beside it)."""
+    from ..owned import NotOurs, experiment_folder, replaceable_csv
+
+    fix = "move it away or choose another --out"
+    inside = experiment_folder(out)
+    if inside is not None:
+        raise NotOurs(f"--out {out}: lies inside the output folder of an experiment ({inside}); {fix}")
+    if out.is_file() and out.with_suffix(".json").is_file():
+        raise NotOurs(f"--out {out}: a submission stands there (its sidecar {out.with_suffix('.json')} is beside it) "
+                      f"and is not replaced; {fix}")
+    replaceable_csv(out, ["lesion_id", *CLASSES], fix)
+    replaceable_csv(out.with_name(out.stem + "_diagnoses.csv"), DIAGNOSES_HEADER, fix)
 
 
 def predict_batch(source: Source, lesions: pd.DataFrame, workers: int = 1, thresholds: str = "batch",
