@@ -62,8 +62,8 @@ class MixupCutmix:
     keys = MIXING_KEYS
 
     def active(self, cfg: Config, stage: int, epoch: int, total_epochs: int) -> bool:
-        on = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
-        return on and stage == 2 and epoch < total_epochs - cfg.mix_off_epochs
+        on, last = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0, total_epochs - cfg.mix_off_epochs
+        return on and stage == 2 and epoch < last
 
     def __call__(self, cfg: Config, clin, derm, meta, y, gen: torch.Generator):
         return mix(cfg, clin, derm, meta, y, gen)

@@ -277,3 +277,35 @@ def test_the_declared_size_is_read_from_every_common_kind(full_size):
     for name, data in _encodings(img):
         assert jpeg_mod.frame_size(data) == (600, 450), name
     assert jpeg_mod.frame_size(b"\x89PNG\r\n") is None and jpeg_mod.frame_size(b"\xff\xd8\xff\xd9") is None
+
+
+KINDS = {"baseline": {}, "optimized": {"optimize": True}, "restart markers": {"restart_marker_blocks": 4},
+         "4:4:4": {"subsampling": 0},
+         "progressive": {"progressive": True}}
+PROGRESSIVE_GAP = pytest.mark.xfail(strict=True, reason="the last scan of a progressive JPEG refines coefficients "
+                                    "already decoded; overwritten with zeros or filler it stays a valid bitstream that "
+                                    "the decoder reads to its end, so where it stops shows nothing (README, Images)")
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=PROGRESSIVE_GAP) if k == "progressive" else k
+                                  for k in KINDS])
+@pytest.mark.parametrize("fill", ["zeros", "ones"])
+def test_damage_in_the_last_scan_is_refused_in_every_kind_the_project_accepts(full_size, tmp_path, kind, fill):
+    """Each kind of JPEG, its last scan (the only scan of a sequential JPEG) overwritten in the middle: the cache's
+    decode refuses it (Pillow alone returns wrong pixels without an error), and the intact file decodes."""
+    image = next((full_size / TRAIN_IMAGES).glob("*/*.jpg"))
+    buf = io.BytesIO()
+    with Image.open(image) as img:
+        img.convert("RGB").save(buf, "JPEG", quality=90, **KINDS[kind])
+    raw = buf.getvalue()
+    last_scan = raw.rindex(b"\xff\xda")
+    start = last_scan + (len(raw) - last_scan) // 2 - DAMAGE // 4
+    blob = bytes(DAMAGE // 2) if fill == "zeros" else b"\xff\x00" * (DAMAGE // 4)
+    damaged = raw[:start] + blob + raw[start + len(blob):]
+    intact, broken = tmp_path / "intact.jpg", tmp_path / "broken.jpg"
+    intact.write_bytes(raw)
+    broken.write_bytes(damaged)
+    assert decode_image(str(intact), 32).shape == (32, 32, 3)
+    assert (pillow_pixels(damaged) != pillow_pixels(raw)).any()       # wrong pixels, no error
+    with pytest.raises(CorruptJPEG):
+        decode_image(str(broken), 32)

@@ -114,3 +114,44 @@ def test_one_fold_on_two_processes_matches_single_process(mini_data, tmp_path):
     assert len(la) == len(lb) == 3
     np.testing.assert_allclose(la.train_loss, lb.train_loss, rtol=0.1)
     assert abs(la.val_macro_f1.iloc[-1] - lb.val_macro_f1.iloc[-1]) < 0.15
+
+
+def test_the_fold_scheduler_never_puts_two_running_folds_on_one_device(tmp_path, monkeypatch):
+    """Five folds over two device slots with fake worker processes that record the device each fold got and finish
+    after a few polls: never two folds on one slot at once, both slots used, each fold started once, a fold that
+    fails is named while the others finish."""
+    import src.executors as executors
+
+    cfg = load_config("exp001", [f"output_dir={tmp_path}", "wandb_mode=disabled"])
+    cfg.exp_dir().mkdir(parents=True)
+    running: dict[str, int] = {}
+    started: list[tuple[int, str]] = []
+    clash: list[str] = []
+
+    class FakeWorker:
+        def __init__(self, cmd, env, **kwargs):
+            self.fold, self.slot, self.polls = int(cmd[-1]), env["CUDA_VISIBLE_DEVICES"], 0
+            if self.slot in running:
+                clash.append(f"fold {self.fold} on {self.slot} while fold {running[self.slot]} runs there")
+            running[self.slot] = self.fold
+            started.append((self.fold, self.slot))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 2 + self.fold % 3:
+                return None
+            del running[self.slot]
+            if self.fold == 3:
+                return 1
+            (cfg.fold_dir(self.fold)).mkdir(parents=True, exist_ok=True)
+            (cfg.fold_dir(self.fold) / "metrics.json").write_text("{}")
+            return 0
+
+    monkeypatch.setattr(executors.subprocess, "Popen", FakeWorker)
+    failed = executors.OnePerDevice("slotA,slotB", poll_s=0.0).train(cfg, None, None, [0, 1, 2, 3, 4])
+    assert clash == []
+    assert sorted(f for f, _ in started) == [0, 1, 2, 3, 4]
+    assert {s for _, s in started} == {"slotA", "slotB"}
+    assert started[:2] == [(0, "slotA"), (1, "slotB")]                  # both slots busy from the start
+    assert list(failed) == [3] and "exit code 1" in failed[3]
+    assert all((cfg.fold_dir(k) / "metrics.json").is_file() for k in (0, 1, 2, 4))

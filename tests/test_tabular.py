@@ -186,3 +186,45 @@ def test_spread_fold_seeds_parse_in_order_without_repeats():
     from src.spread import fold_seeds
 
     assert fold_seeds(" 42, 7,2026,7 ") == [42, 7, 2026]
+
+
+@pytest.mark.parametrize("name", ["exp000", "stack001"])
+def test_a_tabular_and_a_stacked_fold_fit_their_features_on_the_other_folds_only(name, mini_data, tmp_path,
+                                                                                 monkeypatch):
+    """Held-out lesions carry a planted marker (age 119, a site no other fold has): the fold's fitted transform
+    (features.json) has the age statistics of the other folds' lesions, computed here by hand, and not the site;
+    every fit of the metadata encoder saw exactly the other folds' lesions."""
+    from src.config import experiment_recipe
+    from src.features import MetadataEncoder
+    from src.tabular import TabularData
+
+    out = tmp_path / "out"
+    if name == "stack001":
+        run_experiment(exp000(mini_data, out, "n_folds=5"))
+    cfg = load_config(name, [f"data_dir={mini_data}", f"output_dir={out}", "wandb_mode=disabled"]
+                      + (["stack_inputs=exp000"] if name == "stack001" else []))
+    recipe = experiment_recipe(name)
+    data = recipe.prepare(cfg)
+    train = data.lesions.train.copy()
+    held = data.lesions.folds == 2
+    train.loc[held, "age_approx"] = 119.0
+    train.loc[held, "site"] = "held_out_only_site"
+    data = TabularData(type(data.lesions)(train, data.lesions.test, data.lesions.folds), data.data_print,
+                       data.extra_train, data.extra_test)
+    seen = []
+    real = MetadataEncoder.fit
+
+    def spying(self, lesions):
+        seen.append(lesions["lesion_id"].tolist())
+        return real(self, lesions)
+
+    monkeypatch.setattr(MetadataEncoder, "fit", spying)
+    recipe.train_fold(cfg, 2, data)
+    others = train[~held]
+    assert seen == [others["lesion_id"].tolist()]
+    saved = json.loads((cfg.fold_dir(2) / "features.json").read_text())["encoder"]
+    ages = others["age_approx"].dropna().to_numpy(np.float64)
+    assert saved["age"]["mean"] == pytest.approx(float(ages.mean())) and saved["age"]["mean"] < 100
+    assert saved["age"]["median"] == pytest.approx(float(np.median(ages)))
+    assert "held_out_only_site" not in saved["sites"]
+    assert saved["sites"] == sorted({s for s in others["site"] if s and s != "unknown"})
