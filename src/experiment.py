@@ -102,8 +102,7 @@ def data_fingerprint(lesions: Lesions, images: bool = False, inputs: Sequence[Pa
     """Short hashes of what a result was made from: ``tables`` (every lesion's metadata and labels), ``folds``,
     and where used ``image contents`` (each JPEG's SHA-256, in lesion order) and ``inputs`` (a stacker's input
     files). The JPEGs' digests are kept in ``hash_store`` (default: io_utils.hash_store_path()) and a JPEG is read
-    again only when its size, times or inode changed, so a start costs a stat per image. (Fingerprints saved before
-    held ``images``, the sizes; no part is compared unless both fingerprints have it.)"""
+    again only when its size, times or inode changed, so a start costs a stat per image."""
     out = {"tables": _digest([*_table_bytes(lesions.train), *_table_bytes(lesions.test)]),
            "folds": _digest([np.asarray(lesions.folds, np.int64).tobytes()])}
     if images:

@@ -1,4 +1,4 @@
-"""Second-stage stacker (``model=stack``): a model on the inputs' out-of-fold probabilities plus metadata.
+"""Second-stage stacker: a model on the inputs' out-of-fold probabilities plus metadata.
 
 Features of a lesion: the logits of every input experiment's probabilities (``cfg.stack_inputs``,
 read from ``<output_dir>/<input>/oof.csv`` for training lesions and ``test.csv`` for test lesions)

@@ -1,7 +1,7 @@
 """exp002's code: exp001's, with the metadata through a small MLP before the fusion (``MetaMLPHead``).
 
 Everything else exp002 changes (input size, weights, loss, sampling, mixing, EMA, auxiliary head) is a value of a
-shared switch, in exp/exp002/config.py.
+library part's key (its loss, mixing, optimiser, fold loop), in exp/exp002/config.py.
 """
 from dataclasses import replace
 
