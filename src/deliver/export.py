@@ -32,6 +32,7 @@ from pathlib import Path
 from .bundle import BUNDLE_FORMAT, MANIFEST, BundleError, commit, packages, versions, write_safetensors
 from ..data import CLASSES
 from ..io_utils import atomic_write, atomic_write_json, pid_alive, sha256_file
+from ..tracking import track_export
 from .predict import load_features, read_weights, resolve_source
 from .source import Member, Source, split_overrides
 
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     source = resolve_source(ns.source, overrides)
     out = Path(ns.out) if ns.out else Path(overrides.get("output_dir", "output")) / "exports" / source.name
     paths = export(source, out, measure_monet=ns.monet_cost)
+    track_export(source, paths)
     for key, p in paths.items():
         print(f"[export] {key:<11} {p}")
     return 0
