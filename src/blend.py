@@ -287,8 +287,8 @@ def choose_candidate(candidates: Sequence[Candidate]) -> tuple[Candidate, str]:
     """The candidate a submission carries, and why: the best honest macro F1, except that among the candidates within
     ``decision.NOISE`` of the best the simplest is taken (a single input, then log-loss weights, equal weights,
     greedy selection; the better score among equally simple ones), so a lead within the noise of one CV run never
-    buys a more complex blend. Its honest score is never below the best single input's by more than the noise, and
-    never below it at all when the best input is within the noise of the best candidate."""
+    buys a more complex blend. Its honest score is never below the best single input's: that input is taken itself
+    when it is within the noise of the best."""
     ranked = sorted(candidates, key=lambda c: -c.honest)
     best = ranked[0]
     near = [c for c in candidates if best.honest - c.honest < NOISE]
@@ -301,7 +301,8 @@ def choose_candidate(candidates: Sequence[Candidate]) -> tuple[Candidate, str]:
                         f"noise of one CV run ({NOISE}), so the simpler {chosen.name} ({chosen.honest:.4f}, rule "
                         f"{chosen.rule}) is submitted")
     margin = chosen.honest - runner_up.honest
-    note = (f", within the noise of one CV run (< {NOISE}); nothing simpler is as close" if margin < NOISE else "")
+    note = (f", a tie within the noise of one CV run (< {NOISE}) of which {chosen.name} is the simplest"
+            if margin < NOISE else "")
     return chosen, (f"{chosen.name} has the best honest macro F1 ({chosen.honest:.4f}, rule {chosen.rule}); the "
                     f"runner-up {runner_up.name} ({runner_up.honest:.4f}) is {margin:.4f} behind{note}")
 

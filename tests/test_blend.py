@@ -178,6 +178,9 @@ def test_among_candidates_within_the_noise_the_simplest_is_submitted():
     far = cand("blend:greedy", 0.700, 3)
     chosen, reason = choose_candidate([a, logloss, far])
     assert chosen is far and "runner-up blend:logloss (0.6050) is 0.0950 behind" in reason
+    chosen, reason = choose_candidate([a, cand("blend:greedy", 0.600, 3)])   # greedy picked input a alone
+    assert chosen is a and reason.endswith("0.0000 behind, a tie within the noise of one CV run (< 0.01) of which a "
+                                           "is the simplest")
     assert choose_candidate([a])[0] is a
 
 
