@@ -129,6 +129,9 @@ SHARED: dict[str, dict[str, Key]] = {
         "wandb_project": key("milk10k", "Weights & Biases project", results=False, text=True),
         "wandb_mode": key("", "'offline', 'online', 'disabled'; empty = env WANDB_MODE, else offline",
                           results=False, choices=("", "offline", "online", "disabled")),
+        "wandb_checkpoints": key(False, "also log each image fold's best.pt to W&B as a 'model' artifact (tens to "
+                                 "hundreds of MB per fold; predictions, submissions and reports are always logged)",
+                                 results=False),
     },
 }
 KEYS: dict[str, Key] = {k: v for group in SHARED.values() for k, v in group.items()}

@@ -100,6 +100,7 @@ class StackRecipe(TabularRecipe):
     """The tabular recipe over the logits of ``stack_inputs``' predictions plus the base metadata features."""
 
     features: Callable = base_features
+    kind = "stack"
 
     def key_groups(self) -> dict[str, dict]:
         return {**super().key_groups(), "stacking": STACK_KEYS}

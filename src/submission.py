@@ -2,11 +2,12 @@
 
     bash run.sh blend EXP [EXP ...] [--name NAME] [key=value ...]      (python -m src.submission)
 
-The blend (src/blend.py) fits weights on the out-of-fold rows; the decision rule of the first experiment is folded
-into the blended test probabilities (src/decision.py); the submission is validated with the scorer's own reader
-before anything is moved into place. Writes <submission_dir>/<name>.csv (upload this), <name>.json (weights, rule,
-thresholds, CV scores) and <name>_oof_honest.csv (training lesions, decided without their own labels; score it
-with ``bash run.sh score``), plus a report in <output_dir>/blends/<name>/ and a W&B run.
+The blend (src/blend.py) is the candidate (an input alone, log-loss, equal or greedy weights) with the best honest
+out-of-fold macro F1; the decision rule of the first experiment is folded into the blended test probabilities
+(src/decision.py); the submission is validated with the scorer's own reader before anything is moved into place.
+Writes <submission_dir>/<name>.csv (upload this), <name>.json (weights, rule, thresholds, CV scores, every
+candidate's honest score) and <name>_oof_honest.csv (training lesions, decided without their own labels; score it
+with ``bash run.sh score``), plus a report in <output_dir>/blends/<name>/ and a W&B run with all of them as artifacts.
 """
 from __future__ import annotations
 
@@ -23,17 +24,17 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from .blend import (BLEND, Blend, BlendError, blend_experiments, format_scores, resolve_configs,
-                    score_frame, score_legend, score_meanings)
-from .config import Config, ConfigError, load_named
+from .blend import (BLEND, Blend, BlendError, blend_experiments, candidate_frame, candidate_legend,
+                    format_scores, resolve_configs, score_frame, score_legend, score_meanings, text_table)
+from .config import Config, ConfigError, experiment_recipe, load_named
 from .data import CLASSES, DataError, load_test, load_train
 from .decision import RULES, choose_rule, fold_probabilities, submitted_thresholds
 from .experiment import probs_frame
 from .io_utils import atomic_write_many
 from .preflight import check_outputs
 from .report import markdown_table, write_report
-from .scoring import SubmissionError, read_prediction_csv
-from .tracking import Tracker
+from .scoring import SubmissionError, f1_per_class, read_prediction_csv
+from .tracking import Tracker, submission_group
 
 HEADER = ["lesion_id", *CLASSES]
 
@@ -117,6 +118,11 @@ def write_submission(cfg: Config, name: str, blend: Blend, decision: Decision, t
     first, rule = blend.cfgs[0], decision.rule
     sidecar = {
         "name": name, "experiments": [c.name for c in blend.cfgs], "weights": blend.weights, "decision": rule,
+        "blend_candidate": blend.chosen, "blend_choice_reason": blend.reason,
+        "blend_candidates": {c.name: {"weights": dict(zip(blend.weights, map(float, c.weights))), "decision": c.rule,
+                                      "cv_macro_f1_honest": c.honest, "honest_by_rule": c.honest_by_rule,
+                                      "in_sample_honest": c.evaluation.in_sample_honest}
+                             for c in blend.candidates},
         "decision_setting": first.decision, "decision_reason": decision.reason,
         "blend_in_sample_honest": blend.evals[BLEND].in_sample_honest,
         "thresholds": dict(zip(CLASSES, map(float, decision.thresholds))), "thresholds_from": RULES[rule].thresholds_from,
@@ -137,23 +143,20 @@ def write_submission(cfg: Config, name: str, blend: Blend, decision: Decision, t
 
 
 def report(cfg: Config, name: str, blend: Blend, decision: Decision, train: pd.DataFrame, paths: dict) -> dict:
-    """The blend report (per-class table, confusion matrix, threshold curves, subgroups) and its W&B run."""
+    """The blend report (candidates, per-class table, confusion matrix, threshold curves, subgroups) and its W&B run."""
     rule = decision.rule
-    preamble = "\n\n".join([
+    preamble = [
         f"Experiments {', '.join(blend.weights)}; decision rule **{rule}** (thresholds from {RULES[rule].thresholds_from}); "
         f"honest CV macro F1 of the blend **{decision.honest_cv:.4f}**. Submission: `{paths['submission']}`.",
         decision.reason + ".",
-        "## Out-of-fold scores", markdown_table(score_frame(blend.scores, blend.weights, rule)), score_legend(rule)])
+        "## Out-of-fold scores", markdown_table(score_frame(blend.scores, blend.weights, rule)), score_legend(rule)]
+    if len(blend.candidates) > 1:
+        preamble += ["## Blend candidates", markdown_table(candidate_frame(blend.candidates, list(blend.weights),
+                                                                           blend.chosen)),
+                     candidate_legend(), f"Submitted: {blend.reason}."]
     files = write_report(Path(cfg.output_dir) / "blends" / name, name=name, train=train, blend_oof=blend.oof,
-                         honest=decision.honest_oof, thresholds=decision.thresholds, preamble=preamble)
-    tracker = Tracker(cfg, job=f"blend/{name}", job_type="blend")
-    flat = {f"cv/{member}/{k}": v for member, row in blend.scores.items() for k, v in row.items()}
-    flat.update({f"weight/{k}": v for k, v in blend.weights.items()})
-    flat.update({f"threshold/{c}": float(t) for c, t in zip(CLASSES, decision.thresholds)})
-    tracker.log(flat)
-    tracker.log_images({"confusion": str(files["confusion_png"]), "threshold_curves": str(files["thresholds_png"])})
-    tracker.summary({"cv_macro_f1_honest": decision.honest_cv, "decision": rule, **flat})
-    tracker.finish()
+                         honest=decision.honest_oof, thresholds=decision.thresholds, preamble="\n\n".join(preamble))
+    track(cfg, name, blend, decision, train, {**paths, **files})
     return files
 
 
@@ -166,6 +169,40 @@ def check_replaceable(cfg: Config, name: str) -> None:
     replaceable_csv(out / f"{name}.csv", HEADER, fix)
     replaceable_csv(out / f"{name}_oof_honest.csv", HEADER, fix)
     replaceable_json(out / f"{name}.json", ("experiments", "weights", "decision", "thresholds"), fix)
+
+
+def track(cfg: Config, name: str, blend: Blend, decision: Decision, train: pd.DataFrame, paths: dict) -> None:
+    """The submission's W&B run (job type 'blend'; an experiment alone in its own group, a blend of several in
+    ``blend/<name>``): its out-of-fold scores under ``oof/``, each input's under ``input/<name>/``, each candidate's
+    honest score, the weights and thresholds, the report's images, and as artifacts each input's predictions, the
+    submission with its sidecar and honest OOF decisions, and the report."""
+    names = [c.name for c in blend.cfgs]
+    alone = len(names) == 1
+    kind = getattr(experiment_recipe(blend.cfgs[0].experiment), "kind", "") if alone else "blend"
+    tracker = Tracker(cfg, f"blend/{name}" if alone else "", job_type="blend", kind=kind,
+                      group=submission_group(name, names), where=None if alone else Path(paths["report_md"]).parent)
+    per_class = f1_per_class(train[CLASSES].to_numpy(np.float64), decision.honest_oof)
+    flat = {"oof/macro_f1_honest": decision.honest_cv, **{f"oof/{k}": v for k, v in blend.scores[BLEND].items()},
+            **{f"oof/f1/{c}": float(v) for c, v in zip(CLASSES, per_class)},
+            **{f"weight/{k}": v for k, v in blend.weights.items()},
+            **{f"threshold/{c}": float(t) for c, t in zip(CLASSES, decision.thresholds)}}
+    if not alone:
+        flat.update({f"input/{m}/{k}": v for m in names for k, v in blend.scores[m].items()})
+        flat.update({f"candidate/{c.name}/macro_f1_honest": c.honest for c in blend.candidates})
+    tracker.log(flat)
+    tracker.log_images({"confusion": str(paths["confusion_png"]), "threshold_curves": str(paths["thresholds_png"])})
+    tracker.summary({**flat, "oof/decision": decision.rule, "blend/candidate": blend.chosen})
+    for c in blend.cfgs:
+        tracker.log_artifact(c.name, "predictions",
+                             [c.exp_dir() / f for f in ("oof.csv", "test.csv", "oof_metrics.json")],
+                             {"experiment": c.experiment})
+    tracker.log_artifact(name, "submission",
+                         [paths["submission"], paths["sidecar"], paths["oof_honest"]],
+                         {"decision": decision.rule, "cv_macro_f1_honest": decision.honest_cv,
+                          "candidate": blend.chosen, "weights": blend.weights})
+    tracker.log_artifact(name, "blend-report", [paths[k] for k in ("report_md", "per_class_csv", "groups_json",
+                                                                   "confusion_png", "thresholds_png")], what="report")
+    tracker.finish()
 
 
 def finalize(cfg: Config, experiments: Sequence[str | Config], name: str | None = None,
@@ -194,11 +231,17 @@ def finalize(cfg: Config, experiments: Sequence[str | Config], name: str | None 
     print(f"[blend] {decision.reason}", flush=True)
     paths = write_submission(cfg, name, blend, decision, train, test)
     paths.update(report(cfg, name, blend, decision, train, paths))
-    print(f"[blend] weights: {', '.join(f'{k}={v:.4f}' for k, v in blend.weights.items())}; rule '{rule}'; "
-          f"honest CV macro F1 {decision.honest_cv:.4f}")
     for key, path in paths.items():
         print(f"[blend] {key:<14} {path}")
+    if len(blend.candidates) > 1:
+        print("[blend] candidates, each scored honestly (weights and thresholds fitted without the fold they decide):")
+        print(text_table(candidate_frame(blend.candidates, list(blend.weights), blend.chosen)))
+        print(candidate_legend())
+        print(f"[blend] submitted {blend.chosen}: {blend.reason}")
+    print(f"[blend] weights: {', '.join(f'{k}={v:.4f}' for k, v in blend.weights.items())}; rule '{rule}'; "
+          f"honest CV macro F1 {decision.honest_cv:.4f}", flush=True)
     return {"name": name, "experiments": [c.name for c in cfgs], "weights": blend.weights, "decision": rule,
+            "candidate": blend.chosen, "candidates": {c.name: c.honest for c in blend.candidates},
             "thresholds": dict(zip(CLASSES, map(float, decision.thresholds))), "scores": blend.scores,
             "cv_macro_f1_honest": decision.honest_cv, "paths": paths}
 

@@ -34,7 +34,7 @@ from .features import MetadataFeatures
 from .interactions import InteractionFeatures
 from .io_utils import atomic_write_json
 from .scoring import fold_metrics
-from .tracking import Tracker
+from .tracking import Tracker, fold_scores
 
 MODELS = ("lrx", "logreg", "hgb", "mlp")
 FINE_MIN = 40  # lrx: a diagnosis_full with at least this many training lesions is a target class of its own
@@ -160,6 +160,7 @@ class TabularRecipe:
     features: Callable = extended_features
 
     images = False
+    kind = "tabular"
 
     def key_groups(self) -> dict[str, dict]:
         """The settings of an experiment of this recipe, by the part that reads them."""
@@ -210,7 +211,7 @@ class TabularRecipe:
                        metrics)
         print(f"[{cfg.name} fold {fold}] oof macro F1 {metrics['macro_f1']:.4f} ({metrics['wall_time_s']:.1f}s)",
               flush=True)
-        tracker = Tracker(cfg, f"fold{fold}", job_type=cfg.experiment)
-        tracker.log({"fold": fold, "macro_f1": metrics["macro_f1"], **{f"f1/{c}": v for c, v in metrics["f1"].items()}})
+        tracker = Tracker(cfg, f"fold{fold}", kind=self.kind)
+        tracker.log({"fold": fold, **fold_scores(metrics)})
         tracker.finish()
         return metrics

@@ -47,7 +47,7 @@ from .settings import key, keys_of, reads
 from .speed.apply import FusedDualNet, load_plain_state, plain_state
 from .speed.device_cache import DeviceBatches
 from .step import MixupCutmix, Stage, build_stage, setup_model, stage_optimizer, train_step
-from .tracking import Tracker
+from .tracking import Tracker, fold_scores
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,6 +131,7 @@ class ImageRecipe:
     augment: Callable = device_augment
 
     images = True
+    kind = "image"
 
     def key_groups(self) -> dict[str, dict]:
         """The settings of an experiment of this recipe, by the part that reads them."""
@@ -393,7 +394,7 @@ def open_tracker(cfg: Config, fold: int, state: FoldState, model, dist: DistCont
     """The fold's W&B run (main process), resumed under the same id after an interruption."""
     if not dist.is_main:
         return None
-    tracker = Tracker(cfg, f"fold{fold}", run_id=state.wandb_id)
+    tracker = Tracker(cfg, f"fold{fold}", run_id=state.wandb_id, kind=ImageRecipe.kind)
     state.wandb_id = tracker.run_id
     if state.epoch < 0:
         tracker.summary({"params_" + k: v for k, v in count_parameters(model).items()})
@@ -485,7 +486,11 @@ def end_epoch(run: FoldRun, stage: Stage, state: FoldState, epoch: int, trained:
               f"{' *' if improved else '  '} {row['pairs_per_s']:.0f} pairs/s {row['epoch_time_s']:.1f}s",
               flush=True)
         if tracker is not None:
-            tracker.log({**row, **{f"val_f1/{c}": float(v) for c, v in zip(CLASSES, per_class)}}, step=epoch + 1)
+            tracker.log({"epoch": row["epoch"], "stage": row["stage"], "train/loss": train_loss,
+                         "val/loss": row["val_loss"], "val/macro_f1": row["val_macro_f1"], "val/score": score,
+                         "lr/head": row["lr_head"], "lr/backbone": row["lr_backbone"],
+                         "speed/pairs_per_s": row["pairs_per_s"], "time/epoch_s": row["epoch_time_s"],
+                         **{f"val/f1/{c}": float(v) for c, v in zip(CLASSES, per_class)}}, step=epoch + 1)
         _save_torch(fdir / "last.pt", {"state": dataclasses.asdict(state), "stage": stage.number,
                                        "model": plain_state(run.model), "fused": isinstance(run.model, FusedDualNet),
                                        "fingerprint": run.current, **stage.state()})
@@ -510,7 +515,11 @@ def finish_fold(run: FoldRun, state: FoldState, tracker: Tracker | None) -> dict
     ExperimentDir(cfg).write_fold(fold, probs_frame(inputs.va_ids, oof), probs_frame(inputs.test_ids, test), metrics,
                                   pd.DataFrame(state.history))
     if tracker is not None:
-        tracker.summary({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        tracker.summary({**{f"fold/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                         **fold_scores(metrics)})
+        if cfg.wandb_checkpoints:
+            tracker.log_artifact(cfg.name, "model", [cfg.fold_dir(fold) / "best.pt"],
+                                 {"fold": fold, "best_epoch": metrics["best_epoch"]}, what=f"fold{fold}-model")
         tracker.finish()
     print(f"[{cfg.name} fold {fold}] done: best epoch {metrics['best_epoch']}, oof macro F1 "
           f"{metrics['macro_f1']:.4f} (TTA x{views}), {metrics['wall_time_s']:.0f}s", flush=True)

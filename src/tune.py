@@ -244,8 +244,8 @@ def run_tune(cfg: Config, args: TuneArgs = TuneArgs(), data=None) -> "object":
         tcfg = trial_config(cfg, params, args.epochs)
         trial.set_user_attr("trial_dir", str(tcfg.exp_dir()))
         value = evaluate(tcfg, data, args.folds)
-        tracker = Tracker(cfg, f"tune/{trial.number}", job_type="tune")
-        tracker.log({**{f"param/{k}": v for k, v in trial.params.items()}, "honest_macro_f1": value})
+        tracker = Tracker(cfg, f"tune/{trial.number}", job_type="tune", kind="image")  # tune: image experiments only
+        tracker.log({**{f"param/{k}": v for k, v in trial.params.items()}, "oof/macro_f1_honest": value})
         tracker.finish()
         print(f"[tune {cfg.name}] trial {trial.number}: honest macro F1 {value:.4f} {trial.params}", flush=True)
         return value

@@ -5,6 +5,8 @@ generated miniature MILK10k; "fakeB" is exp001's configuration under another nam
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -15,7 +17,9 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import src.submission as submission
-from src.blend import BlendError, fit_weights
+from src.blend import (RULES, BlendError, Candidate, choose_blend, choose_candidate, evaluate, fit_weights,
+                       greedy_weights, honest_rule, logloss_weights, nested_weights)
+from src.decision import NOISE
 from src.experiment import probs_frame
 from src.submission import finalize, main, safe_name
 from src.config import Config, load_config
@@ -64,41 +68,149 @@ def blended(mini_data: Path, tmp_path_factory: pytest.TempPathFactory):
     bad = good.replace(name="fakeB")
     write_experiment(good, mini_data, noise=1.5, seed=1)
     write_experiment(bad, mini_data, noise=2.5, seed=2)
-    with pytest.MonkeyPatch.context() as mp:
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         mp.setenv("WANDB_MODE", "disabled")
         result = finalize(good, [good, bad], overrides=ov)
-    return {"root": root, "ov": ov, "cfgs": [good, bad], "result": result, "data": mini_data}
+    print(out.getvalue())
+    return {"root": root, "ov": ov, "cfgs": [good, bad], "result": result, "data": mini_data, "stdout": out.getvalue()}
 
 
 def members(cfgs: list[Config], file: str) -> list[pd.DataFrame]:
     return [pd.read_csv(c.exp_dir() / file).set_index("lesion_id") for c in cfgs]
 
 
-def test_weights_favour_the_better_experiment_and_beat_the_best_single(blended):
-    w = blended["result"]["weights"]
+def oof_stack(blended) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, the inputs' OOF probabilities stacked, fold ids) of the blended experiments, in training order."""
+    train = load_train(blended["data"], check_images=False)
+    stack = np.stack([m.loc[train.lesion_id, CLASSES].to_numpy() for m in members(blended["cfgs"], "oof.csv")])
+    folds = pd.read_csv(blended["cfgs"][0].resolved_folds_csv()).set_index("lesion_id").loc[train.lesion_id, "fold"]
+    return train[CLASSES].to_numpy(float), stack, folds.to_numpy()
+
+
+def test_log_loss_weights_favour_the_better_experiment_and_beat_the_best_single(blended):
+    side = json.loads(blended["result"]["paths"]["sidecar"].read_text())
+    w = side["blend_candidates"]["blend:logloss"]["weights"]
     assert list(w) == ["exp001", "fakeB"]
     assert sum(w.values()) == pytest.approx(1.0) and min(w.values()) >= 0
     assert w["exp001"] > w["fakeB"] > 0  # independent noise: mixing helps, the better input weighs more
     scores = blended["result"]["scores"]
-    train = load_train(blended["data"], check_images=False)
-    y = train[CLASSES].to_numpy(float)
-    oofs = [m.loc[train.lesion_id, CLASSES].to_numpy() for m in members(blended["cfgs"], "oof.csv")]
-    mix = w["exp001"] * oofs[0] + w["fakeB"] * oofs[1]  # the submission's weights, fitted on every OOF row
+    y, (a, b), folds = oof_stack(blended)
+    mix = w["exp001"] * a + w["fakeB"] * b  # weights fitted on every OOF row
     assert log_loss(y, mix) < min(scores["exp001"]["log_loss"], scores["fakeB"]["log_loss"])
-    # the blend row is scored out of fold: each fold blended with weights fitted on the other folds only
-    folds = pd.read_csv(blended["cfgs"][0].resolved_folds_csv()).set_index("lesion_id").loc[train.lesion_id, "fold"]
+    # the candidate is scored out of fold: each fold blended with weights fitted on the other folds only
     nested = np.empty_like(mix)
     for f in range(5):
-        held = (folds == f).to_numpy()
-        wf = fit_weights(y[~held], [o[~held] for o in oofs])
-        nested[held] = wf[0] * oofs[0][held] + wf[1] * oofs[1][held]
-    assert scores["blend"]["log_loss"] == pytest.approx(log_loss(y, nested))
-    assert scores["blend"]["log_loss"] >= log_loss(y, mix)  # honest is never better than in-sample on its loss
+        held = folds == f
+        wf = fit_weights(y[~held], [a[~held], b[~held]])
+        nested[held] = wf[0] * a[held] + wf[1] * b[held]
+    logloss = evaluate(y, np.stack([a, b]), folds)
+    np.testing.assert_allclose(logloss.weights, list(w.values()))
+    assert logloss.scores["log_loss"] == pytest.approx(log_loss(y, nested))
+    assert logloss.scores["log_loss"] >= log_loss(y, mix)  # honest is never better than in-sample on its loss
+    assert side["blend_candidates"]["blend:logloss"]["cv_macro_f1_honest"] == \
+        logloss.scores[RULES[side["blend_candidates"]["blend:logloss"]["decision"]].score_key]
+
+
+def test_the_submission_is_the_candidate_with_the_best_honest_score(blended):
+    side = json.loads(blended["result"]["paths"]["sidecar"].read_text())
+    cands = side["blend_candidates"]
+    assert set(cands) == {"exp001", "fakeB", "blend:logloss", "blend:equal", "blend:greedy"}
+    chosen = cands[side["blend_candidate"]]
+    assert side["weights"] == chosen["weights"] and side["cv_macro_f1_honest"] == chosen["cv_macro_f1_honest"]
+    best = max(c["cv_macro_f1_honest"] for c in cands.values())
+    assert best - chosen["cv_macro_f1_honest"] < NOISE
+    assert chosen["cv_macro_f1_honest"] >= max(cands[n]["cv_macro_f1_honest"] for n in ("exp001", "fakeB"))
+    assert side["cv_scores"]["blend"][RULES[side["decision"]].score_key] == chosen["cv_macro_f1_honest"]
+    last = blended["stdout"].strip().splitlines()[-2:]   # the command ends with the choice and what it submits
+    assert last[0] == f"[blend] submitted {side['blend_candidate']}: {side['blend_choice_reason']}"
+    assert last[1].startswith("[blend] weights: ") and "honest CV macro F1" in last[1]
+    report = (blended["root"] / "out" / "blends" / "exp001+fakeB" / "report.md").read_text()
+    assert "## Blend candidates" in report and side["blend_choice_reason"] in report
+
+
+def issue_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two inputs on 600 fixed lesions (class frequencies as in the release, 5 folds): a calibrated one with a weak
+    signal and one that ranks better but is over-confident (a strong model's probabilities raised to the power 0.4)."""
+    rng = np.random.default_rng(0)
+    prior = np.array([30, 250, 8, 50, 10, 10, 6, 45, 70, 45, 10], float)
+    prior /= prior.sum()
+    y = np.eye(11)[rng.choice(11, 600, p=prior)]
+
+    def softmax(z: np.ndarray) -> np.ndarray:
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    calibrated = softmax(np.log(prior) + 1.0 * y + rng.normal(0, 0.8, y.shape))
+    overconfident = softmax(np.log(prior) + 1.25 * y + rng.normal(0, 0.8, y.shape)) ** 0.4
+    return y, np.stack([calibrated, overconfident]), np.arange(600) % 5
+
+
+def test_a_better_ranked_uncalibrated_input_is_not_lost_to_the_log_loss_weights():
+    """The issue's first case: log-loss weights give the better-ranked, badly calibrated input 4% of the weight and a
+    blend 0.04 below it; the submitted candidate is at least as good as the best input."""
+    y, stack, folds = issue_case()
+    evals, cands, chosen, reason = choose_blend(y, stack, folds, ["calibrated", "overconfident"], "auto")
+    by = {c.name: c for c in cands}
+    assert evals["calibrated"].scores["auc"] == pytest.approx(0.8161, abs=1e-4)
+    assert evals["overconfident"].scores["auc"] == pytest.approx(0.9024, abs=1e-4)
+    assert evals["overconfident"].scores["log_loss"] > evals["calibrated"].scores["log_loss"]
+    assert by["calibrated"].honest == pytest.approx(0.3455, abs=1e-4)
+    assert by["overconfident"].honest == pytest.approx(0.4164, abs=1e-4)
+    assert by["blend:logloss"].weights[1] == pytest.approx(0.041, abs=0.002)
+    assert by["blend:logloss"].honest == pytest.approx(0.3759, abs=1e-4)     # what was submitted before: 0.04 below
+    assert by["blend:greedy"].honest == pytest.approx(0.4768, abs=1e-4)
+    assert (chosen.name, chosen.rule) == ("blend:equal", "threshold")
+    assert chosen.honest == pytest.approx(0.5043, abs=1e-4)
+    assert chosen.honest >= by["overconfident"].honest
+    assert reason.startswith("blend:equal has the best honest macro F1 (0.5043")
+
+
+def test_among_candidates_within_the_noise_the_simplest_is_submitted():
+    def cand(name, honest, simplicity):
+        return Candidate(name, None, np.ones(1), "threshold", honest, simplicity)
+
+    a, logloss, greedy = cand("a", 0.600, 0), cand("blend:logloss", 0.605, 1), cand("blend:greedy", 0.609, 3)
+    chosen, reason = choose_candidate([a, logloss, greedy])
+    assert chosen is a and "less than the noise" in reason and "the simpler a (0.6000" in reason
+    chosen, reason = choose_candidate([cand("a", 0.590, 0), logloss, greedy])   # a is 0.019 behind: out of the noise
+    assert chosen is logloss and "blend:greedy leads" in reason
+    far = cand("blend:greedy", 0.700, 3)
+    chosen, reason = choose_candidate([a, logloss, far])
+    assert chosen is far and "runner-up blend:logloss (0.6050) is 0.0950 behind" in reason
+    chosen, reason = choose_candidate([a, cand("blend:greedy", 0.600, 3)])   # greedy picked input a alone
+    assert chosen is a and reason.endswith("0.0000 behind, a tie within the noise of one CV run (< 0.01) of which a "
+                                           "is the simplest")
+    assert choose_candidate([a])[0] is a
+
+
+@pytest.mark.parametrize("fit", ["logloss", "greedy"])
+def test_every_candidates_honest_scores_never_see_the_held_out_labels(fit):
+    y, stack, folds = issue_case()
+    fitter = {"logloss": logloss_weights, "greedy": greedy_weights}[fit]
+    held = folds == 2
+    shuffled = y.copy()
+    shuffled[held] = y[held][np.random.default_rng(0).permutation(held.sum())]
+    weights, weights_shuffled = nested_weights(y, stack, folds, fitter), nested_weights(shuffled, stack, folds, fitter)
+    np.testing.assert_array_equal(weights[2], weights_shuffled[2])
+    for rule in RULES:
+        a, _ = honest_rule(rule, y, stack, folds, weights)
+        b, _ = honest_rule(rule, shuffled, stack, folds, weights_shuffled)
+        np.testing.assert_array_equal(a[held], b[held])
+
+
+def test_demo_blend_keeps_the_locations_given(monkeypatch):
+    import src.cli as cli
+
+    seen = []
+    monkeypatch.setattr(submission, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.cmd_demo(["blend", "exp000", "exp001", "--name", "x", "output_dir=/elsewhere"]) == 0
+    args = seen[0]
+    assert [a for a in args if a.startswith("output_dir=")] == ["output_dir=/elsewhere"]
+    assert {a.split("=")[0] for a in args if "=" in a} == {"output_dir", "data_dir", "submission_dir"}
 
 
 def test_the_blends_honest_scores_never_see_the_held_out_labels(blended):
-    from src.blend import RULES, honest_rule, nested_weights
-
     train = load_train(blended["data"], check_images=False)
     y = train[CLASSES].to_numpy(float)
     stack = np.stack([m.loc[train.lesion_id, CLASSES].to_numpy() for m in members(blended["cfgs"], "oof.csv")])
@@ -126,8 +238,15 @@ def test_auto_carries_the_rule_with_the_best_honest_estimate(blended, capsys):
     assert side["decision"] == max(honest, key=honest.get) and side["decision_setting"] == "auto"
     assert side["cv_macro_f1_honest"] == max(honest.values())
     assert "decision=auto: " + side["decision"] + " has the best honest CV" in side["decision_reason"]
-    assert side["decision_reason"] in out and "optimism" in out
-    assert set(side["blend_in_sample_honest"]) == {"f1_threshold_honest", "f1_expected_f1_honest", "f1_raw"}
+    assert side["decision_reason"] in out
+    # the optimism of fitting weights on the rows they are scored on is measured for every fitted candidate, and
+    # printed for the submitted one when its weights were fitted (equal weights and a single input have none)
+    cands = side["blend_candidates"]
+    for name in ("blend:logloss", "blend:greedy"):
+        assert set(cands[name]["in_sample_honest"]) == {"f1_threshold_honest", "f1_expected_f1_honest", "f1_raw"}
+    assert cands["blend:equal"]["in_sample_honest"] == {} and cands["exp001"]["in_sample_honest"] == {}
+    assert side["blend_in_sample_honest"] == cands[side["blend_candidate"]]["in_sample_honest"]
+    assert ("optimism" in out) == bool(side["blend_in_sample_honest"])
 
 
 def test_fit_weights_single_input_and_recovers_the_informative_one():

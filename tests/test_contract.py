@@ -87,7 +87,7 @@ def test_shared_keys_are_what_every_kind_reads():
     from src.settings import KEYS
 
     assert set(KEYS) == {"name", "data_dir", "output_dir", "submission_dir", "folds_csv", "n_folds", "fold_seed",
-                         "seed", "decision", "wandb_project", "wandb_mode"}
+                         "seed", "decision", "wandb_project", "wandb_mode", "wandb_checkpoints"}
     assert len(experiment_keys("exp000")) == 1 and len(experiment_keys("exp001")) == 47
 
 

@@ -60,27 +60,33 @@ def test_sigkill_mid_fold_then_resume_gives_identical_oof(mini_data, tmp_path):
     assert "folds to train" not in out_c
 
 
-def test_wandb_offline_run_folder_holds_the_metrics(mini_data, tmp_path):
+def test_wandb_offline_run_folder_holds_the_metrics(mini_data, tmp_path, monkeypatch):
     from src.batches import prepare
     from src.train import train_fold
 
-    cfg = load_config("exp001", tiny(mini_data, tmp_path, wandb_mode="offline", epochs=2))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))  # where offline artifacts are staged
+    assert load_config("exp001", []).wandb_checkpoints is False        # checkpoints are logged only when asked
+    cfg = load_config("exp001", tiny(mini_data, tmp_path, wandb_mode="offline", epochs=2, wandb_checkpoints=True))
     metrics = train_fold(experiment_recipe(cfg.experiment), cfg, 1, prepare(cfg))
     files = glob.glob(str(cfg.exp_dir() / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
     deadline = time.time() + 30  # wandb-core may still be flushing the log file after finish() returns
     while True:
         run = read_offline_run(files[0])
-        if "final/macro_f1" in run["summary"] or time.time() > deadline:
+        if "fold/best_epoch" in run["summary"] or time.time() > deadline:
             break
         time.sleep(0.2)
-    assert run["group"] == "exp001" and run["name"] == "exp001/fold1"
-    f1s = [row["val_macro_f1"] for row in run["history"] if "val_macro_f1" in row]
+    assert run["group"] == "exp001@generated" and run["name"] == "exp001@generated/fold1"  # the demo's data
+    assert run["job_type"] == "train" and set(run["tags"]) == {"data:generated", "kind:image"}
+    f1s = [row["val/macro_f1"] for row in run["history"] if "val/macro_f1" in row]
     assert len(f1s) == 3
     hist = pd.read_csv(cfg.fold_dir(1) / "history.csv")
     np.testing.assert_allclose(f1s, hist["val_macro_f1"], atol=1e-9)
-    assert any("val_f1/MAL_OTH" in row for row in run["history"])
-    assert run["summary"]["final/macro_f1"] == pytest.approx(metrics["macro_f1"])
+    assert any("val/f1/MAL_OTH" in row for row in run["history"])
+    assert run["summary"]["val/macro_f1"] == pytest.approx(metrics["macro_f1"])   # the best epoch's, with TTA
+    assert run["summary"]["val/f1/MAL_OTH"] == pytest.approx(metrics["f1"]["MAL_OTH"])
+    model, = run["artifacts"]
+    assert (model["name"], model["type"], model["files"]) == ("exp001-generated-fold1-model", "model", ["best.pt"])
 
 
 def test_wandb_failure_never_stops_training(mini_data, tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ from .bundle import (MANIFEST, BundleError, commit, manifest_text, neutral_paths
 from ..data import CLASSES
 from ..io_utils import atomic_write, atomic_write_json, atomic_write_text, pid_alive, sha256_file
 from ..owned import experiment_folder
+from ..tracking import track_export
 from .predict import load_features, read_weights, resolve_source
 from .source import Member, Source, split_overrides
 
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     source = resolve_source(ns.source, overrides)
     out = Path(ns.out) if ns.out else Path(overrides.get("output_dir", "output")) / "exports" / source.name
     paths = export(source, out, measure_monet=ns.monet_cost)
+    track_export(source, paths)
     for key, p in paths.items():
         print(f"[export] {key:<11} {p}")
     return 0
