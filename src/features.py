@@ -3,7 +3,8 @@
 Statistics (medians, means, standard deviations, the list of sites) come from the training rows
 only; ``transform`` is row-wise, so a lesion encodes the same alone as inside any batch.  Missing
 values and categories unseen in training never raise and never shift columns: they fall into the
-imputed value plus a ``*_missing`` flag, or into ``sex_unknown`` / ``site_unknown``.
+imputed value plus a ``*_missing`` flag (for the MONET scores one flag per image, ``monet_missing_clin`` and
+``monet_missing_derm``), or into ``sex_unknown`` / ``site_unknown``.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from .interactions import InteractionFeatures
 from .io_utils import atomic_write_json
 from .portable import NotPortable, from_dict, to_dict
 
-ENCODER_VERSION = 1
+ENCODER_VERSION = 2  # 2: a MONET-missing indicator per view
 FEATURES_VERSION = 1  # features.json: the whole fitted transform (MetadataFeatures.to_dict)
 SEXES = ("male", "female", "unknown")
 AGE_HINGES = (40.0, 60.0, 75.0)
 LOGIT_EPS = 1e-3  # MONET scores are clipped to [eps, 1 - eps] before the logit (|logit| <= 6.9)
 _VIEWS = ("clin", "derm")
+MONET_COLUMNS = [f"{v}_{m}" for v in _VIEWS for m in MONET]
 
 
 def _text(col: pd.Series) -> np.ndarray:
@@ -43,6 +45,17 @@ def _stats(values: np.ndarray) -> dict[str, float]:
         return {"median": 0.0, "mean": 0.0, "std": 1.0}
     std = float(seen.std())
     return {"median": float(np.median(seen)), "mean": float(seen.mean()), "std": std if std > 1e-12 else 1.0}
+
+
+def has_monet(lesions: pd.DataFrame) -> np.ndarray:
+    """Per lesion: whether all 14 MONET scores are present. A lesion missing any of them takes the path without
+    MONET (``blank_monet``), the one its models and thresholds were fitted for."""
+    return np.isfinite(np.stack([_num(lesions[c]) for c in MONET_COLUMNS], axis=1)).all(axis=1)
+
+
+def blank_monet(lesions: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``lesions`` with every MONET score missing: what the path without MONET sees."""
+    return lesions.assign(**{c: np.nan for c in MONET_COLUMNS})
 
 
 def _impute(values: np.ndarray, stats: dict[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,7 +82,7 @@ class MetadataEncoder:
     # ------------------------------------------------------------------------------------------
     @property
     def monet_columns(self) -> list[str]:
-        return [f"{v}_{m}" for v in _VIEWS for m in MONET]
+        return list(MONET_COLUMNS)
 
     @property
     def n_features(self) -> int:
@@ -97,7 +110,7 @@ class MetadataEncoder:
     def _names(self) -> list[str]:
         site_cols = [f"site_{s}" for s in self.sites] + ["site_unknown"]
         names = ["age", "age_missing", *[f"sex_{s}" for s in SEXES], "skin_tone", "skin_tone_missing", *site_cols,
-                 *self.monet_columns, "clin_altered", "derm_altered"]
+                 *self.monet_columns, *[f"monet_missing_{v}" for v in _VIEWS], "clin_altered", "derm_altered"]
         if self.extended:
             names += [f"logit_{c}" for c in self.monet_columns]
             names += [f"diff_{m}" for m in MONET]
@@ -131,10 +144,12 @@ class MetadataEncoder:
         site_oh[np.arange(n), [index.get(s, len(self.sites)) for s in site]] = 1.0
 
         monet = np.stack([_num(lesions[c]) for c in self.monet_columns], axis=1)
-        monet = np.where(np.isfinite(monet), monet, np.array([self.monet_median[c] for c in self.monet_columns]))
+        seen = np.isfinite(monet)
+        monet_missing = ~np.stack([seen[:, :len(MONET)].all(1), seen[:, len(MONET):].all(1)], axis=1)
+        monet = np.where(seen, monet, np.array([self.monet_median[c] for c in self.monet_columns]))
         altered = np.stack([_text(lesions[f"{v}_manipulation"]) == "altered" for v in _VIEWS], axis=1)
 
-        parts = [age_z, age_missing, sex_oh, tone_z, tone_missing, site_oh, monet, altered]
+        parts = [age_z, age_missing, sex_oh, tone_z, tone_missing, site_oh, monet, monet_missing, altered]
         if self.extended:
             p = np.clip(monet, LOGIT_EPS, 1.0 - LOGIT_EPS)
             k = len(MONET)
