@@ -32,7 +32,7 @@ MANIFEST = "MANIFEST.json"
 PACKAGES = ("torch", "timm", "numpy", "scipy", "scikit-learn", "pandas", "pillow", "safetensors")
 
 
-SUFFIXES = (".json", ".safetensors", ".md", ".png")  # everything a bundle may hold
+SUFFIXES = (".json", ".safetensors", ".skops", ".md", ".png")  # everything a bundle may hold
 
 
 class BundleError(ValueError):

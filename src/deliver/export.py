@@ -11,10 +11,12 @@ SOURCE is an experiment or a blend with a submission (``<submission_dir>/<SOURCE
     MODEL_CARD.md, reliability.png     the model card (src/deliver/card.py)
     experiments/<name>/config.json     the settings its folds were trained with
     experiments/<name>/fold<k>/        weights.safetensors, features.json, aux_vocab.json (an image experiment);
-                                       features.json, models.json (a tabular experiment or a stacker)
+                                       features.json, models.json, models.skops (a tabular experiment or a
+                                       stacker: its models of both paths, with and without MONET)
     MANIFEST.json                      the SHA-256 of every other file, written last
 
-No pickle anywhere: weights are safetensors, fitted transforms and models JSON (src/portable.py). ``predict`` checks
+No pickle anywhere: weights are safetensors, fitted transforms JSON (src/portable.py), tabular models skops files read
+back with an explicit list of trusted types (src/sklearn_io.py). ``predict`` checks
 the manifest before it reads anything (a changed, missing or unlisted file is refused by name), refuses a bundle
 of another format, and builds each network with this checkout's code of the experiment the bundle names; nothing
 in a bundle is ever executed.
@@ -33,7 +35,7 @@ from .bundle import BUNDLE_FORMAT, MANIFEST, BundleError, commit, packages, vers
 from ..data import CLASSES
 from ..io_utils import atomic_write, atomic_write_json, pid_alive, sha256_file
 from .predict import load_features, read_weights, resolve_source
-from .source import Member, Source, split_overrides
+from .source import Member, Source, split_overrides, travelling_config
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,9 +49,9 @@ from .source import Member, Source, split_overrides
 def _copy_member(member: Member, dest: Path) -> dict:
     """One experiment's settings and folds into ``dest``; what bundle.json records of it."""
     from ..experiment import ExperimentDir
-    from .predict import TabularFold
+    from .predict import copy_tabular_fold
 
-    atomic_write_json(dest / "config.json", member.cfg.to_dict())
+    atomic_write_json(dest / "config.json", travelling_config(member.cfg))
     for k in range(member.n_folds):
         fdir, out = member.fold_dir(k), dest / f"fold{k}"
         atomic_write_json(out / "features.json", load_features(member, k).to_dict())
@@ -59,7 +61,7 @@ def _copy_member(member: Member, dest: Path) -> dict:
                               {"experiment": member.cfg.experiment, "name": member.name, "fold": str(k)})
             shutil.copyfile(fdir / "aux_vocab.json", out / "aux_vocab.json")
         else:
-            atomic_write_json(out / "models.json", TabularFold(member, k).models)
+            copy_tabular_fold(member, k, out)
     folder = ExperimentDir(member.cfg)
     fingerprint = json.loads((member.fold_dir(0) / "fingerprint.json").read_text(encoding="utf-8")) \
         if (member.fold_dir(0) / "fingerprint.json").is_file() else None
@@ -105,6 +107,7 @@ def export(source: Source, out: Path, measure_monet: bool = False) -> dict[str, 
             "decision": source.rule, "thresholds": dict(zip(CLASSES, map(float, source.thresholds))),
             "thresholds_from": source.thresholds_from, "decision_reason": source.info.get("decision_reason", ""),
             "cv_macro_f1_honest": source.info.get("cv_macro_f1_honest"), "model_card": card,
+            **{k: source.info[k] for k in ("monet", "thresholds_without_monet") if k in source.info},
             "packages": packages(), "commit": commit(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
