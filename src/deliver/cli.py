@@ -124,7 +124,9 @@ def run(ns: argparse.Namespace) -> int:
     print(f"[predict] decided with {result['thresholds_why']}")
     lacking = int((~result["monet"]).sum())
     if lacking:
-        stored = ns.thresholds == "stored" or source.rule == "threshold"
+        from ..decision import RULES
+
+        stored = ns.thresholds == "stored" or source.rule not in RULES or RULES[source.rule].labelled
         print(f"[predict] {cost_line(source.info.get('monet'), lacking, n, stored)}")
     for key, path in paths.items():
         print(f"[predict] {key:<10} {path}")
