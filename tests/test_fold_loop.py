@@ -178,6 +178,29 @@ def test_metadata_encoder_is_fitted_on_the_fold_training_rows_only(mini_data, tm
     assert saved["skin_tone"]["mean"] == pytest.approx(float(tones.mean()))
 
 
+def test_a_seeded_share_of_training_lesions_is_seen_without_monet_and_validation_twice(mini_data, tmp_path,
+                                                                                      cache_dir):
+    """``monet_dropout``: that share of the fold's training rows (the same for a seed) has its MONET features
+    removed, so the network learns a path without them; the validation rows come once as they are and once with
+    every MONET score removed, which is what oof_nomonet.csv is predicted from."""
+    cfg = make_cfg(mini_data, tmp_path, cache_dir, monet_dropout=0.25)
+    data = prepare(cfg)
+    recipe = experiment_recipe(cfg.experiment)
+    inputs = train_module.fold_inputs(recipe, cfg, FOLD, data)
+    names = inputs.features.feature_names
+    flags = inputs.meta_tr[:, [names.index("monet_missing_clin"), names.index("monet_missing_derm")]]
+    dropped = flags[:, 0] > flags[:, 0].min()
+    assert (dropped == (flags[:, 1] > flags[:, 1].min())).all() and 0.1 < dropped.mean() < 0.4
+    again = train_module.fold_inputs(recipe, cfg, FOLD, data)
+    np.testing.assert_array_equal(again.meta_tr, inputs.meta_tr)
+    np.testing.assert_array_equal(inputs.meta_tr[~dropped], inputs.features.transform(
+        data.train.iloc[inputs.tr_rows[~dropped]]))
+    blind_flags = inputs.meta_va_blind[:, names.index("monet_missing_clin")]
+    assert (blind_flags == blind_flags.max()).all() and not np.array_equal(inputs.meta_va_blind, inputs.meta_va)
+    none = train_module.fold_inputs(recipe, cfg.replace(monet_dropout=0.0), FOLD, data)
+    np.testing.assert_array_equal(none.meta_tr, inputs.features.transform(data.train.iloc[inputs.tr_rows]))
+
+
 # ----------------------------------------------------------------------------------------------------
 # early stopping counts stage-2 epochs only
 # ----------------------------------------------------------------------------------------------------

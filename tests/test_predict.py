@@ -87,6 +87,7 @@ def test_the_fitted_features_round_trip_through_json_exactly(mini_data, kind, st
         assert np.array_equal(fitted.transform(rows), back.transform(rows))
 
 
+@pytest.mark.slow
 def test_hgb_and_mlp_export_and_predict_like_the_experiment_with_no_pickle(mini_data, tmp_path):
     """The tabular models that would need a pickle elsewhere are skops files read with an explicit trusted list: an
     experiment of lrx, hgb and mlp predicts its submission back from its export to 1e-6."""
