@@ -3,8 +3,9 @@
 Statistics (medians, means, standard deviations, the list of sites) come from the training rows
 only; ``transform`` is row-wise, so a lesion encodes the same alone as inside any batch.  Missing
 values and categories unseen in training never raise and never shift columns: they fall into the
-imputed value plus a ``*_missing`` flag (for the MONET scores one flag per image, ``monet_missing_clin`` and
-``monet_missing_derm``), or into ``sex_unknown`` / ``site_unknown``.
+imputed value plus a ``*_missing`` flag, or into ``sex_unknown`` / ``site_unknown``. Predict gives a lesion
+without all 14 MONET scores to the models fitted without them instead (``has_monet``, ``blank_monet``;
+src/nomonet.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .interactions import InteractionFeatures
 from .io_utils import atomic_write_json
 from .portable import NotPortable, from_dict, to_dict
 
-ENCODER_VERSION = 2  # 2: a MONET-missing indicator per view
+ENCODER_VERSION = 1
 FEATURES_VERSION = 1  # features.json: the whole fitted transform (MetadataFeatures.to_dict)
 SEXES = ("male", "female", "unknown")
 AGE_HINGES = (40.0, 60.0, 75.0)
@@ -110,7 +111,7 @@ class MetadataEncoder:
     def _names(self) -> list[str]:
         site_cols = [f"site_{s}" for s in self.sites] + ["site_unknown"]
         names = ["age", "age_missing", *[f"sex_{s}" for s in SEXES], "skin_tone", "skin_tone_missing", *site_cols,
-                 *self.monet_columns, *[f"monet_missing_{v}" for v in _VIEWS], "clin_altered", "derm_altered"]
+                 *self.monet_columns, "clin_altered", "derm_altered"]
         if self.extended:
             names += [f"logit_{c}" for c in self.monet_columns]
             names += [f"diff_{m}" for m in MONET]
@@ -144,12 +145,10 @@ class MetadataEncoder:
         site_oh[np.arange(n), [index.get(s, len(self.sites)) for s in site]] = 1.0
 
         monet = np.stack([_num(lesions[c]) for c in self.monet_columns], axis=1)
-        seen = np.isfinite(monet)
-        monet_missing = ~np.stack([seen[:, :len(MONET)].all(1), seen[:, len(MONET):].all(1)], axis=1)
-        monet = np.where(seen, monet, np.array([self.monet_median[c] for c in self.monet_columns]))
+        monet = np.where(np.isfinite(monet), monet, np.array([self.monet_median[c] for c in self.monet_columns]))
         altered = np.stack([_text(lesions[f"{v}_manipulation"]) == "altered" for v in _VIEWS], axis=1)
 
-        parts = [age_z, age_missing, sex_oh, tone_z, tone_missing, site_oh, monet, monet_missing, altered]
+        parts = [age_z, age_missing, sex_oh, tone_z, tone_missing, site_oh, monet, altered]
         if self.extended:
             p = np.clip(monet, LOGIT_EPS, 1.0 - LOGIT_EPS)
             k = len(MONET)

@@ -126,9 +126,10 @@ def save_models(fdir: Path, fitted: dict[str, list]) -> None:
            for path, models in fitted.items()}})
 
 
-def load_models(fdir: Path) -> dict[str, list[tuple[str, BaseEstimator, np.ndarray]]]:
-    """What ``save_models`` wrote: per path, (name, fitted model, class of each target) of every model. A fold
-    written by another version, or files that do not match, raise a ValueError naming the folder."""
+def load_models(fdir: Path, paths: tuple[str, ...] = PATHS) -> dict[str, list[tuple[str, BaseEstimator, np.ndarray]]]:
+    """What ``save_models`` wrote: per path of ``paths``, (name, fitted model, class of each target) of every model.
+    A fold written by another version, without one of ``paths``, or whose files do not match, raises a ValueError
+    naming the folder."""
     from . import sklearn_io
 
     try:
@@ -139,7 +140,7 @@ def load_models(fdir: Path) -> dict[str, list[tuple[str, BaseEstimator, np.ndarr
                              "rerun the experiment with retrain=true")
         fitted = sklearn_io.load(fdir / MODELS_FILE)
         out = {}
-        for path in PATHS:
+        for path in paths:
             if len(meta[path]) != len(fitted[path]) or not meta[path]:
                 raise ValueError(f"models.json and {MODELS_FILE} disagree on the {path} models")
             out[path] = [(d["name"], m, np.asarray(d["code_class"], dtype=np.int64))

@@ -9,9 +9,10 @@ run. A fold is complete when its ``metrics.json`` exists. Checkpoints hold plain
 in the plain two-backbone layout, and are read back with ``weights_only=True``.
 
 Per fold, under <output_dir>/<exp>/fold<k>/: best.pt, last.pt, features.json (the whole fitted metadata
-transform, src/portable.py), config.json, aux_vocab.json, oof.csv, oof_nomonet.csv (the validation lesions again
-with every MONET score removed: the path a lesion without them takes; the network learns it from a seeded share
-``monet_dropout`` of its training lesions seen without MONET), test.csv, history.csv, metrics.json.
+transform, src/portable.py), config.json, aux_vocab.json, oof.csv, models.json and models.skops (the path a lesion
+without MONET scores takes: a linear model on the trained network's image embeddings and the metadata without MONET,
+``without_monet``), oof_nomonet.csv (that path's predictions of the validation lesions, their MONET scores removed),
+test.csv, history.csv, metrics.json.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from .dist import DistContext
 from .experiment import (ExperimentDir, Lesions, StaleOutputs, data_fingerprint, fingerprint, fingerprint_differences,
                          probs_frame)
 from .features import MetadataFeatures, blank_monet
-from .inference import predict, selection_score
+from .inference import embeddings, predict, selection_score
 from .io_utils import atomic_write, atomic_write_json
 from .loss import Loss, WeightedLoss
 from .model import BACKBONE_KEYS, DualNet, LinearHead, backbones, count_parameters
@@ -86,9 +87,6 @@ TRAINING_KEYS = {
                      "saved", results=True, low=0, high=1, high_open=True),
     "tta": key(True, "8-view flip/transpose test-time augmentation for out-of-fold and test predictions",
                results=True),
-    "monet_dropout": key(0.25, "share of the training lesions (seeded per fold) whose 14 MONET scores the network "
-                         "sees removed, so it also learns to predict a lesion without them", results=True, low=0,
-                         high=1, high_open=True),
 }
 SPEED_KEYS = {
     "device": key("auto", "'auto', 'cpu', 'cuda', 'cuda:1', 'mps'", results=False, text=True,
@@ -180,9 +178,10 @@ class FoldInputs:
     va_ids: list[str]
     test_ids: list[str]
     features: MetadataFeatures
-    meta_tr: np.ndarray        # a seeded share (monet_dropout) of the rows with their MONET scores removed
+    meta_tr: np.ndarray
     meta_va: np.ndarray
-    meta_va_blind: np.ndarray  # the validation rows with every MONET score removed: the path without MONET
+    meta_tr_blind: np.ndarray  # the training and validation rows with every MONET score removed: the path without
+    meta_va_blind: np.ndarray  # MONET (``without_monet``)
     meta_te: np.ndarray
     y_tr: np.ndarray
     y_va: np.ndarray
@@ -192,9 +191,8 @@ class FoldInputs:
 
 
 def fold_inputs(recipe: ImageRecipe, cfg: Config, fold: int, data: Prepared) -> FoldInputs:
-    """The fold's rows, its metadata features (the recipe's features fitted on the training rows only; a seeded
-    share ``monet_dropout`` of the training rows, and a copy of the validation rows, with every MONET score
-    removed), labels and auxiliary labels."""
+    """The fold's rows, its metadata features (the recipe's features fitted on the training rows only; a copy of
+    the training and validation rows' with every MONET score removed), labels and auxiliary labels."""
     tr_rows = np.flatnonzero(data.folds != fold)
     va_rows = np.flatnonzero(data.folds == fold)
     train_df, val_df = data.train.iloc[tr_rows], data.train.iloc[va_rows]
@@ -204,10 +202,9 @@ def fold_inputs(recipe: ImageRecipe, cfg: Config, fold: int, data: Prepared) -> 
     aux_vocab = sorted(v for v in train_df["diagnosis_full"].unique() if v) if wants_aux else []
     aux_index = {v: i for i, v in enumerate(aux_vocab)}
     aux_all = np.array([aux_index.get(v, -100) for v in data.train["diagnosis_full"]], dtype=np.int64)
-    dropped = np.random.default_rng([cfg.seed, fold, 7]).random(len(tr_rows)) < cfg.monet_dropout
-    meta_tr = np.where(dropped[:, None], features.transform(blank_monet(train_df)), features.transform(train_df))
     return FoldInputs(fold, tr_rows, va_rows, val_df["lesion_id"].tolist(), data.test["lesion_id"].tolist(),
-                      features, meta_tr, features.transform(val_df), features.transform(blank_monet(val_df)),
+                      features, features.transform(train_df), features.transform(val_df),
+                      features.transform(blank_monet(train_df)), features.transform(blank_monet(val_df)),
                       features.transform(data.test), y_all[tr_rows], y_all[va_rows],
                       data.train["target"].to_numpy()[tr_rows], aux_vocab, aux_all[tr_rows])
 
@@ -490,6 +487,29 @@ def end_epoch(run: FoldRun, stage: Stage, state: FoldState, epoch: int, trained:
     run.dist.barrier()
 
 
+COMPANION = "logreg"  # the model of a fold's path without MONET (src/tabular.py)
+
+
+def without_monet(run: FoldRun, views: int) -> np.ndarray:
+    """The fold's path without MONET: a linear model (``COMPANION``) on the trained network's image embeddings (its
+    best weights, the same test-time views) and the metadata features with every MONET score removed, fitted on the
+    fold's training rows and stored with the fold (models.json, models.skops); returns its predictions of the
+    validation rows. The network itself is left as it was trained, so its path with MONET is unchanged."""
+    from .tabular import fit_predict, save_models
+
+    cfg, inputs = run.cfg, run.inputs
+
+    def x(rows: np.ndarray, meta: np.ndarray) -> np.ndarray:
+        emb = embeddings(run.model, cfg, run.train_images, rows, run.augment, run.device, views, "embed")
+        return np.hstack([emb, meta.astype(np.float64)])
+
+    fitted: list = []
+    blind, = fit_predict([COMPANION], cfg.seed * 1000 + inputs.fold, x(inputs.tr_rows, inputs.meta_tr_blind),
+                         inputs.targets_tr, x(inputs.va_rows, inputs.meta_va_blind), fitted=fitted)
+    save_models(cfg.fold_dir(inputs.fold), {"without_monet": fitted})
+    return blind
+
+
 def finish_fold(run: FoldRun, state: FoldState, tracker: Tracker | None) -> dict:
     """Out-of-fold and test predictions with the best epoch's weights (TTA), written with the fold's metrics."""
     cfg, inputs, fold = run.cfg, run.inputs, run.inputs.fold
@@ -503,8 +523,7 @@ def finish_fold(run: FoldRun, state: FoldState, tracker: Tracker | None) -> dict
     metrics.update(fold=fold, best_epoch=state.best_epoch + 1, epochs_run=len(state.history),
                    wall_time_s=sum(h["epoch_time_s"] for h in state.history) + time.time() - t_pred,
                    tta_views=views, params=count_parameters(run.model), fingerprint=run.current)
-    blind = predict(run.model, run.link, cfg, run.train_images, inputs.va_rows, inputs.meta_va_blind, run.augment,
-                    run.device, views, "oof without MONET")
+    blind = without_monet(run, views)
     metrics["macro_f1_without_monet"] = fold_metrics(inputs.y_va, blind)["macro_f1"]
     test = predict(run.model, run.link, cfg, run.test_images, np.arange(len(inputs.meta_te)), inputs.meta_te, run.augment,
                    run.device, views, "test")

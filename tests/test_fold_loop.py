@@ -178,27 +178,32 @@ def test_metadata_encoder_is_fitted_on_the_fold_training_rows_only(mini_data, tm
     assert saved["skin_tone"]["mean"] == pytest.approx(float(tones.mean()))
 
 
-def test_a_seeded_share_of_training_lesions_is_seen_without_monet_and_validation_twice(mini_data, tmp_path,
-                                                                                      cache_dir):
-    """``monet_dropout``: that share of the fold's training rows (the same for a seed) has its MONET features
-    removed, so the network learns a path without them; the validation rows come once as they are and once with
-    every MONET score removed, which is what oof_nomonet.csv is predicted from."""
-    cfg = make_cfg(mini_data, tmp_path, cache_dir, monet_dropout=0.25)
+def test_the_path_without_monet_is_fitted_on_the_trained_network_and_leaves_it_as_it_was(mini_data, tmp_path,
+                                                                                        cache_dir):
+    """A fold's path without MONET is a linear model on the trained network's image embeddings and the metadata with
+    every MONET score removed, fitted on the fold's training rows: its stored model gives the validation rows what
+    oof_nomonet.csv holds, and the network's own predictions (oof.csv) are those of the fold without it."""
+    from src.features import blank_monet
+    from src.inference import embeddings
+    from src.tabular import load_models, predict_saved
+
+    cfg = make_cfg(mini_data, tmp_path, cache_dir, stage1_epochs=1, epochs=0)
     data = prepare(cfg)
+    train(cfg, FOLD, data)
+    inputs = train_module.fold_inputs(experiment_recipe(cfg.experiment), cfg, FOLD, data)
+    names = load_models(cfg.fold_dir(FOLD), ("without_monet",))["without_monet"]
+    assert [n for n, _, _ in names] == [train_module.COMPANION]
+    weights = train_module.read_checkpoint(cfg.fold_dir(FOLD) / "best.pt")["model"]
+    np.testing.assert_allclose(predict_validation(cfg, FOLD, data, weights),
+                               pd.read_csv(cfg.fold_dir(FOLD) / "oof.csv")[CLASSES].to_numpy(), rtol=0, atol=1e-6)
     recipe = experiment_recipe(cfg.experiment)
-    inputs = train_module.fold_inputs(recipe, cfg, FOLD, data)
-    names = inputs.features.feature_names
-    flags = inputs.meta_tr[:, [names.index("monet_missing_clin"), names.index("monet_missing_derm")]]
-    dropped = flags[:, 0] > flags[:, 0].min()
-    assert (dropped == (flags[:, 1] > flags[:, 1].min())).all() and 0.1 < dropped.mean() < 0.4
-    again = train_module.fold_inputs(recipe, cfg, FOLD, data)
-    np.testing.assert_array_equal(again.meta_tr, inputs.meta_tr)
-    np.testing.assert_array_equal(inputs.meta_tr[~dropped], inputs.features.transform(
-        data.train.iloc[inputs.tr_rows[~dropped]]))
-    blind_flags = inputs.meta_va_blind[:, names.index("monet_missing_clin")]
-    assert (blind_flags == blind_flags.max()).all() and not np.array_equal(inputs.meta_va_blind, inputs.meta_va)
-    none = train_module.fold_inputs(recipe, cfg.replace(monet_dropout=0.0), FOLD, data)
-    np.testing.assert_array_equal(none.meta_tr, inputs.features.transform(data.train.iloc[inputs.tr_rows]))
+    model, augment = recipe.build(cfg, inputs.meta_tr.shape[1], len(inputs.aux_vocab), torch.device("cpu"))
+    model.load_state_dict(weights)
+    emb = embeddings(model, cfg, data.train_cache, inputs.va_rows, augment, torch.device("cpu"))
+    meta = inputs.features.transform(blank_monet(data.train.iloc[inputs.va_rows]))
+    np.testing.assert_allclose(predict_saved(names, np.hstack([emb, meta.astype(np.float64)])),
+                               pd.read_csv(cfg.fold_dir(FOLD) / "oof_nomonet.csv")[CLASSES].to_numpy(), atol=1e-6)
+    np.testing.assert_array_equal(inputs.meta_va_blind, meta)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ SOURCE is an experiment or a blend with a submission (``<submission_dir>/<SOURCE
                                        each experiment's settings and data fingerprints, package versions, commit
     MODEL_CARD.md, reliability.png     the model card (src/deliver/card.py)
     experiments/<name>/config.json     the settings its folds were trained with
-    experiments/<name>/fold<k>/        weights.safetensors, features.json, aux_vocab.json (an image experiment);
-                                       features.json, models.json, models.skops (a tabular experiment or a
-                                       stacker: its models of both paths, with and without MONET)
+    experiments/<name>/fold<k>/        features.json, models.json, models.skops (a tabular experiment or a
+                                       stacker: its models with and without MONET; an image experiment: its model
+                                       without MONET), and for an image experiment weights.safetensors and
+                                       aux_vocab.json
     MANIFEST.json                      the SHA-256 of every other file, written last
 
 No pickle anywhere: weights are safetensors, fitted transforms JSON (src/portable.py), tabular models skops files read
@@ -49,7 +50,7 @@ from .source import Member, Source, split_overrides, travelling_config
 def _copy_member(member: Member, dest: Path) -> dict:
     """One experiment's settings and folds into ``dest``; what bundle.json records of it."""
     from ..experiment import ExperimentDir
-    from .predict import copy_tabular_fold
+    from .predict import copy_fold_models
 
     atomic_write_json(dest / "config.json", travelling_config(member.cfg))
     for k in range(member.n_folds):
@@ -60,8 +61,7 @@ def _copy_member(member: Member, dest: Path) -> dict:
             write_safetensors(out / "weights.safetensors", state,
                               {"experiment": member.cfg.experiment, "name": member.name, "fold": str(k)})
             shutil.copyfile(fdir / "aux_vocab.json", out / "aux_vocab.json")
-        else:
-            copy_tabular_fold(member, k, out)
+        copy_fold_models(member, k, out)
     folder = ExperimentDir(member.cfg)
     fingerprint = json.loads((member.fold_dir(0) / "fingerprint.json").read_text(encoding="utf-8")) \
         if (member.fold_dir(0) / "fingerprint.json").is_file() else None

@@ -81,13 +81,21 @@ def read_weights(member: Member, k: int) -> dict:
 
 
 class ImageFold:
-    """A fold of an image experiment: its features, its network with the best weights, its TTA."""
+    """A fold of an image experiment: its features, its network with the best weights, its TTA, and its path without
+    MONET (a linear model on the network's image embeddings and the metadata without MONET: models.json and
+    models.skops, src/train.py)."""
 
     def __init__(self, member: Member, k: int, device):
+        from ..tabular import load_models
+
         self.member, self.k, self.device = member, k, device
         self.features = load_features(member, k)
         self.aux = json.loads(_need(member.fold_dir(k) / "aux_vocab.json").read_text(encoding="utf-8"))
         self.state = read_weights(member, k)
+        try:
+            self.blind = load_models(member.fold_dir(k), ("without_monet",))["without_monet"]
+        except ValueError as exc:
+            raise PredictError(str(exc)) from None
         self.views = 8 if member.cfg.tta else 1
         self.model = self.augment = None
 
@@ -109,15 +117,20 @@ class ImageFold:
 
     def predict(self, lesions: pd.DataFrame, images: np.ndarray, rows: np.ndarray, extra=None,
                 blind: bool = False) -> np.ndarray:
-        """Probabilities of ``rows``; the network has one path, learned with and without MONET (``lesions`` is
-        given with the MONET scores of ``blind`` rows removed)."""
-        from ..inference import predict
+        """Probabilities of ``rows``: the network's, or for ``blind`` rows (``lesions`` given with their MONET
+        scores removed) the fold's model without MONET on the network's embeddings and the metadata."""
+        from ..inference import embeddings, predict
+        from ..tabular import predict_saved
 
         meta = self.features.transform(lesions.iloc[rows])
         if self.model is None:
             self._build(meta.shape[1])
+        where = f"{self.member.name} fold {self.k}"
+        if blind:
+            emb = embeddings(self.model, self.member.cfg, images, rows, self.augment, self.device, self.views, where)
+            return predict_saved(self.blind, np.hstack([emb, meta.astype(np.float64)]))
         return predict(self.model, self.link, self.member.cfg, images, rows, meta, self.augment, self.device,
-                       self.views, f"{self.member.name} fold {self.k}").astype(np.float64)
+                       self.views, where).astype(np.float64)
 
 
 class TabularFold:
@@ -143,16 +156,24 @@ class TabularFold:
         return predict_saved(self.models["without_monet" if blind else "with_monet"], x)
 
 
-def copy_tabular_fold(member: Member, k: int, dest: Path) -> None:
-    """A tabular fold's stored models (models.json, models.skops) into ``dest`` byte for byte, once they read back."""
+def copy_fold_models(member: Member, k: int, dest: Path) -> None:
+    """A fold's stored scikit-learn models (models.json, models.skops: a tabular fold's, or an image fold's path
+    without MONET) into ``dest`` byte for byte, once they read back."""
     import shutil
 
-    from ..tabular import MODELS_FILE
+    from ..tabular import MODELS_FILE, load_models
 
-    TabularFold(member, k)
+    try:
+        load_models(member.fold_dir(k), PATHS_OF[member.kind])
+    except ValueError as exc:
+        raise PredictError(str(exc)) from None
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("models.json", MODELS_FILE):
         shutil.copyfile(member.fold_dir(k) / name, dest / name)
+
+
+PATHS_OF = {"image": ("without_monet",), "tabular": ("with_monet", "without_monet"),
+            "stack": ("with_monet", "without_monet")}
 
 
 def open_fold(member: Member, k: int, device):
