@@ -118,7 +118,7 @@ def test_deterministic_for_a_seed(tmp_path: Path) -> None:
     a = snapshot(generate(tmp_path / "a", n_train=20, n_test=5, seed=7, **TINY))
     b = snapshot(generate(tmp_path / "b", n_train=20, n_test=5, seed=7, **TINY))
     c = snapshot(generate(tmp_path / "c", n_train=20, n_test=5, seed=8, **TINY))
-    assert a == b and len(a) == 5 + 1 + 2 * 25
+    assert a == b and len(a) == 5 + 1 + 1 + 2 * 25                  # the CSVs, hidden labels, GENERATED.json, JPEGs
     assert a[TRAIN_METADATA] != c[TRAIN_METADATA]
 
 
