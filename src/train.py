@@ -487,7 +487,7 @@ def end_epoch(run: FoldRun, stage: Stage, state: FoldState, epoch: int, trained:
     run.dist.barrier()
 
 
-COMPANION = "logreg"  # the model of a fold's path without MONET (src/tabular.py)
+COMPANION = "probe"  # the model of a fold's path without MONET (src/tabular.py: make_model)
 
 
 def without_monet(run: FoldRun, views: int) -> np.ndarray:
