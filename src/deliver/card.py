@@ -127,7 +127,7 @@ def calibration_reading(table: pd.DataFrame, what: str) -> str:
     for _, r in table[table["n"] >= 20].iterrows():
         pred, obs = r["mean_predicted"], r["observed"]
         se = np.sqrt(max(pred * (1 - pred), 1e-6) / r["n"])
-        text = f"{r['bin']} ({pred:.2f} predicted, {obs:.2f} observed, {int(r['n'])} predictions)"
+        text = f"{r['bin']} ({pred:.3f} predicted, {obs:.3f} observed, {int(r['n'])} predictions)"
         if obs < pred - 2 * se:
             over.append(text)
         elif obs > pred + 2 * se:
@@ -321,7 +321,8 @@ def details(source, revision: str) -> list[str]:
         f"- Blend weights: {weights}; decision rule **{source.rule}** (below).",
         f"- Code: this repository at revision `{revision}` (export)"
         + (f", submission made at `{trained}`" if trained and trained != revision else "") + "; MIT licence.",
-        "- Model licence: CC-BY-NC 4.0, the licence of the data it was trained on (no commercial use).",
+        "- Model licence: CC-BY-NC 4.0 (no commercial use), the licence of the MILK10k data this project's models are "
+        "trained on.",
         f"- Written by `bash run.sh export {source.name}` on {datetime.now(timezone.utc).strftime('%Y-%m-%d')}. "
         "Predict with `bash run.sh predict <this folder or its .tar.gz> --data DIR` (lesions in the official test "
         "layout) or, for one lesion, " + ("`--clinical A.jpg --dermoscopic B.jpg` and its metadata"
@@ -370,10 +371,9 @@ def data_section(train: pd.DataFrame, y: np.ndarray, cfg, credit: str, made: dic
     q1, med, q3 = np.nanpercentile(ages, [25, 50, 75])
     out = [
         "## Training data", "",
-        f"{len(train)} training lesions of {credit}, in `{Path(cfg.data_dir).name}` (its fingerprint in "
-        f"bundle.json); {cfg.n_folds} folds (fold seed {cfg.fold_seed}). "
-        + ("**Generated data**: " + made.get("generated", "") + " generated. " if made else "")
-        + "Every figure below is out of fold on these lesions: no separate test set was scored.", "",
+        f"{len(train)} training lesions (the folder `{Path(cfg.data_dir).name}`, its fingerprint in bundle.json; "
+        f"{cfg.n_folds} folds, fold seed {cfg.fold_seed}). Source: {credit}. Every figure below is out of fold on "
+        "these lesions: no separate test set was scored.", "",
         "Lesions per class:", "",
         markdown_table(pd.DataFrame([dict(zip(CLASSES, map(int, y.sum(0))))])), "",
         f"Age: median {med:.0f} years (quartiles {q1:.0f}-{q3:.0f}), {int(ages.isna().sum())} missing.", "",
@@ -428,9 +428,13 @@ def monet_section(source, y: np.ndarray, without: np.ndarray | None, measure: bo
            "every training lesion's MONET scores removed:", ""]
     if without is None or "stored" not in rec:
         return out + ["Not recorded for this source (made by an earlier version: rerun it and its blend).", ""]
+    from ..decision import RULES
+
+    labelled = RULES[source.rule].labelled
     rows = [("with MONET, the submitted rule", rec["with"]),
-            ("without MONET, stored thresholds: one lesion, and a batch under a labelled rule", rec["stored"]),
-            (f"without MONET, rule {source.rule} fitted on the batch", rec["batch"])]
+            ("without MONET, stored thresholds: one lesion" + (f", and any batch (rule {source.rule} is labelled)"
+                                                               if labelled else ""), rec["stored"]),
+            *([] if labelled else [(f"without MONET, rule {source.rule} fitted on the batch", rec["batch"])])]
     out += [markdown_table(pd.DataFrame([{"path": k, "honest macro F1 (95% CI)": with_interval(v["honest"], *v["interval"])}
                                          for k, v in rows])), "",
             "Per class without MONET (stored thresholds, as one lesion is decided):", "",
@@ -479,6 +483,8 @@ def calibration_section(pooled: pd.DataFrame, top: pd.DataFrame, n: int) -> list
 
 
 def caveats(source, y: np.ndarray, decided: np.ndarray, without: np.ndarray | None, train: pd.DataFrame) -> list[str]:
+    from ..decision import RULES
+
     counts = y.sum(0).astype(int)
     few = [f"{c} ({n})" for c, n in zip(CLASSES, counts) if n < FEW]
     mel = CLASSES.index("MEL")
@@ -503,10 +509,11 @@ def caveats(source, y: np.ndarray, decided: np.ndarray, without: np.ndarray | No
         "thresholds and F1 rest on a handful of lesions and move a lot between fold splits and batches.",
         f"- Published MILK10k solutions report validation scores {SHIFT} above their leaderboard scores (the benchmark's "
         "lesions and diagnoses differ from the training release's); expect less than the out-of-fold figures.",
-        "- The probabilities of a one-vs-rest model are each class against all others: they need not sum to 1, and "
-        "more than one class or none may be decided positive.",
-        "- The expected-F1 rule decides relative to the batch it is given: a small or unusual batch gives unstable "
-        "thresholds; a single lesion uses the stored ones.",
+        "- Each class's probability is read on its own (the leaderboard cuts each at 0.5): the 11 need not sum to 1, "
+        "and more than one class or none may be decided positive.",
+        *([] if RULES[source.rule].labelled else [
+            f"- Rule {source.rule} decides relative to the batch it is given: a small or unusual batch gives unstable "
+            "thresholds; a single lesion uses the stored ones."]),
         "- Trained on one release's lesions, cameras and dermatoscopes; other populations and devices are "
         "untested.", "",
     ]

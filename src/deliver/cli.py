@@ -167,8 +167,8 @@ def format_single(source: Source, lesions: pd.DataFrame, result: dict) -> str:
     decided = [CLASSES[j] for j in order if f[j] > 0.5]
     lines += ["", f"most likely: {CLASSES[order[0]]} ({p[order[0]]:.4f}); decided positive: "
                   f"{', '.join(decided) if decided else 'none (no class passes its threshold)'}",
-              f"Each probability is that diagnosis against all others (one model per class), so the 11 need not sum "
-              f"to 1 (here {p.sum():.2f}); a decision is positive when its probability passes its threshold.",
+              f"Each class's probability is read on its own, as the leaderboard cuts each class: the 11 need not "
+              f"sum to 1 (here {p.sum():.2f}), and more than one class, or none, may pass its threshold.",
               "Research use on the ISIC 2025 MILK10k benchmark only; not a medical device."]
     return "\n".join(lines)
 
