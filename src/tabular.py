@@ -65,15 +65,16 @@ def fine_targets(y: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def make_model(name: str, seed: int, y: np.ndarray, names: list[str] | None = None) -> BaseEstimator:
     """One unweighted multiclass classifier; the linear and neural ones see standardised features. ``names``:
-    the feature columns' names (needed by 'lrx'). 'probe' (not a choice of ``tabular_models``) is the model of an
-    image fold's path without MONET (src/train.py): on exp001 with signal-free images its stronger regularisation
-    scored 0.2298 honest macro F1 without MONET against 0.2249 for 'logreg'."""
+    the feature columns' names (needed by 'lrx'). 'probe' and 'probe_metadata' (not choices of ``tabular_models``)
+    are the model of an image fold's path without MONET, with and without the network's embeddings (src/train.py):
+    on exp001 with signal-free images, embeddings and metadata, its stronger regularisation scored 0.2298 honest
+    macro F1 without MONET against 0.2249 for 'logreg'."""
     if name == "lrx":
         return make_pipeline(InteractionFeatures(names or []), StandardScaler(),
                              LogisticRegression(C=0.01, max_iter=5000))
     if name == "logreg":
         return make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=5000))
-    if name == "probe":  # an image fold's model without MONET: its network's embeddings beside the metadata
+    if name in ("probe", "probe_metadata"):  # an image fold's model without MONET (src/train.py: PROBES)
         return make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=5000))
     if name == "hgb":
         return HistGradientBoostingClassifier(learning_rate=0.1, max_iter=60, max_depth=3, max_leaf_nodes=8,

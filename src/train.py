@@ -10,8 +10,8 @@ in the plain two-backbone layout, and are read back with ``weights_only=True``.
 
 Per fold, under <output_dir>/<exp>/fold<k>/: best.pt, last.pt, features.json (the whole fitted metadata
 transform, src/portable.py), config.json, aux_vocab.json, oof.csv, models.json and models.skops (the path a lesion
-without MONET scores takes: a linear model on the trained network's image embeddings and the metadata without MONET,
-``without_monet``), oof_nomonet.csv (that path's predictions of the validation lesions, their MONET scores removed),
+without MONET scores takes: a linear model on the metadata without MONET and, where they help, the trained network's
+image embeddings: ``without_monet``), oof_nomonet.csv (that path's predictions of the validation lesions, their MONET scores removed),
 test.csv, history.csv, metrics.json.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -487,25 +488,47 @@ def end_epoch(run: FoldRun, stage: Stage, state: FoldState, epoch: int, trained:
     run.dist.barrier()
 
 
-COMPANION = "probe"  # the model of a fold's path without MONET (src/tabular.py: make_model)
+PROBES = {"probe": True, "probe_metadata": False}  # a fold's model without MONET, and whether it reads the embeddings
+
+
+def inner_log_loss(name: str, x: np.ndarray, y: np.ndarray, seed: int) -> float:
+    """Mean binary log-loss of model ``name`` (src/tabular.py) over a seeded 3-fold split of the rows it is given."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from .tabular import fit_predict
+
+    onehot, total = np.eye(len(CLASSES))[y], 0.0
+    with warnings.catch_warnings():  # a class with fewer than 3 lesions cannot be in every split; it is still scored
+        warnings.simplefilter("ignore", UserWarning)
+        splits = list(StratifiedKFold(3, shuffle=True, random_state=seed).split(x, y))
+    for tr, va in splits:
+        probs, = fit_predict([name], seed, x[tr], y[tr], x[va])
+        total += log_loss(onehot[va], probs) * len(va)
+    return total / len(y)
 
 
 def without_monet(run: FoldRun, views: int) -> np.ndarray:
-    """The fold's path without MONET: a linear model (``COMPANION``) on the trained network's image embeddings (its
-    best weights, the same test-time views) and the metadata features with every MONET score removed, fitted on the
-    fold's training rows and stored with the fold (models.json, models.skops); returns its predictions of the
-    validation rows. The network itself is left as it was trained, so its path with MONET is unchanged."""
+    """The fold's path without MONET: a linear model on the metadata features with every MONET score removed and,
+    where a 3-fold cross-validation on the fold's training rows finds they lower its log-loss, the trained network's
+    image embeddings (its best weights, the same test-time views) beside them (``PROBES``); fitted on the fold's
+    training rows and stored with the fold (models.json, models.skops). Returns its predictions of the validation
+    rows. The network itself is left as it was trained, so its path with MONET is unchanged."""
     from .tabular import fit_predict, save_models
 
     cfg, inputs = run.cfg, run.inputs
+    seed = cfg.seed * 1000 + inputs.fold
 
-    def x(rows: np.ndarray, meta: np.ndarray) -> np.ndarray:
+    def x(name: str, rows: np.ndarray, meta: np.ndarray) -> np.ndarray:
+        if not PROBES[name]:
+            return meta.astype(np.float64)
         emb = embeddings(run.model, cfg, run.train_images, rows, run.augment, run.device, views, "embed")
         return np.hstack([emb, meta.astype(np.float64)])
 
+    train_x = {name: x(name, inputs.tr_rows, inputs.meta_tr_blind) for name in PROBES}
+    name = min(PROBES, key=lambda n: inner_log_loss(n, train_x[n], inputs.targets_tr, seed))
     fitted: list = []
-    blind, = fit_predict([COMPANION], cfg.seed * 1000 + inputs.fold, x(inputs.tr_rows, inputs.meta_tr_blind),
-                         inputs.targets_tr, x(inputs.va_rows, inputs.meta_va_blind), fitted=fitted)
+    blind, = fit_predict([name], seed, train_x[name], inputs.targets_tr, x(name, inputs.va_rows, inputs.meta_va_blind),
+                         fitted=fitted)
     save_models(cfg.fold_dir(inputs.fold), {"without_monet": fitted})
     return blind
 

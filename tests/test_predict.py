@@ -206,8 +206,9 @@ def test_one_lesion_prints_its_probabilities_and_decisions(trained, capsys):
     assert "given no metadata; missing age, sex, site, skin tone, the 14 MONET scores" in capsys.readouterr().out
 
 
-def test_monet_cost_measures_the_recorded_paths_again(trained, capsys):
-    assert cli(["predict", "exp000", "--monet-cost", f"data_dir={trained['data']}", *trained["where"]]) == 0
+@pytest.mark.parametrize("source", ["exp000", "exp001"])
+def test_monet_cost_measures_the_recorded_paths_again(trained, capsys, source):
+    assert cli(["predict", source, "--monet-cost", f"data_dir={trained['data']}", *trained["where"]]) == 0
     rows = {line[:46].strip(): line[46:].split() for line in capsys.readouterr().out.splitlines()
             if line.startswith(("with MONET", "without MONET"))}
     assert len(rows) == 3
@@ -260,6 +261,14 @@ def test_a_metadata_only_source_reads_no_jpeg_for_one_lesion(trained, capsys):
     assert cli(["predict", "exp000", *trained["where"], "--age", "70", "--site", "head_neck_face"]) == 0
     text = capsys.readouterr().out
     assert "given age, site; missing sex, skin tone, the 14 MONET scores" in text and "most likely: " in text
+
+
+def test_monet_cost_of_an_export_prints_what_its_submission_recorded(trained, bundle, capsys):
+    assert cli(["predict", str(bundle), "--monet-cost"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("with MONET", "without MONET"))]
+    info = json.loads((bundle / "bundle.json").read_text())["monet"]
+    assert len(rows) == 3 and f"{info['without']['stored']['honest']:.4f}" in rows[1]
+    assert all(row[46:72].strip() == "-" for row in rows)                 # nothing measured: no training lesions
 
 
 def test_an_export_predicts_into_its_own_default_file(trained, bundle):

@@ -209,7 +209,8 @@ def describe_members(source) -> list[str]:
                              f"`{c.backbone}` backbones at {c.img_size} px and the metadata features "
                              f"({c.own.get('meta_features', 'base')}), {c.n_folds} folds averaged, "
                              f"{'8-view' if c.tta else 'no'} test-time augmentation; without MONET, a logistic regression "
-                             "per fold on the network's image embeddings and the metadata without MONET")
+                             "per fold on the metadata without MONET and, where a cross-validation on the fold's "
+                             "training lesions finds they help, the network's image embeddings")
         elif m.kind == "stack":
             described.append(f"- **{name}**{weight}: experiment {c.experiment}, a stacker: `{c.tabular_models}` over "
                              f"the predictions of {', '.join(m.inputs)} and the base metadata, {c.n_folds} folds "

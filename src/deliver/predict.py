@@ -82,8 +82,8 @@ def read_weights(member: Member, k: int) -> dict:
 
 class ImageFold:
     """A fold of an image experiment: its features, its network with the best weights, its TTA, and its path without
-    MONET (a linear model on the network's image embeddings and the metadata without MONET: models.json and
-    models.skops, src/train.py)."""
+    MONET (a linear model on the metadata without MONET and, where they helped, the network's image embeddings:
+    models.json and models.skops, src/train.py)."""
 
     def __init__(self, member: Member, k: int, device):
         from ..tabular import load_models
@@ -118,17 +118,21 @@ class ImageFold:
     def predict(self, lesions: pd.DataFrame, images: np.ndarray, rows: np.ndarray, extra=None,
                 blind: bool = False) -> np.ndarray:
         """Probabilities of ``rows``: the network's, or for ``blind`` rows (``lesions`` given with their MONET
-        scores removed) the fold's model without MONET on the network's embeddings and the metadata."""
+        scores removed) the fold's model without MONET on the metadata (and the network's embeddings)."""
         from ..inference import embeddings, predict
         from ..tabular import predict_saved
+        from ..train import PROBES
 
         meta = self.features.transform(lesions.iloc[rows])
         if self.model is None:
             self._build(meta.shape[1])
         where = f"{self.member.name} fold {self.k}"
         if blind:
-            emb = embeddings(self.model, self.member.cfg, images, rows, self.augment, self.device, self.views, where)
-            return predict_saved(self.blind, np.hstack([emb, meta.astype(np.float64)]))
+            x = meta.astype(np.float64)
+            if PROBES.get(self.blind[0][0], True):
+                emb = embeddings(self.model, self.member.cfg, images, rows, self.augment, self.device, self.views, where)
+                x = np.hstack([emb, x])
+            return predict_saved(self.blind, x)
         return predict(self.model, self.link, self.member.cfg, images, rows, meta, self.augment, self.device,
                        self.views, where).astype(np.float64)
 
