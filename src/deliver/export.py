@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="settings that do not change results: output_dir=, submission_dir=, data_dir=, ...")
     ap.add_argument("--out", metavar="DIR", help="the bundle folder (default <output_dir>/exports/<SOURCE>); the "
                     "archive is DIR.tar.gz beside it")
-    ap.add_argument("--monet-cost", action="store_true", help="measure for the model card what leaving out the "
-                    "MONET scores costs this source (predicts every training lesion again; always done for "
-                    "metadata-only sources)")
+    ap.add_argument("--monet-cost", action="store_true", help="measure again, for the model card, what a lesion "
+                    "without MONET scores gets through predict's own path (predicts every training lesion twice; the "
+                    "card always shows what the submission recorded)")
     ns = ap.parse_intermixed_args(argv)
     overrides = split_overrides(ns.overrides)
     if Path(ns.source).is_file() or (Path(ns.source) / MANIFEST).is_file():
