@@ -140,14 +140,14 @@ def load_models(fdir: Path, paths: tuple[str, ...] = PATHS) -> dict[str, list[tu
     try:
         meta = json.loads((fdir / "models.json").read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or meta.get("version") != MODELS_VERSION:
-            raise ValueError(f"written by another version of the project (models version "
+            raise ValueError(f"{fdir}: written by another version of the project (models version "
                              f"{meta.get('version') if isinstance(meta, dict) else 1}, this one {MODELS_VERSION}); "
                              "rerun the experiment with retrain=true")
         fitted = sklearn_io.load(fdir / MODELS_FILE)
         out = {}
         for path in paths:
             if len(meta[path]) != len(fitted[path]) or not meta[path]:
-                raise ValueError(f"models.json and {MODELS_FILE} disagree on the {path} models")
+                raise ValueError(f"{fdir}: models.json and {MODELS_FILE} disagree on the {path} models")
             out[path] = [(d["name"], m, np.asarray(d["code_class"], dtype=np.int64))
                          for d, m in zip(meta[path], fitted[path])]
         return out
