@@ -106,7 +106,8 @@ def cmd_demo(args: list[str]) -> int:
 
 
 def print_demo_summary(cfg, summary: dict) -> None:
-    """The out-of-fold scores, the best constant prediction's, and the submission against the hidden labels."""
+    """The out-of-fold scores, the best constant prediction's, the submission against the hidden labels, and the
+    commands that predict with it and export it (the demo's submission is demo_<EXP> under its own folders)."""
     import numpy as np
 
     from .data import CLASSES, load_train
@@ -129,6 +130,9 @@ def print_demo_summary(cfg, summary: dict) -> None:
         res = score(read_truth_csv(hidden), read_prediction_csv(sub))
         print(f"submission scored against the generator's hidden test labels: {res['macro_f1']:.4f}")
     print(f"outputs: {cfg.exp_dir()}  submission: {sub}")
+    where = f"output_dir={cfg.output_dir} submission_dir={cfg.submission_dir}"
+    print(f"predict with it: bash run.sh predict {summary.get('name')} {where} --data {cfg.data_dir}\n"
+          f"export it:       bash run.sh export {summary.get('name')} {where}")
 
 
 def cmd_blend(args: list[str]) -> int:

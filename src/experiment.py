@@ -35,7 +35,8 @@ from .io_utils import atomic_write_csv, atomic_write_json, file_digests
 from .scoring import fold_metrics, read_prediction_csv
 from .settings import KEYS
 
-FINGERPRINT_VERSION = 3  # 3: the experiment's code is part of it
+FINGERPRINT_VERSION = 4  # 3: the experiment's code is part of it; 4: MONET-missing features, oof_nomonet.csv
+NOMONET = "oof_nomonet.csv"  # out-of-fold predictions of the path without MONET (src/features.py: has_monet)
 PATH_COLUMNS = ("clin_path", "derm_path")
 
 
@@ -264,10 +265,13 @@ class ExperimentDir:
 
     # --- writing and reading ------------------------------------------------------------------------
     def write_fold(self, fold: int, oof: pd.DataFrame, test: pd.DataFrame, metrics: dict,
-                   history: pd.DataFrame | None = None) -> None:
-        """A fold's out-of-fold and test predictions (and history), then its metrics.json, which completes it."""
+                   history: pd.DataFrame | None = None, oof_nomonet: pd.DataFrame | None = None) -> None:
+        """A fold's out-of-fold and test predictions (and history, and the out-of-fold predictions of its path
+        without MONET), then its metrics.json, which completes it."""
         path = self.fold_path(fold)
         atomic_write_csv(path / "oof.csv", oof)
+        if oof_nomonet is not None:
+            atomic_write_csv(path / NOMONET, oof_nomonet)
         atomic_write_csv(path / "test.csv", test)
         if history is not None:
             atomic_write_csv(path / "history.csv", history)
@@ -290,9 +294,18 @@ class ExperimentDir:
         frame = read_prediction_csv(self.path / file, expected_ids=expected_ids)
         return frame if expected_ids is None else frame.loc[list(expected_ids)]
 
+    def _join(self, folds: list[int], file: str, train: pd.DataFrame) -> pd.DataFrame:
+        """The folds' ``file`` joined in training order; every training lesion must be there."""
+        frame = pd.concat([pd.read_csv(self.fold_path(k) / file) for k in folds])
+        frame = frame.set_index("lesion_id").reindex(train["lesion_id"]).reset_index()
+        if frame[CLASSES].isna().any().any():
+            raise ValueError(f"{self.path}: the folds' {file} files do not cover every training lesion")
+        return frame
+
     def collect(self, train: pd.DataFrame) -> dict:
-        """Join the folds' predictions into oof.csv (train order) and test.csv (mean over folds), and score them.
-        Folds made under different fingerprints are refused, never joined."""
+        """Join the folds' predictions into oof.csv (train order), oof_nomonet.csv (the same, of the path without
+        MONET, where every fold has one) and test.csv (mean over folds), and score them. Folds made under different
+        fingerprints are refused, never joined."""
         n = self.cfg.n_folds
         folds = [k for k in range(n) if self.fold_done(k)]
         if len(folds) < n:
@@ -307,16 +320,22 @@ class ExperimentDir:
             raise StaleOutputs(f"{self.path}: its folds were made under different settings or data and cannot be "
                                f"joined (each fold's value -> fold {ref}'s):\n  {lines}\nRerun the experiment with "
                                "retrain=true to retrain the folds that differ from this run's settings.")
-        oof = pd.concat([pd.read_csv(self.fold_path(k) / "oof.csv") for k in folds])
-        oof = oof.set_index("lesion_id").reindex(train["lesion_id"]).reset_index()
-        if oof[CLASSES].isna().any().any():
-            raise ValueError(f"{self.path}: the folds' oof.csv files do not cover every training lesion")
+        oof = self._join(folds, "oof.csv", train)
         tests = [pd.read_csv(self.fold_path(k) / "test.csv").set_index("lesion_id") for k in folds]
         test = sum(t[CLASSES] for t in tests) / len(tests)
+        blind = self._join(folds, NOMONET, train) if all((self.fold_path(k) / NOMONET).is_file() for k in folds) \
+            else None
+        if blind is not None:
+            atomic_write_csv(self.path / NOMONET, blind)
+        else:
+            (self.path / NOMONET).unlink(missing_ok=True)
         atomic_write_csv(self.path / "oof.csv", oof)
         atomic_write_csv(self.path / "test.csv", test.reset_index())
         metrics = fold_metrics(train[CLASSES].to_numpy(np.float32), oof[CLASSES].to_numpy(np.float32))
         metrics["complete"] = True
+        if blind is not None:
+            metrics["macro_f1_without_monet"] = fold_metrics(train[CLASSES].to_numpy(np.float32),
+                                                             blind[CLASSES].to_numpy(np.float32))["macro_f1"]
         if first is not None:
             metrics["fingerprint"] = first
         atomic_write_json(self.path / "oof_metrics.json", metrics)

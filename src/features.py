@@ -3,7 +3,9 @@
 Statistics (medians, means, standard deviations, the list of sites) come from the training rows
 only; ``transform`` is row-wise, so a lesion encodes the same alone as inside any batch.  Missing
 values and categories unseen in training never raise and never shift columns: they fall into the
-imputed value plus a ``*_missing`` flag, or into ``sex_unknown`` / ``site_unknown``.
+imputed value plus a ``*_missing`` flag, or into ``sex_unknown`` / ``site_unknown``. Predict gives a lesion
+without all 14 MONET scores to the models fitted without them instead (``has_monet``, ``blank_monet``;
+src/nomonet.py).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ SEXES = ("male", "female", "unknown")
 AGE_HINGES = (40.0, 60.0, 75.0)
 LOGIT_EPS = 1e-3  # MONET scores are clipped to [eps, 1 - eps] before the logit (|logit| <= 6.9)
 _VIEWS = ("clin", "derm")
+MONET_COLUMNS = [f"{v}_{m}" for v in _VIEWS for m in MONET]
 
 
 def _text(col: pd.Series) -> np.ndarray:
@@ -43,6 +46,17 @@ def _stats(values: np.ndarray) -> dict[str, float]:
         return {"median": 0.0, "mean": 0.0, "std": 1.0}
     std = float(seen.std())
     return {"median": float(np.median(seen)), "mean": float(seen.mean()), "std": std if std > 1e-12 else 1.0}
+
+
+def has_monet(lesions: pd.DataFrame) -> np.ndarray:
+    """Per lesion: whether all 14 MONET scores are present. A lesion missing any of them takes the path without
+    MONET (``blank_monet``), the one its models and thresholds were fitted for."""
+    return np.isfinite(np.stack([_num(lesions[c]) for c in MONET_COLUMNS], axis=1)).all(axis=1)
+
+
+def blank_monet(lesions: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``lesions`` with every MONET score missing: what the path without MONET sees."""
+    return lesions.assign(**{c: np.nan for c in MONET_COLUMNS})
 
 
 def _impute(values: np.ndarray, stats: dict[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,7 +83,7 @@ class MetadataEncoder:
     # ------------------------------------------------------------------------------------------
     @property
     def monet_columns(self) -> list[str]:
-        return [f"{v}_{m}" for v in _VIEWS for m in MONET]
+        return list(MONET_COLUMNS)
 
     @property
     def n_features(self) -> int:

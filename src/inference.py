@@ -47,6 +47,29 @@ def predict(model: nn.Module, link: Callable, cfg: Config, cache: np.ndarray | t
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
 
 
+@torch.no_grad()
+def embeddings(model: nn.Module, cfg: Config, cache: np.ndarray | torch.Tensor, rows: np.ndarray,
+               augment: DeviceAugment, device: torch.device, views: int = 1, desc: str = "embed") -> np.ndarray:
+    """The backbones' joint embedding of each lesion (``model.embed``: clinical and dermoscopic, side by side), float64,
+    averaged over the first ``views`` of the 8 flip/transpose views: what a fold's model without MONET reads beside
+    the metadata (src/train.py)."""
+    model.eval()
+    out = []
+    amp = autocast(cfg, device)
+    on_device = isinstance(cache, torch.Tensor)
+    for start in tqdm(range(0, len(rows), cfg.eval_batch_size), desc=desc, leave=False, disable=None):
+        sl = np.asarray(rows)[start:start + cfg.eval_batch_size]
+        pairs = (cache[torch.as_tensor(sl, device=cache.device)] if on_device
+                 else torch.from_numpy(np.ascontiguousarray(cache[sl]))).to(device)
+        acc = 0
+        for v in range(views):
+            clin, derm = augment.eval(pairs, v)
+            with amp:
+                acc = acc + model.embed(clin, derm).float()
+        out.append((acc / views).cpu().numpy().astype(np.float64))
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
 def selection_score(metric: str, y: np.ndarray, probs: np.ndarray, per_class: np.ndarray) -> float:
     """The validation score that picks the best epoch (see Config.early_stop_metric)."""
     if metric == "f1":

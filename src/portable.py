@@ -1,17 +1,16 @@
-"""Fitted scikit-learn parts as plain numbers: a JSON-able dict out, the same fitted object back, nothing in between
-that can run code.
+"""The fitted metadata transform as plain numbers: a JSON-able dict out, the same fitted object back, nothing in
+between that can run code.
 
-A fold folder and an export (src/deliver/export.py) keep the fitted metadata transform and the tabular models in this form
-instead of pickles. Supported: ``Pipeline`` of ``StandardScaler``, ``SplineTransformer``, ``LogisticRegression`` and
-the project's ``InteractionFeatures``; the rebuilt object is the same class with the same fitted attributes, so it
-computes exactly what the fitted one computed (floats round-trip through JSON exactly). Anything else
-(gradient boosting, an MLP) raises ``NotPortable``: it would need a pickle.
+A fold folder and an export (src/deliver/export.py) keep the fitted metadata transform (features.json) in this form,
+readable and diffable beside the encoder's own numbers. Supported: ``Pipeline`` of ``StandardScaler``,
+``SplineTransformer`` and the project's ``InteractionFeatures``; the rebuilt object is the same class with the same
+fitted attributes, so it computes exactly what the fitted one computed (floats round-trip through JSON exactly).
+Anything else raises ``NotPortable``. The tabular models are stored by skops (src/sklearn_io.py).
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy.interpolate import BSpline
-from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import SplineTransformer, StandardScaler
 
@@ -74,11 +73,7 @@ def to_dict(obj) -> dict:
         return {"type": "spline", "params": _params(obj), "knots": [_plain(s.t) for s in obj.bsplines_],
                 "n_splines": int(obj.bsplines_[0].c.shape[1]), "n_features_out_": int(obj.n_features_out_),
                 "n_features_in_": int(obj.n_features_in_)}
-    if isinstance(obj, LogisticRegression):
-        return {"type": "logistic_regression", "params": _params(obj),
-                **{k: _plain(getattr(obj, k)) for k in ("coef_", "intercept_", "classes_")},
-                "n_features_in_": int(obj.n_features_in_)}
-    raise NotPortable(f"{type(obj).__name__} cannot be stored as plain numbers (it would need a pickle)")
+    raise NotPortable(f"{type(obj).__name__} is not a part of the metadata transform")
 
 
 def from_dict(d: dict):
@@ -123,12 +118,5 @@ def _build(d: dict):
         obj.n_features_in_ = int(d["n_features_in_"])
         if len(obj.bsplines_) != obj.n_features_in_:
             raise ValueError(f"{len(obj.bsplines_)} knot vectors for {obj.n_features_in_} features")
-        return obj
-    if kind == "logistic_regression":
-        obj = LogisticRegression(**d["params"])
-        obj.coef_, obj.intercept_, obj.classes_ = (_array(d[k]) for k in ("coef_", "intercept_", "classes_"))
-        obj.n_features_in_ = int(d["n_features_in_"])
-        if obj.coef_.shape[1] != obj.n_features_in_:
-            raise ValueError(f"coefficients of shape {obj.coef_.shape} for {obj.n_features_in_} features")
         return obj
     raise NotPortable(f"unknown stored object type {kind!r}")

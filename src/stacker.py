@@ -4,7 +4,9 @@ Features of a lesion: the logits of every input experiment's probabilities (``cf
 read from ``<output_dir>/<input>/oof.csv`` for training lesions and ``test.csv`` for test lesions)
 and the base metadata features.  Fold k's model is fitted on the other folds' rows only,
 so the stacker's out-of-fold predictions never see their own fold's labels; it writes the same files
-as every experiment, so it can itself be blended, thresholded and submitted.  The models are those of
+as every experiment, so it can itself be blended, thresholded and submitted. Its path without MONET is fitted on the inputs'
+out-of-fold predictions without MONET (their oof_nomonet.csv) and the metadata with every MONET score removed, as a
+lesion without MONET scores reaches it.  The models are those of
 src/tabular.py, chosen with ``cfg.tabular_models`` ('logreg', 'hgb' or a comma list averaged). ``StackRecipe``
 is the tabular recipe with the inputs' logits as extra columns; ``STACK_KEYS`` its keys.
 """
@@ -19,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .config import Config, ConfigError, key
-from .experiment import ExperimentDir, Lesions, data_fingerprint, load_lesions
+from .experiment import NOMONET, ExperimentDir, Lesions, data_fingerprint, load_lesions
 from .features import MetadataFeatures
 from .scoring import SubmissionError, read_prediction_csv
 from .tabular import TabularData, TabularRecipe
@@ -52,7 +54,8 @@ def read_probs(path: Path, ids: pd.Series) -> np.ndarray:
 
 
 def _check_input(cfg: Config, name: str) -> Path:
-    """The folder of a complete input experiment built on the stacker's folds."""
+    """The folder of a complete input experiment built on the stacker's folds, with the predictions of its path
+    without MONET."""
     folder = Path(cfg.output_dir) / name
     lacking = ExperimentDir(cfg.replace(name=name)).missing()
     if lacking:
@@ -65,24 +68,29 @@ def _check_input(cfg: Config, name: str) -> Path:
             if k in theirs and theirs[k] != getattr(cfg, k):
                 raise StackError(f"stack input {name!r}: {saved} has {k}={theirs[k]!r} but the stacker uses "
                                  f"{getattr(cfg, k)!r}; stacked experiments must share one fold split")
+    if not (folder / NOMONET).is_file():
+        raise StackError(f"stack input {name!r}: {folder / NOMONET} is missing (the predictions of its path without "
+                         f"MONET); rerun experiment {name} with retrain=true")
     return folder
 
 
-def load_inputs(cfg: Config, train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[Path]]:
-    """Logits of every input's out-of-fold (train order) and test probabilities, inputs side by side, and the
-    files they were read from."""
-    oof, tst, files = [], [], []
+INPUT_FILES = ("oof.csv", "test.csv", NOMONET)
+
+
+def load_inputs(cfg: Config, train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits of every input's out-of-fold (train order), test, and out-of-fold without MONET probabilities, inputs
+    side by side."""
+    parts: dict[str, list] = {f: [] for f in INPUT_FILES}
     for name in input_names(cfg):
         folder = _check_input(cfg, name)
-        oof.append(read_probs(folder / "oof.csv", train["lesion_id"]))
-        tst.append(read_probs(folder / "test.csv", test["lesion_id"]))
-        files += [folder / "oof.csv", folder / "test.csv"]
+        for f in INPUT_FILES:
+            parts[f].append(read_probs(folder / f, (test if f == "test.csv" else train)["lesion_id"]))
 
-    def logit(parts: list[np.ndarray]) -> np.ndarray:
-        p = np.clip(np.hstack(parts), LOGIT_CLIP, 1 - LOGIT_CLIP)
+    def logit(probs: list[np.ndarray]) -> np.ndarray:
+        p = np.clip(np.hstack(probs), LOGIT_CLIP, 1 - LOGIT_CLIP)
         return np.log(p / (1 - p))
 
-    return logit(oof), logit(tst), files
+    return tuple(logit(parts[f]) for f in INPUT_FILES)
 
 
 STACK_KEYS = {
@@ -106,12 +114,12 @@ class StackRecipe(TabularRecipe):
         return {**super().key_groups(), "stacking": STACK_KEYS}
 
     def data_print(self, cfg: Config, lesions: Lesions) -> dict:
-        files = [Path(cfg.output_dir) / n / f for n in input_names(cfg) for f in ("oof.csv", "test.csv")]
+        files = [Path(cfg.output_dir) / n / f for n in input_names(cfg) for f in INPUT_FILES]
         for name in input_names(cfg):
             _check_input(cfg, name)
         return data_fingerprint(lesions, inputs=files)
 
     def prepare(self, cfg: Config, lesions: Lesions | None = None) -> TabularData:
         lesions = lesions if lesions is not None else load_lesions(cfg)
-        z_train, z_test, _ = load_inputs(cfg, lesions.train, lesions.test)
-        return TabularData(lesions, self.data_print(cfg, lesions), z_train, z_test)
+        z_train, z_test, z_blind = load_inputs(cfg, lesions.train, lesions.test)
+        return TabularData(lesions, self.data_print(cfg, lesions), z_train, z_test, z_blind)

@@ -109,8 +109,9 @@ def _json_writer(obj: dict) -> Callable[[str], None]:
 
 
 def write_submission(cfg: Config, name: str, blend: Blend, decision: Decision, train: pd.DataFrame,
-                     test: pd.DataFrame) -> dict:
-    """The submission, its sidecar and the honest out-of-fold decisions, validated, all or nothing."""
+                     test: pd.DataFrame, more: dict | None = None) -> dict:
+    """The submission, its sidecar (with ``more`` added) and the honest out-of-fold decisions, validated, all or
+    nothing."""
     expected_test = test["lesion_id"].tolist()
     out = Path(cfg.submission_dir)
     paths = {"submission": out / f"{name}.csv", "sidecar": out / f"{name}.json",
@@ -131,7 +132,7 @@ def write_submission(cfg: Config, name: str, blend: Blend, decision: Decision, t
         "honest_per_fold_thresholds": decision.honest_info["per_fold_thresholds"],
         "n_train": len(train), "n_test": len(blend.test_ids), "data_dir": str(cfg.data_dir),
         "folds_csv": str(first.resolved_folds_csv()), "files": {k: str(p) for k, p in paths.items()},
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(more or {}),
     }
     atomic_write_many({
         paths["submission"]: checked_csv(decision.submission, expected_test, paths["submission"]),
@@ -229,7 +230,8 @@ def finalize(cfg: Config, experiments: Sequence[str | Config], name: str | None 
               f"weights fitted on all rows its {score_meanings()[RULES[rule].score_key][0]} would read "
               f"{in_sample[RULES[rule].score_key]:.4f} (optimism {in_sample[RULES[rule].score_key] - decision.honest_cv:+.4f})")
     print(f"[blend] {decision.reason}", flush=True)
-    paths = write_submission(cfg, name, blend, decision, train, test)
+    monet = monet_record(blend, decision, train)
+    paths = write_submission(cfg, name, blend, decision, train, test, monet)
     paths.update(report(cfg, name, blend, decision, train, paths))
     for key, path in paths.items():
         print(f"[blend] {key:<14} {path}")
@@ -244,6 +246,22 @@ def finalize(cfg: Config, experiments: Sequence[str | Config], name: str | None 
             "candidate": blend.chosen, "candidates": {c.name: c.honest for c in blend.candidates},
             "thresholds": dict(zip(CLASSES, map(float, decision.thresholds))), "scores": blend.scores,
             "cv_macro_f1_honest": decision.honest_cv, "paths": paths}
+
+
+def monet_record(blend: Blend, decision: Decision, train: pd.DataFrame) -> dict:
+    """What the sidecar records of the path without MONET (src/nomonet.py) and the code revision, printed in one
+    line."""
+    from .deliver.bundle import commit
+    from .nomonet import record
+
+    out = {**record(blend, decision.rule, decision.honest_oof, train), "commit": commit()}
+    without = out["monet"].get("without")
+    if without:
+        (lo, hi), w = without["stored"]["interval"], out["monet"]["with"]
+        print(f"[blend] without MONET scores (stored thresholds, as one lesion is decided): honest CV macro F1 "
+              f"{without['stored']['honest']:.4f} (95% CI {lo:.4f}-{hi:.4f}) against {w['honest']:.4f} with them",
+              flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

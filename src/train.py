@@ -9,7 +9,9 @@ run. A fold is complete when its ``metrics.json`` exists. Checkpoints hold plain
 in the plain two-backbone layout, and are read back with ``weights_only=True``.
 
 Per fold, under <output_dir>/<exp>/fold<k>/: best.pt, last.pt, features.json (the whole fitted metadata
-transform, src/portable.py), config.json, aux_vocab.json, oof.csv,
+transform, src/portable.py), config.json, aux_vocab.json, oof.csv, models.json and models.skops (the path a lesion
+without MONET scores takes: a linear model on the metadata without MONET and, where they help, the trained network's
+image embeddings: ``without_monet``), oof_nomonet.csv (that path's predictions of the validation lesions, their MONET scores removed),
 test.csv, history.csv, metrics.json.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,8 +39,8 @@ from .data import CLASSES
 from .dist import DistContext
 from .experiment import (ExperimentDir, Lesions, StaleOutputs, data_fingerprint, fingerprint, fingerprint_differences,
                          probs_frame)
-from .features import MetadataFeatures
-from .inference import predict, selection_score
+from .features import MetadataFeatures, blank_monet
+from .inference import embeddings, predict, selection_score
 from .io_utils import atomic_write, atomic_write_json
 from .loss import Loss, WeightedLoss
 from .model import BACKBONE_KEYS, DualNet, LinearHead, backbones, count_parameters
@@ -179,6 +182,8 @@ class FoldInputs:
     features: MetadataFeatures
     meta_tr: np.ndarray
     meta_va: np.ndarray
+    meta_tr_blind: np.ndarray  # the training and validation rows with every MONET score removed: the path without
+    meta_va_blind: np.ndarray  # MONET (``without_monet``)
     meta_te: np.ndarray
     y_tr: np.ndarray
     y_va: np.ndarray
@@ -188,8 +193,8 @@ class FoldInputs:
 
 
 def fold_inputs(recipe: ImageRecipe, cfg: Config, fold: int, data: Prepared) -> FoldInputs:
-    """The fold's rows, its metadata features (the recipe's features fitted on the training rows only), labels
-    and auxiliary labels."""
+    """The fold's rows, its metadata features (the recipe's features fitted on the training rows only; a copy of
+    the training and validation rows' with every MONET score removed), labels and auxiliary labels."""
     tr_rows = np.flatnonzero(data.folds != fold)
     va_rows = np.flatnonzero(data.folds == fold)
     train_df, val_df = data.train.iloc[tr_rows], data.train.iloc[va_rows]
@@ -201,6 +206,7 @@ def fold_inputs(recipe: ImageRecipe, cfg: Config, fold: int, data: Prepared) -> 
     aux_all = np.array([aux_index.get(v, -100) for v in data.train["diagnosis_full"]], dtype=np.int64)
     return FoldInputs(fold, tr_rows, va_rows, val_df["lesion_id"].tolist(), data.test["lesion_id"].tolist(),
                       features, features.transform(train_df), features.transform(val_df),
+                      features.transform(blank_monet(train_df)), features.transform(blank_monet(val_df)),
                       features.transform(data.test), y_all[tr_rows], y_all[va_rows],
                       data.train["target"].to_numpy()[tr_rows], aux_vocab, aux_all[tr_rows])
 
@@ -497,6 +503,51 @@ def end_epoch(run: FoldRun, stage: Stage, state: FoldState, epoch: int, trained:
     run.dist.barrier()
 
 
+PROBES = {"probe": True, "probe_metadata": False}  # a fold's model without MONET, and whether it reads the embeddings
+
+
+def inner_log_loss(name: str, x: np.ndarray, y: np.ndarray, seed: int) -> float:
+    """Mean binary log-loss of model ``name`` (src/tabular.py) over a seeded 3-fold split of the rows it is given."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from .tabular import fit_predict
+
+    onehot, total = np.eye(len(CLASSES))[y], 0.0
+    with warnings.catch_warnings():  # a class with fewer than 3 lesions cannot be in every split; it is still scored
+        warnings.simplefilter("ignore", UserWarning)
+        splits = list(StratifiedKFold(3, shuffle=True, random_state=seed).split(x, y))
+    for tr, va in splits:
+        probs, = fit_predict([name], seed, x[tr], y[tr], x[va])
+        total += log_loss(onehot[va], probs) * len(va)
+    return total / len(y)
+
+
+def without_monet(run: FoldRun, views: int) -> np.ndarray:
+    """The fold's path without MONET: a linear model on the metadata features with every MONET score removed and,
+    where a 3-fold cross-validation on the fold's training rows finds they lower its log-loss, the trained network's
+    image embeddings (its best weights, the same test-time views) beside them (``PROBES``); fitted on the fold's
+    training rows and stored with the fold (models.json, models.skops). Returns its predictions of the validation
+    rows. The network itself is left as it was trained, so its path with MONET is unchanged."""
+    from .tabular import fit_predict, save_models
+
+    cfg, inputs = run.cfg, run.inputs
+    seed = cfg.seed * 1000 + inputs.fold
+
+    def x(name: str, rows: np.ndarray, meta: np.ndarray) -> np.ndarray:
+        if not PROBES[name]:
+            return meta.astype(np.float64)
+        emb = embeddings(run.model, cfg, run.train_images, rows, run.augment, run.device, views, "embed")
+        return np.hstack([emb, meta.astype(np.float64)])
+
+    train_x = {name: x(name, inputs.tr_rows, inputs.meta_tr_blind) for name in PROBES}
+    name = min(PROBES, key=lambda n: inner_log_loss(n, train_x[n], inputs.targets_tr, seed))
+    fitted: list = []
+    blind, = fit_predict([name], seed, train_x[name], inputs.targets_tr, x(name, inputs.va_rows, inputs.meta_va_blind),
+                         fitted=fitted)
+    save_models(cfg.fold_dir(inputs.fold), {"without_monet": fitted})
+    return blind
+
+
 def finish_fold(run: FoldRun, state: FoldState, tracker: Tracker | None) -> dict:
     """Out-of-fold and test predictions with the best epoch's weights (TTA), written with the fold's metrics."""
     cfg, inputs, fold = run.cfg, run.inputs, run.inputs.fold
@@ -510,10 +561,12 @@ def finish_fold(run: FoldRun, state: FoldState, tracker: Tracker | None) -> dict
     metrics.update(fold=fold, best_epoch=state.best_epoch + 1, epochs_run=len(state.history),
                    wall_time_s=sum(h["epoch_time_s"] for h in state.history) + time.time() - t_pred,
                    tta_views=views, params=count_parameters(run.model), fingerprint=run.current)
+    blind = without_monet(run, views)
+    metrics["macro_f1_without_monet"] = fold_metrics(inputs.y_va, blind)["macro_f1"]
     test = predict(run.model, run.link, cfg, run.test_images, np.arange(len(inputs.meta_te)), inputs.meta_te, run.augment,
                    run.device, views, "test")
     ExperimentDir(cfg).write_fold(fold, probs_frame(inputs.va_ids, oof), probs_frame(inputs.test_ids, test), metrics,
-                                  pd.DataFrame(state.history))
+                                  pd.DataFrame(state.history), oof_nomonet=probs_frame(inputs.va_ids, blind))
     if tracker is not None:
         tracker.summary({**{f"fold/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
                          **fold_scores(metrics)})

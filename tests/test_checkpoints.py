@@ -101,7 +101,7 @@ def test_a_fold_made_by_an_earlier_version_is_refused_in_one_line_and_retrained_
     stops in one line saying what to do, and retrain=true retrains it."""
     import json
 
-    from src.experiment import StaleOutputs
+    from src.experiment import FINGERPRINT_VERSION, StaleOutputs
 
     out = _copy(unfinished, tmp_path / "a")
     fold = out / "exp001" / "fold0"
@@ -110,7 +110,8 @@ def test_a_fold_made_by_an_earlier_version_is_refused_in_one_line_and_retrained_
     with pytest.raises(StaleOutputs) as err:
         run_experiment(_cfg(mini_data, out), folds="0")
     assert "\n" not in str(err.value)
-    assert "fold(s) [0] were made by another version of the project (fingerprint version 2, this one 3)" in \
-        str(err.value) and "retrain=true" in str(err.value)
+    assert f"fold(s) [0] were made by another version of the project (fingerprint version 2, this one " \
+        f"{FINGERPRINT_VERSION})" in str(err.value) and "retrain=true" in str(err.value)
     run_experiment(_cfg(mini_data, out), folds="0", retrain=True)
-    assert json.loads((fold / "fingerprint.json").read_text())["version"] == 3 and (fold / "metrics.json").is_file()
+    assert json.loads((fold / "fingerprint.json").read_text())["version"] == FINGERPRINT_VERSION == 4
+    assert (fold / "metrics.json").is_file()

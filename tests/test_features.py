@@ -190,3 +190,17 @@ def test_image_models_metadata_features_are_fitted_on_the_training_rows(sample_d
     varying = x.std(0) > 1e-6
     np.testing.assert_allclose(x[:, varying].mean(0), 0, atol=1e-4)     # z-scored on the rows it was fitted on
     np.testing.assert_array_equal(features.transform(other.iloc[:5]), z[:5])      # row-wise: a lesion encodes the same alone
+
+
+def test_a_lesion_missing_any_monet_score_takes_the_path_without_and_blanking_moves_only_monet_features():
+    from src.features import MONET_COLUMNS, blank_monet, has_monet
+
+    enc = MetadataEncoder(extended=True).fit(TRAIN)
+    np.testing.assert_array_equal(has_monet(NEW), [True, False, True, True])   # one clinical score missing
+    blind = blank_monet(NEW)
+    assert blind[MONET_COLUMNS].isna().all().all() and not NEW[MONET_COLUMNS].isna().all().all()
+    assert not has_monet(blind).any()
+    x, xb = enc.transform(NEW), enc.transform(blind)
+    np.testing.assert_allclose(col(enc, xb, f"derm_{MONET[1]}"), 0.05)               # the training median
+    others = [i for i, n in enumerate(enc.feature_names) if "MONET" not in n]
+    np.testing.assert_array_equal(xb[:, others], x[:, others])                       # nothing else moves

@@ -178,6 +178,40 @@ def test_metadata_encoder_is_fitted_on_the_fold_training_rows_only(mini_data, tm
     assert saved["skin_tone"]["mean"] == pytest.approx(float(tones.mean()))
 
 
+@pytest.mark.parametrize("probe", ["probe", "probe_metadata"])
+def test_the_path_without_monet_is_fitted_beside_the_trained_network_and_leaves_it_as_it_was(mini_data, tmp_path,
+                                                                                          cache_dir, monkeypatch,
+                                                                                          probe):
+    """A fold's path without MONET is a linear model on the metadata with every MONET score removed and, where an
+    inner cross-validation on the fold's training rows finds they help, the trained network's image embeddings:
+    its stored model gives the validation rows what oof_nomonet.csv holds, and the network's own predictions
+    (oof.csv) are those of the fold without it."""
+    from src.features import blank_monet
+    from src.inference import embeddings
+    from src.tabular import load_models, predict_saved
+
+    cfg = make_cfg(mini_data, tmp_path, cache_dir, stage1_epochs=1, epochs=0)
+    data = prepare(cfg)
+    monkeypatch.setattr(train_module, "inner_log_loss", lambda name, *args: 0.0 if name == probe else 1.0)
+    train(cfg, FOLD, data)
+    inputs = train_module.fold_inputs(experiment_recipe(cfg.experiment), cfg, FOLD, data)
+    names = load_models(cfg.fold_dir(FOLD), ("without_monet",))["without_monet"]
+    assert [n for n, _, _ in names] == [probe]
+    weights = train_module.read_checkpoint(cfg.fold_dir(FOLD) / "best.pt")["model"]
+    np.testing.assert_allclose(predict_validation(cfg, FOLD, data, weights),
+                               pd.read_csv(cfg.fold_dir(FOLD) / "oof.csv")[CLASSES].to_numpy(), rtol=0, atol=1e-6)
+    recipe = experiment_recipe(cfg.experiment)
+    model, augment = recipe.build(cfg, inputs.meta_tr.shape[1], len(inputs.aux_vocab), torch.device("cpu"))
+    model.load_state_dict(weights)
+    meta = inputs.features.transform(blank_monet(data.train.iloc[inputs.va_rows]))
+    x = meta.astype(np.float64)
+    if train_module.PROBES[names[0][0]]:
+        x = np.hstack([embeddings(model, cfg, data.train_cache, inputs.va_rows, augment, torch.device("cpu")), x])
+    np.testing.assert_allclose(predict_saved(names, x),
+                               pd.read_csv(cfg.fold_dir(FOLD) / "oof_nomonet.csv")[CLASSES].to_numpy(), atol=1e-6)
+    np.testing.assert_array_equal(inputs.meta_va_blind, meta)
+
+
 # ----------------------------------------------------------------------------------------------------
 # early stopping counts stage-2 epochs only
 # ----------------------------------------------------------------------------------------------------

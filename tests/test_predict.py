@@ -4,6 +4,7 @@ and every bad input is one line, exit 2, nothing written."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -86,23 +87,67 @@ def test_the_fitted_features_round_trip_through_json_exactly(mini_data, kind, st
         assert np.array_equal(fitted.transform(rows), back.transform(rows))
 
 
-def test_what_needs_a_pickle_is_recorded_and_refused(mini_data, tmp_path, capsys):
-    from sklearn.ensemble import HistGradientBoostingClassifier
-
-    from src.portable import NotPortable, to_dict
-    from src.tabular import saved_models
-
-    with pytest.raises(NotPortable, match="HistGradientBoostingClassifier cannot be stored"):
-        to_dict(HistGradientBoostingClassifier())
-    assert saved_models([("hgb", HistGradientBoostingClassifier(), np.arange(3))])[0]["model"] is None
-    cfg = load_config("exp000", [f"data_dir={mini_data}", f"output_dir={tmp_path}", f"submission_dir={tmp_path}/s",
-                                 "n_folds=2", "tabular_models=lrx,hgb", "wandb_mode=disabled"])
+@pytest.mark.slow
+def test_hgb_and_mlp_export_and_predict_like_the_experiment_with_no_pickle(mini_data, tmp_path):
+    """The tabular models that would need a pickle elsewhere are skops files read with an explicit trusted list: an
+    experiment of lrx, hgb and mlp predicts its submission back from its export to 1e-6."""
+    where = [f"output_dir={tmp_path}", f"submission_dir={tmp_path}/s"]
+    cfg = load_config("exp000", [f"data_dir={mini_data}", *where, "n_folds=2", "tabular_models=lrx,hgb,mlp",
+                                 "wandb_mode=disabled"])
     run_experiment(cfg)
     finalize(cfg, [cfg])
-    code = cli(["predict", "exp000", "--data", str(mini_data), f"output_dir={tmp_path}", f"submission_dir={tmp_path}/s",
-                "--out", str(tmp_path / "p.csv")])
-    assert code == 2 and not (tmp_path / "p.csv").exists()
-    assert "model 'hgb' cannot be stored without a pickle" in capsys.readouterr().err
+    folder = tmp_path / "export"
+    assert cli(["export", "exp000", *where, "--out", str(folder)]) == 0
+    assert_no_pickle(folder)
+    assert {m["name"] for m in json.loads((folder / "experiments/exp000/fold0/models.json").read_text())[
+        "without_monet"]} == {"lrx", "hgb", "mlp"}
+    for source in ("exp000", str(folder)):
+        out = tmp_path / f"{Path(source).name}.csv"
+        assert cli(["predict", source, "--data", str(mini_data), *where, "--out", str(out)]) == 0
+        assert_same(out, tmp_path / "s" / "exp000.csv")
+
+
+def test_a_model_file_naming_an_untrusted_type_or_a_malformed_tree_is_refused(tmp_path):
+    import skops.io as sio
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from src import sklearn_io
+
+    sio.dump({"with_monet": [Untrusted()]}, tmp_path / "evil.skops")
+    with pytest.raises(sklearn_io.StoreError, match="names types this project does not trust"):
+        sklearn_io.load(tmp_path / "evil.skops")
+    with pytest.raises(sklearn_io.StoreError, match="need types no reader here trusts"):
+        sklearn_io.dump([Untrusted()], tmp_path / "refused.skops")
+    assert not (tmp_path / "refused.skops").exists()
+    x, y = np.random.default_rng(0).normal(size=(60, 3)), np.arange(60) % 3
+    model = HistGradientBoostingClassifier(max_iter=2).fit(x, y)
+    sklearn_io.dump([model], tmp_path / "hgb.skops")
+    assert sklearn_io.load(tmp_path / "hgb.skops")[0].predict_proba(x).shape == (60, 3)
+    model._predictors[0][0].nodes["left"][0] = 10 ** 6
+    with pytest.raises(sklearn_io.StoreError, match="point outside it"):
+        sklearn_io.check_trees(model)
+
+
+class Untrusted:
+    """A type no skops file of this project may name."""
+
+
+def assert_no_pickle(folder: Path) -> None:
+    """Every file of an export is JSON, safetensors, Markdown, PNG, or a skops zip holding only its JSON schema and
+    numpy arrays that load without pickle."""
+    import zipfile
+
+    for f in (p for p in folder.rglob("*") if p.is_file()):
+        assert f.suffix in {".json", ".safetensors", ".md", ".png", ".skops"}, f
+        if f.suffix != ".skops":
+            assert f.read_bytes()[:2] not in (b"\x80\x04", b"PK"), f"{f} looks like a pickle or a torch archive"
+            continue
+        with zipfile.ZipFile(f) as zf:
+            names = zf.namelist()
+            assert "schema.json" in names and all(n == "schema.json" or n.endswith(".npy") for n in names), names
+            for n in names[1:] if names[0] == "schema.json" else names:
+                if n.endswith(".npy"):
+                    np.load(io.BytesIO(zf.read(n)), allow_pickle=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -153,40 +198,115 @@ def test_one_lesion_prints_its_probabilities_and_decisions(trained, capsys):
     assert sorted(r[0] for r in rows) == sorted(CLASSES)
     p = np.array([float(r[1]) for r in rows])
     assert np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()
-    assert "decisions:" in text and "the 14 MONET scores" in text and "not a medical device" in text
+    for needle in ("model: blend both (exp001, exp000), code revision", "given age, sex, site, skin tone; missing the "
+                   "14 MONET scores", "path without MONET", "95% CI",
+                   "against", "most likely: ", "need not sum to 1", "not a medical device"):
+        assert needle in text, needle
     assert cli(["predict", "both", *trained["where"], "--clinical", str(clin), "--dermoscopic", str(derm)]) == 0
-    assert "treated as missing: age, sex, site, skin tone, the 14 MONET scores" in capsys.readouterr().out
+    assert "given no metadata; missing age, sex, site, skin tone, the 14 MONET scores" in capsys.readouterr().out
 
 
-def test_monet_cost_scores_every_rule_with_and_without(trained, capsys):
-    assert cli(["predict", "exp000", "--monet-cost", f"data_dir={trained['data']}", *trained["where"]]) == 0
+@pytest.mark.parametrize("source", ["exp000", "exp001"])
+def test_monet_cost_measures_the_recorded_paths_again(trained, capsys, source):
+    assert cli(["predict", source, "--monet-cost", f"data_dir={trained['data']}", *trained["where"]]) == 0
+    rows = {line[:46].strip(): line[46:].split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("with MONET", "without MONET"))}
+    assert len(rows) == 3
+    for measured, _, recorded, _ in rows.values():   # predict's own path gives back what the submission recorded
+        assert measured == recorded
+
+
+def lesion_without_monet(data: Path, dest: Path) -> tuple[pd.Series, Path, Path]:
+    """A copy of the test set with every MONET score emptied; its first lesion with unaltered images, an age and a
+    skin tone, and the lesion's two JPEGs."""
+    copy_test_set(data, dest)
+    meta = pd.read_csv(dest / "MILK10k_Test_Metadata.csv", dtype=str, keep_default_na=False)
+    meta[MONET] = ""
+    meta.to_csv(dest / "MILK10k_Test_Metadata.csv", index=False)
+    test = load_test(dest)
+    usable = (test["clin_manipulation"] != "altered") & (test["derm_manipulation"] != "altered") & \
+        test["age_approx"].notna() & test["skin_tone_class"].notna()
+    row = test[usable].iloc[0]
+    return row, Path(row["clin_path"]), Path(row["derm_path"])
+
+
+def test_one_lesion_and_a_batch_without_monet_get_the_same_answer(trained, tmp_path):
+    """Single-lesion mode is a batch of one lesion without MONET under the stored thresholds: the same
+    probabilities and decisions as that lesion inside a batch whose MONET columns are empty (--thresholds stored)."""
+    from src.deliver.predict import predict_batch, resolve_source, single_lesion
+
+    row, clin, derm = lesion_without_monet(trained["data"], tmp_path / "data")
+    source = resolve_source("both", dict(o.split("=", 1) for o in trained["where"]))
+    batch = predict_batch(source, load_test(tmp_path / "data"), thresholds="stored")
+    one = predict_batch(source, single_lesion(str(clin), str(derm), row["age_approx"], row["sex"] or None,
+                                              row["site"] or None, int(row["skin_tone_class"])), thresholds="stored")
+    i = load_test(tmp_path / "data")["lesion_id"].tolist().index(row["lesion_id"])
+    assert not batch["monet"].any() and not one["monet"].any()
+    np.testing.assert_allclose(one["blended"][0], batch["blended"][i], rtol=0, atol=1e-6)  # float32 batches
+    np.testing.assert_array_equal(one["thresholds"][0], batch["thresholds"][i])
+    np.testing.assert_array_equal(one["folded"][0] > 0.5, batch["folded"][i] > 0.5)
+    assert one["thresholds_why"] == batch["thresholds_why"] == "the stored thresholds fitted for lesions without MONET"
+
+
+def test_a_batch_without_monet_says_so_and_what_it_costs(trained, tmp_path, capsys):
+    lesion_without_monet(trained["data"], tmp_path / "data")
+    out = tmp_path / "p.csv"
+    assert cli(["predict", "both", "--data", str(tmp_path / "data"), *trained["where"], "--out", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "lack" in line]
+    assert len(lines) == 1 and "30 of 30 lesions lack (some of) the 14 MONET scores" in lines[0], lines
+    assert "path without MONET" in lines[0] and "95% CI" in lines[0] and "with MONET" in lines[0]
+
+
+def test_a_metadata_only_source_reads_no_jpeg_for_one_lesion(trained, capsys):
+    assert cli(["predict", "exp000", *trained["where"], "--age", "70", "--site", "head_neck_face"]) == 0
     text = capsys.readouterr().out
-    assert "with MONET" in text and "(submitted)" in text and "expected_f1" in text
+    assert "given age, site; missing sex, skin tone, the 14 MONET scores" in text and "most likely: " in text
+
+
+def test_monet_cost_of_an_export_prints_what_its_submission_recorded(trained, bundle, capsys):
+    assert cli(["predict", str(bundle), "--monet-cost"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("with MONET", "without MONET"))]
+    info = json.loads((bundle / "bundle.json").read_text())["monet"]
+    assert len(rows) == 3 and f"{info['without']['stored']['honest']:.4f}" in rows[1]
+    assert all(row[46:72].strip() == "-" for row in rows)                 # nothing measured: no training lesions
+
+
+def test_an_export_predicts_into_its_own_default_file(trained, bundle):
+    from src.deliver.cli import default_out
+
+    assert default_out("exp001", {}) == Path("output/predictions/exp001.csv")
+    assert default_out(str(bundle), {"output_dir": "o"}) == Path("o/predictions/both_export.csv")
+    assert default_out(f"{bundle}.tar.gz", {}) == Path("output/predictions/both_export.csv")
 
 
 # ----------------------------------------------------------------------------------------------------
 # the export
 # ----------------------------------------------------------------------------------------------------
-def test_the_export_has_a_manifest_a_model_card_and_no_pickle(bundle):
+def test_the_export_has_a_manifest_a_model_card_and_no_pickle(bundle, trained):
     manifest = json.loads((bundle / "MANIFEST.json").read_text())
     files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
     assert sorted(manifest["files"]) == [f for f in files if f != "MANIFEST.json"]
     for rel, digest in manifest["files"].items():
         assert hashlib.sha256((bundle / rel).read_bytes()).hexdigest() == digest
-    assert {Path(f).suffix for f in files} <= {".json", ".safetensors", ".md", ".png"}
-    for f in files:
-        head = (bundle / f).read_bytes()[:2]
-        assert head[:1] != b"\x80" and head != b"PK", f"{f} looks like a pickle or a torch archive"
+    assert_no_pickle(bundle)
     assert len([f for f in files if f.endswith("weights.safetensors")]) == 2
     info = json.loads((bundle / "bundle.json").read_text())
     assert info["experiments"] == ["exp001", "exp000"] and info["versions"]["bundle"] == 2
     assert info["members"]["exp001"]["data_fingerprint"]["tables"] and info["packages"]["torch"]
+    assert info["monet"]["without"]["stored"]["honest"] > 0 and set(info["thresholds_without_monet"]) == set(CLASSES)
     card = (bundle / "MODEL_CARD.md").read_text()
-    for needle in ("MILK study team", "CC-BY-NC", "honest out-of-fold macro F1", "Spread over fold seeds",
-                   "### Per class", "### By skin tone class", "### By sex", "## Decision rule", "## Calibration",
-                   "reliability.png", "## Intended use", "Not a medical device", "## Known limits", "0.04-0.05",
-                   "MAL_OTH", "MONET"):
+    for needle in ("---\nlicense: cc-by-nc-4.0", "model-index:", "## Model details", "revision", "MIT licence",
+                   "A blend of 2 experiments", "reads both", "## Intended use", "not a medical device",
+                   "## Training data", "generated by src/tools/synth.py", "By age:", "By skin tone:",
+                   "## Metrics", "95% CI", "Spread over fold seeds", "### Per class", "sensitivity", "specificity",
+                   "AUC", "### By skin tone", "### By sex", "### By age", "### By site", "too few (under 50 lesions)",
+                   "over the classes present", "## One lesion, and lesions without MONET scores",
+                   "stored thresholds: one lesion", "## Decision rule", "## Calibration", "reliability.png",
+                   "## Caveats and ethical considerations", "missed melanoma", "Skin tones", "0.04-0.05", "MAL_OTH"):
         assert needle in card, needle
+    assert "MILK study team" not in card and str(trained["out"].parent) not in card
+    assert "/" not in "".join(v for v in json.loads((bundle / "experiments/exp000/config.json").read_text()).values()
+                              if isinstance(v, str))
     assert (bundle / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert bundle.with_name("both.tar.gz").is_file()
 

@@ -19,7 +19,7 @@ from src.folds import load_or_make_folds
 from src.io_utils import atomic_write_csv, atomic_write_json
 from src.runner import run_experiment
 from src.stacker import StackError
-from src.experiment import ExperimentDir, probs_frame
+from src.experiment import NOMONET, ExperimentDir, probs_frame
 
 HALF = len(CLASSES) // 2
 FOLD, OTHER = 1, 3
@@ -36,17 +36,18 @@ def base_config(data_dir: Path, out: Path, name: str, experiment: str = "exp001"
 
 
 def fake_input(data_dir: Path, out: Path, name: str, known: np.ndarray, seed: int) -> Config:
-    """A complete experiment whose probabilities point at the true class when it is in ``known``."""
+    """A complete experiment whose probabilities point at the true class when it is in ``known`` (less so by its path
+    without MONET)."""
     cfg = base_config(data_dir, out, name)
     train, test = load_train(data_dir, check_images=False), load_test(data_dir, check_images=False)
     folds = load_or_make_folds(train, cfg.resolved_folds_csv(), cfg.n_folds, cfg.fold_seed)["fold"].to_numpy()
     rng = np.random.default_rng(seed)
 
-    def probs(target: np.ndarray | None, n: int) -> np.ndarray:
+    def probs(target: np.ndarray | None, n: int, signal: float = 3.0) -> np.ndarray:
         z = rng.normal(0, 1, (n, len(CLASSES)))
         if target is not None:
             hit = np.isin(target, known)
-            z[np.flatnonzero(hit), target[hit]] += 3.0
+            z[np.flatnonzero(hit), target[hit]] += signal
         e = np.exp(z)
         return e / e.sum(1, keepdims=True)
 
@@ -54,6 +55,8 @@ def fake_input(data_dir: Path, out: Path, name: str, known: np.ndarray, seed: in
     for k in range(cfg.n_folds):
         held = folds == k
         atomic_write_csv(cfg.fold_dir(k) / "oof.csv", probs_frame(train["lesion_id"][held], probs(target[held], held.sum())))
+        atomic_write_csv(cfg.fold_dir(k) / NOMONET, probs_frame(train["lesion_id"][held],
+                                                                 probs(target[held], held.sum(), 1.5)))
         atomic_write_csv(cfg.fold_dir(k) / "test.csv", probs_frame(test["lesion_id"], probs(None, len(test))))
         atomic_write_json(cfg.fold_dir(k) / "metrics.json", {"macro_f1": 0.0})
     cfg.save(cfg.exp_dir() / "config.json")
@@ -84,11 +87,14 @@ def test_outputs_complete(mini_data, stacked):
     train, test = load_train(mini_data, check_images=False), load_test(mini_data, check_images=False)
     for k in range(cfg.n_folds):
         assert ExperimentDir(cfg).fold_done(k)
-        assert all((cfg.fold_dir(k) / f).is_file() for f in ("oof.csv", "test.csv", "features.json", "config.json"))
+        assert all((cfg.fold_dir(k) / f).is_file() for f in ("oof.csv", NOMONET, "test.csv", "features.json",
+                                                             "config.json", "models.json", "models.skops"))
     oof, tst = pd.read_csv(cfg.exp_dir() / "oof.csv"), pd.read_csv(cfg.exp_dir() / "test.csv")
-    assert oof["lesion_id"].tolist() == train["lesion_id"].tolist()
+    blind = pd.read_csv(cfg.exp_dir() / NOMONET)
+    assert oof["lesion_id"].tolist() == train["lesion_id"].tolist() == blind["lesion_id"].tolist()
     assert sorted(tst["lesion_id"]) == sorted(test["lesion_id"])
-    for frame in (oof, tst):
+    assert np.abs(blind[CLASSES].to_numpy() - oof[CLASSES].to_numpy()).max() > 1e-3
+    for frame in (oof, tst, blind):
         np.testing.assert_allclose(frame[CLASSES].to_numpy().sum(1), 1.0, atol=1e-6)
 
 
@@ -119,17 +125,18 @@ def test_fold_predictions_never_see_their_own_labels(mini_data, stacked, tmp_pat
     folds = pd.read_csv(cfg.resolved_folds_csv())
     reference = cfg.replace(name=f"ref_{models}", tabular_models=models)
     run_experiment(reference, folds=str(FOLD))
-    expected = pd.read_csv(reference.fold_dir(FOLD) / "oof.csv")
     for changed, same in ((FOLD, True), (OTHER, False)):
         data = relabel(mini_data, tmp_path / f"labels{changed}", set(folds.loc[folds["fold"] == changed, "lesion_id"]))
         run = reference.replace(name=f"relabel{changed}_{models}", data_dir=str(data))
         run_experiment(run, folds=str(FOLD))
-        got = pd.read_csv(run.fold_dir(FOLD) / "oof.csv")
-        assert got["lesion_id"].tolist() == expected["lesion_id"].tolist()
-        if same:
-            pd.testing.assert_frame_equal(got, expected)
-        else:
-            assert np.abs(got[CLASSES].to_numpy() - expected[CLASSES].to_numpy()).max() > 1e-3
+        for file in ("oof.csv", NOMONET):     # the path without MONET never sees its fold's labels either
+            expected = pd.read_csv(reference.fold_dir(FOLD) / file)
+            got = pd.read_csv(run.fold_dir(FOLD) / file)
+            assert got["lesion_id"].tolist() == expected["lesion_id"].tolist()
+            if same:
+                pd.testing.assert_frame_equal(got, expected)
+            else:
+                assert np.abs(got[CLASSES].to_numpy() - expected[CLASSES].to_numpy()).max() > 1e-3
 
 
 def test_missing_incomplete_or_foreign_inputs_are_named(mini_data, stacked, tmp_path):
@@ -145,6 +152,10 @@ def test_missing_incomplete_or_foreign_inputs_are_named(mini_data, stacked, tmp_
     (out / "fakeD" / "config.json").write_text(json.dumps({**saved, "fold_seed": 7}))
     with pytest.raises(StackError, match="'fakeD'.*fold_seed=7"):
         run_experiment(cfg.replace(name="s3", stack_inputs="fakeD"))
+    shutil.copytree(out / "fakeA", out / "fakeF")
+    (out / "fakeF" / NOMONET).unlink()
+    with pytest.raises(StackError, match=r"'fakeF': .*oof_nomonet\.csv is missing .* retrain=true"):
+        run_experiment(cfg.replace(name="s5", stack_inputs="fakeF"))
     assert not (out / "s1").joinpath("fold0").exists()
 
 

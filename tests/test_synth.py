@@ -21,7 +21,7 @@ from src.data import (
     TRAIN_SUPPLEMENT, load_test, load_train,
 )
 from src.data import DataError
-from src.tools.synth import generate, images_for_csvs, main, staged
+from src.tools.synth import MARKER, generate, generated, images_for_csvs, main, staged
 
 CSVS = [TRAIN_METADATA, TRAIN_GROUND_TRUTH, TRAIN_SUPPLEMENT, TEST_METADATA, SAMPLE_SUBMIT]
 HIDDEN = Path("hidden") / "MILK10k_Test_GroundTruth.csv"
@@ -61,7 +61,8 @@ def test_ids_layout_and_no_reachable_test_labels(mini_data: Path) -> None:
     assert ids.lesion_id.str.fullmatch(r"IL_\d{7}").all() and ids.isic_id.str.fullmatch(r"ISIC_\d{7}").all()
     assert ids.isic_id.is_unique and not set(train.lesion_id) & set(test.lesion_id)
     assert train.lesion_id.is_monotonic_increasing and test.lesion_id.is_monotonic_increasing
-    assert sorted(p.name for p in mini_data.iterdir()) == sorted([*CSVS, TRAIN_IMAGES, TEST_IMAGES, "hidden"])
+    assert sorted(p.name for p in mini_data.iterdir()) == sorted([*CSVS, TRAIN_IMAGES, TEST_IMAGES, "hidden", MARKER])
+    assert generated(mini_data)["generated"] == "metadata, labels and images"
     hidden = pd.read_csv(mini_data / HIDDEN)
     assert list(hidden.lesion_id) == list(pd.read_csv(mini_data / SAMPLE_SUBMIT).lesion_id)
     assert list(hidden.lesion_id) == sorted(set(test.lesion_id)) and (hidden[CLASSES].sum(axis=1) == 1).all()
@@ -117,7 +118,7 @@ def test_deterministic_for_a_seed(tmp_path: Path) -> None:
     a = snapshot(generate(tmp_path / "a", n_train=20, n_test=5, seed=7, **TINY))
     b = snapshot(generate(tmp_path / "b", n_train=20, n_test=5, seed=7, **TINY))
     c = snapshot(generate(tmp_path / "c", n_train=20, n_test=5, seed=8, **TINY))
-    assert a == b and len(a) == 5 + 1 + 2 * 25
+    assert a == b and len(a) == 5 + 1 + 1 + 2 * 25                  # the CSVs, hidden labels, GENERATED.json, JPEGs
     assert a[TRAIN_METADATA] != c[TRAIN_METADATA]
 
 
@@ -227,6 +228,7 @@ def test_every_image_of_the_real_csvs_is_written_in_each_layout(rehearsal, sampl
     assert len(train) == len(load_train(sample_dir, check_images=False)) and len(test) == 479
     for name in (TRAIN_METADATA, TRAIN_GROUND_TRUTH, TRAIN_SUPPLEMENT, TEST_METADATA):
         assert (rehearsal["plain"] / name).read_bytes() == (sample_dir / name).read_bytes()
+    assert generated(rehearsal["plain"])["generated"] == "images" and generated(sample_dir) is None
     with Image.open(train.clin_path.iat[0]) as im:
         assert im.format == "JPEG" and im.size == (48, 36)
     nested = load_train(rehearsal["nested"])

@@ -13,12 +13,14 @@ import pandas as pd
 import pytest
 
 from src.config import ConfigError, load_config
-from src.data import CLASSES, load_test, load_train
-from src.experiment import ExperimentDir
+from src.data import CLASSES, MONET, load_test, load_train
+from src.experiment import NOMONET, ExperimentDir
+from src.features import MetadataFeatures
 from src.runner import run_experiment
 from src.tabular import MODELS, fit_predict, parse_models
 
-FOLD_FILES = ("oof.csv", "test.csv", "features.json", "config.json", "metrics.json")
+FOLD_FILES = ("oof.csv", "oof_nomonet.csv", "test.csv", "features.json", "models.json", "models.skops", "config.json",
+              "metrics.json")
 
 
 @pytest.fixture(autouse=True)
@@ -88,6 +90,39 @@ def test_resume_refits_only_unfinished_folds(mini_data, mini_run, tmp_path):
     assert run_experiment(copy)["complete"]
     assert (copy.fold_dir(0) / "metrics.json").stat().st_mtime_ns == kept
     assert (copy.exp_dir() / "oof.csv").read_bytes() == (cfg.exp_dir() / "oof.csv").read_bytes()
+
+
+def test_the_path_without_monet_is_fitted_and_scored_without_any_monet_score(mini_data, mini_run, tmp_path):
+    """Each fold fits its models a second time with every MONET score removed: its oof_nomonet.csv is what those
+    stored models give the fold's lesions with their scores removed, and it does not move when the MONET scores of the
+    data change (the out-of-fold predictions with MONET do)."""
+    from src.features import blank_monet
+    from src.tabular import load_models, predict_saved
+
+    cfg, result = mini_run
+    train = load_train(mini_data, check_images=False)
+    folds = pd.read_csv(cfg.resolved_folds_csv())["fold"].to_numpy()
+    fdir = cfg.fold_dir(1)
+    models = load_models(fdir)
+    assert [m[0] for m in models["with_monet"]] == [m[0] for m in models["without_monet"]] == ["lrx"]
+    held = blank_monet(train[folds == 1])
+    x = MetadataFeatures.load(fdir / "features.json").transform(held)
+    np.testing.assert_allclose(predict_saved(models["without_monet"], x),
+                               pd.read_csv(fdir / NOMONET)[CLASSES].to_numpy(), rtol=0, atol=1e-12)
+    assert 0 < result["macro_f1_without_monet"] < 1
+    data = tmp_path / "data"
+    data.mkdir()
+    for csv in mini_data.glob("*.csv"):
+        shutil.copy(csv, data / csv.name)
+    meta = pd.read_csv(data / "MILK10k_Training_Metadata.csv", dtype=str, keep_default_na=False)
+    meta[MONET] = meta[MONET].astype(float).pow(2).astype(str)
+    meta.to_csv(data / "MILK10k_Training_Metadata.csv", index=False)
+    other = exp000(data, tmp_path / "out", f"folds_csv={cfg.resolved_folds_csv()}")
+    run_experiment(other, folds="1")
+    moved = {file: np.abs(pd.read_csv(cfg.fold_dir(1) / file)[CLASSES].to_numpy()
+                          - pd.read_csv(other.fold_dir(1) / file)[CLASSES].to_numpy()).max() for file in ("oof.csv", NOMONET)}
+    # the imputed constants differ (the training median), which moves the solver's path by its tolerance only
+    assert moved["oof.csv"] > 0.05 and moved[NOMONET] < 1e-3, moved
 
 
 def test_real_sample_rows_complete(sample_dir, tmp_path):

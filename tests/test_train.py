@@ -123,6 +123,9 @@ def test_fold_outputs_follow_the_submission_format(mini_data, tmp_path):
     assert m["tta_views"] == 8 and m["epochs_run"] == 2
     for name in ("best.pt", "features.json", "config.json", "history.csv"):
         assert (cfg.fold_dir(2) / name).is_file()
+    blind = pd.read_csv(cfg.fold_dir(2) / "oof_nomonet.csv")      # the same lesions, every MONET score removed
+    assert blind.lesion_id.tolist() == oof.lesion_id.tolist() and 0 <= m["macro_f1_without_monet"] <= 1
+    assert not np.allclose(blind[CLASSES].to_numpy(), oof[CLASSES].to_numpy())
 
 
 def test_exp001_model_has_the_reference_size():

@@ -321,10 +321,11 @@ def test_decode_workers_never_exceed_the_machine(trained, bundle, tmp_path):
 # every file of a real export, and the manifest itself
 # ----------------------------------------------------------------------------------------------------
 EXPORT_FILES = ["MANIFEST.json", "MODEL_CARD.md", "bundle.json", "reliability.png",
-                *(f"experiments/exp000/{f}" for f in ("config.json", "fold0/features.json", "fold0/models.json",
-                                                      "fold1/features.json", "fold1/models.json")),
+                *(f"experiments/exp000/{f}" for f in ("config.json", *(f"fold{k}/{n}" for k in (0, 1) for n in
+                                                      ("features.json", "models.json", "models.skops")))),
                 *(f"experiments/exp001/{f}" for f in ("config.json", *(f"fold{k}/{n}" for k in (0, 1) for n in
-                                                      ("aux_vocab.json", "features.json", "weights.safetensors"))))]
+                                                      ("aux_vocab.json", "features.json", "models.json",
+                                                       "models.skops", "weights.safetensors"))))]
 
 
 def test_the_integrity_cases_are_every_file_of_the_export(bundle):

@@ -43,7 +43,7 @@ MANIFEST = "MANIFEST.json"
 PACKAGES = ("torch", "timm", "numpy", "scipy", "scikit-learn", "pandas", "pillow", "safetensors")
 
 
-SUFFIXES = (".json", ".safetensors", ".md", ".png")  # everything a bundle may hold
+SUFFIXES = (".json", ".safetensors", ".skops", ".md", ".png")  # everything a bundle may hold
 
 
 # settings naming folders or files of the machine that trained: an export stores their defaults, and predict takes
@@ -326,8 +326,9 @@ def neutral_paths(cfg: Config, keep=()) -> dict:
 
 def fold_files(kind: str) -> tuple[str, ...]:
     """The files of one fold in an export: what predict reads of it."""
-    return ("features.json", "weights.safetensors", "aux_vocab.json") if kind == "image" else \
-        ("features.json", "models.json")
+    models = ("models.json", "models.skops")  # a tabular fold's models, an image fold's path without MONET
+    return ("features.json", "weights.safetensors", "aux_vocab.json", *models) if kind == "image" else \
+        ("features.json", *models)
 
 
 def open_bundle(path: Path, overrides: dict[str, str]) -> Source:

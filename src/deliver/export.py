@@ -10,16 +10,18 @@ SOURCE is an experiment or a blend with a submission (``<submission_dir>/<SOURCE
                                        each experiment's settings and data fingerprints, package versions, commit
     MODEL_CARD.md, reliability.png     the model card (src/deliver/card.py)
     experiments/<name>/config.json     the settings its folds were trained with
-    experiments/<name>/fold<k>/        weights.safetensors, features.json, aux_vocab.json (an image experiment);
-                                       features.json, models.json (a tabular experiment or a stacker)
+    experiments/<name>/fold<k>/        features.json, models.json, models.skops (a tabular experiment or a
+                                       stacker: its models with and without MONET; an image experiment: its model
+                                       without MONET), and for an image experiment weights.safetensors and
+                                       aux_vocab.json
     MANIFEST.json                      the SHA-256 of every other file, written last
 
-No pickle anywhere: weights are safetensors, fitted transforms and models JSON (src/portable.py), and no folder of
-the exporting machine (the path settings are stored at their defaults). ``predict`` checks the manifest before it
-reads anything (a changed, missing or unlisted file is refused by name), refuses a bundle of another format, and
-builds each network with this checkout's code of the experiment the bundle names; nothing in a bundle is ever
-executed. The manifest detects damage and accidental change; it is no signature. ``--out DIR`` replaces only an
-earlier export (``check_out``).
+No pickle anywhere: weights are safetensors, fitted transforms JSON (src/portable.py), tabular models skops files read
+back with an explicit list of trusted types (src/sklearn_io.py), and no folder of the exporting machine (the path
+settings are stored at their defaults). ``predict`` checks the manifest before it reads anything (a changed, missing
+or unlisted file is refused by name), refuses a bundle of another format, and builds each network with this
+checkout's code of the experiment the bundle names; nothing in a bundle is ever executed. The manifest detects
+damage and accidental change; it is no signature. ``--out DIR`` replaces only an earlier export (``check_out``).
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ from .source import Member, Source, split_overrides
 def _copy_member(member: Member, dest: Path) -> dict:
     """One experiment's settings and folds into ``dest``; what bundle.json records of it."""
     from ..experiment import ExperimentDir
-    from .predict import TabularFold
+    from .predict import copy_fold_models
 
     atomic_write_json(dest / "config.json", {**member.cfg.to_dict(), **neutral_paths(member.cfg)})
     for k in range(member.n_folds):
@@ -64,8 +66,7 @@ def _copy_member(member: Member, dest: Path) -> dict:
             write_safetensors(out / "weights.safetensors", state,
                               {"experiment": member.cfg.experiment, "name": member.name, "fold": str(k)})
             shutil.copyfile(fdir / "aux_vocab.json", out / "aux_vocab.json")
-        else:
-            atomic_write_json(out / "models.json", TabularFold(member, k).models)
+        copy_fold_models(member, k, out)
     folder = ExperimentDir(member.cfg)
     fingerprint = json.loads((member.fold_dir(0) / "fingerprint.json").read_text(encoding="utf-8")) \
         if (member.fold_dir(0) / "fingerprint.json").is_file() else None
@@ -161,6 +162,7 @@ def export(source: Source, out: Path, measure_monet: bool = False) -> dict[str, 
             "decision": source.rule, "thresholds": dict(zip(CLASSES, map(float, source.thresholds))),
             "thresholds_from": source.thresholds_from, "decision_reason": source.info.get("decision_reason", ""),
             "cv_macro_f1_honest": source.info.get("cv_macro_f1_honest"), "model_card": card,
+            **{k: source.info[k] for k in ("monet", "thresholds_without_monet") if k in source.info},
             "packages": packages(), "commit": commit(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -198,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="settings that do not change results: output_dir=, submission_dir=, data_dir=, ...")
     ap.add_argument("--out", metavar="DIR", help="the bundle folder (default <output_dir>/exports/<SOURCE>); the "
                     "archive is DIR.tar.gz beside it")
-    ap.add_argument("--monet-cost", action="store_true", help="measure for the model card what leaving out the "
-                    "MONET scores costs this source (predicts every training lesion again; always done for "
-                    "metadata-only sources)")
+    ap.add_argument("--monet-cost", action="store_true", help="measure again, for the model card, what a lesion "
+                    "without MONET scores gets through predict's own path (predicts every training lesion twice; the "
+                    "card always shows what the submission recorded)")
     ns = ap.parse_intermixed_args(argv)
     overrides = split_overrides(ns.overrides)
     if Path(ns.source).is_file() or (Path(ns.source) / MANIFEST).is_file():

@@ -1,44 +1,47 @@
-"""What leaving out the MONET concept scores costs a source: honest out-of-fold macro F1 of its folds with the
-scores of the validation rows removed (``bash run.sh predict SOURCE --monet-cost``), and the figure measured for
-exp000 that the one-lesion help and the model card quote.
+"""What a lesion without its MONET scores gets from a source (``bash run.sh predict SOURCE --monet-cost``): what the
+source recorded when its submission was made (src/nomonet.py), and for an experiment or a blend the same measured
+again through predict's own path: every training lesion predicted by its own fold's models (out of fold), once as it
+is and once with its 14 MONET scores removed, blended with the submission's weights and decided honestly (stored
+thresholds tuned on the other folds, as one lesion is decided; the submitted rule on each fold as a batch).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..data import MONET
 from .predict import Predictor
-from .source import PredictError, Source
+from .source import Source
 
-# What leaving out the 14 MONET scores cost exp000 on the 4,192 real training lesions (README, Results): honest
-# out-of-fold macro F1 of the expected-F1 rule with the MONET scores removed from the validation rows only (the models
-# trained with them, as the deployed ones are), mean +- std over fold seeds 42, 7, 2026 (`bash run.sh predict exp000
-# --monet-cost data_dir=<the CSVs>`, and the same with name=exp000_fs7 fold_seed=7, ...); ``trained_without``: exp000
-# trained and scored with every MONET score blank (its best honest rule, threshold; fold seed 42).
-MONET_COST_EXP000 = {"with": 0.3990, "with_std": 0.0029, "without": 0.1692, "without_std": 0.0035,
-                     "cost": 0.2298, "cost_std": 0.0051, "seeds": "42, 7, 2026", "trained_without": 0.2424}
+ROWS = (("with", "with MONET, the submitted rule"),
+        ("stored", "without MONET, stored thresholds (one lesion)"),
+        ("batch", "without MONET, the submitted rule on a batch"))
+
+
+def flat(monet: dict | None) -> dict:
+    """{'with' | 'stored' | 'batch': {'honest', 'interval'}} of a recorded ``monet`` block."""
+    if not monet:
+        return {}
+    out = {"with": monet["with"]}
+    if "without" in monet:
+        out.update(stored=monet["without"]["stored"], batch=monet["without"]["batch"])
+    return out
 
 
 def monet_cost(source: Source) -> dict:
-    """Honest out-of-fold macro F1 of the source with and without the MONET scores of the validation rows (the
-    folds' models trained with them, as deployed): each fold predicts its own validation rows with every MONET score
-    missing, the blend weights are the submission's, and every decision rule is scored honestly (a labelled rule
-    tuned on the other folds, the label-free one per fold)."""
-    from ..decision import honest_scores
-    from ..experiment import load_lesions
-
+    """The source's recorded figures and, for an experiment or a blend (an export holds no training lesions), the
+    same measured again through ``Predictor`` (module docstring)."""
+    out = {"rule": source.rule, "recorded": flat(source.info.get("monet")), "measured": {}}
     if source.kind == "export":
-        raise PredictError("--monet-cost needs the training lesions and folds: run it on the experiment or blend, "
-                           "not on an export")
+        return out
+    from ..decision import RULES, honest_oof
+    from ..experiment import load_lesions
+    from ..features import blank_monet
+    from ..nomonet import scored
+
     first = next(iter(source.members.values())).cfg
     lesions = load_lesions(first)
-    train = lesions.train.reset_index(drop=True)
-    blind = train.copy()
-    for c in (f"{v}_{m}" for v in ("clin", "derm") for m in MONET):
-        blind[c] = np.nan
-    y = lesions.labels()
-    out = {}
-    for label, table in (("with", train), ("without", blind)):
+    train, y = lesions.train.reset_index(drop=True), lesions.labels()
+    probs = {}
+    for label, table in (("with", train), ("without", blank_monet(train))):
         predictor = Predictor(source, table, rows_of=lesions.folds)
         if predictor.sizes():
             from ..batches import cache_workers
@@ -47,26 +50,28 @@ def monet_cost(source: Source) -> dict:
             image = source.image_config()
             predictor.images = {s: build_cache(train, s, image.resolved_cache_dir(), "train",
                                                num_workers=cache_workers(image)) for s in predictor.sizes()}
-        out[label] = honest_scores(y, predictor.blended(), lesions.folds)
-    return {"rule": source.rule, "n_lesions": len(train), "n_folds": int(len(np.unique(lesions.folds))),
-            "fold_seed": first.fold_seed, "data_dir": str(first.data_dir), **out}
-
+        probs[label] = predictor.blended()
+    stored = honest_oof("threshold", y, probs["without"], lesions.folds)[0]
+    batch = stored if RULES[source.rule].labelled else honest_oof(source.rule, y, probs["without"], lesions.folds)[0]
+    out["measured"] = {"with": scored(y, honest_oof(source.rule, y, probs["with"], lesions.folds)[0]),
+                       "stored": scored(y, stored), "batch": scored(y, batch)}
+    out.update(n_lesions=len(train), n_folds=int(len(np.unique(lesions.folds))), fold_seed=first.fold_seed)
+    return out
 
 
 def format_monet_cost(result: dict) -> str:
-    rule = result["rule"]
-    lines = [f"honest out-of-fold macro F1 on {result['n_lesions']} training lesions ({result['n_folds']} folds, fold "
-             f"seed {result['fold_seed']}), the models trained with the MONET scores:",
-             f"{'rule':>12} {'with MONET':>11} {'without':>9} {'change':>8}"]
-    for r in result["with"]:
-        lines.append(f"{r:>12} {result['with'][r]:>11.4f} {result['without'][r]:>9.4f} "
-                     f"{result['without'][r] - result['with'][r]:>+8.4f}" + ("  (submitted)" if r == rule else ""))
+    def cell(v: dict | None) -> str:
+        if not v:
+            return f"{'-':>26}"
+        lo, hi = v["interval"]
+        return f"{v['honest']:.4f} ({lo:.4f}-{hi:.4f})".rjust(26)
+
+    where = (f" on {result['n_lesions']} training lesions ({result['n_folds']} folds, fold seed {result['fold_seed']})"
+             if result.get("n_lesions") else "")
+    lines = [f"honest out-of-fold macro F1 with its 95% bootstrap interval{where}, rule {result['rule']}:",
+             f"{'':<46}{'measured now':>26}{'recorded at submission':>26}"]
+    for key, label in ROWS:
+        lines.append(f"{label:<46}{cell(result['measured'].get(key))}{cell(result['recorded'].get(key))}")
+    if not result["recorded"].get("stored"):
+        lines.append("(the source records no path without MONET: it was made by an earlier version; rerun it)")
     return "\n".join(lines)
-
-
-
-def monet_note() -> str:
-    c = MONET_COST_EXP000
-    return (f"leaving them out cost the metadata-only exp000 {c['cost']:.2f} honest macro F1 on the 4,192 real "
-            f"training lesions ({c['with']:.2f} -> {c['without']:.2f}; a model trained without them reaches "
-            f"{c['trained_without']:.2f}); --monet-cost measures a source")

@@ -7,13 +7,18 @@ each fold predicts its own validation rows), the experiments blended with the si
 decision rule folded into the probabilities (src/decision.py). A stacker predicts from its inputs' predictions, as
 it was trained. On the official test set this reproduces the submission.
 
+A lesion with all 14 MONET scores takes the models' path with them; any other lesion (every single lesion: its
+scores come from a model the release ran on its images) takes the path without MONET, which every experiment learns
+(src/nomonet.py), and is decided with the thresholds fitted for it.
+
 The decision rule: 'threshold' applies the submission's stored thresholds. 'expected_f1' is label-free and takes its
 thresholds from the submitted batch itself, so a new batch gets its own (``thresholds='stored'`` applies the
 submission's instead; a single lesion always does).
 
 Loading never executes code from the source: weights are safetensors (an export) or checkpoints read with
-``torch.load(weights_only=True)``, fitted transforms and models are JSON (src/portable.py), and the network is
-built by this checkout's code of the experiment it names.
+``torch.load(weights_only=True)``, fitted transforms are JSON (src/portable.py), the tabular models skops files read
+with an explicit list of trusted types (src/sklearn_io.py), and the network is built by this checkout's code of the
+experiment it names.
 """
 from __future__ import annotations
 
@@ -76,13 +81,21 @@ def read_weights(member: Member, k: int) -> dict:
 
 
 class ImageFold:
-    """A fold of an image experiment: its features, its network with the best weights, its TTA."""
+    """A fold of an image experiment: its features, its network with the best weights, its TTA, and its path without
+    MONET (a linear model on the metadata without MONET and, where they helped, the network's image embeddings:
+    models.json and models.skops, src/train.py)."""
 
     def __init__(self, member: Member, k: int, device):
+        from ..tabular import load_models
+
         self.member, self.k, self.device = member, k, device
         self.features = load_features(member, k)
         self.aux = json.loads(_need(member.fold_dir(k) / "aux_vocab.json").read_text(encoding="utf-8"))
         self.state = read_weights(member, k)
+        try:
+            self.blind = load_models(member.fold_dir(k), ("without_monet",))["without_monet"]
+        except ValueError as exc:
+            raise PredictError(str(exc)) from None
         self.views = 8 if member.cfg.tta else 1
         self.model = self.augment = None
 
@@ -102,40 +115,69 @@ class ImageFold:
                                f"{cfg.experiment}'s code builds (another version of the project?: "
                                f"{str(exc).splitlines()[0][:120]})") from None
 
-    def predict(self, lesions: pd.DataFrame, images: np.ndarray, rows: np.ndarray, extra=None) -> np.ndarray:
-        from ..inference import predict
+    def predict(self, lesions: pd.DataFrame, images: np.ndarray, rows: np.ndarray, extra=None,
+                blind: bool = False) -> np.ndarray:
+        """Probabilities of ``rows``: the network's, or for ``blind`` rows (``lesions`` given with their MONET
+        scores removed) the fold's model without MONET on the metadata (and the network's embeddings)."""
+        from ..inference import embeddings, predict
+        from ..tabular import predict_saved
+        from ..train import PROBES
 
         meta = self.features.transform(lesions.iloc[rows])
         if self.model is None:
             self._build(meta.shape[1])
+        where = f"{self.member.name} fold {self.k}"
+        if blind:
+            x = meta.astype(np.float64)
+            if PROBES.get(self.blind[0][0], True):
+                emb = embeddings(self.model, self.member.cfg, images, rows, self.augment, self.device, self.views, where)
+                x = np.hstack([emb, x])
+            return predict_saved(self.blind, x)
         return predict(self.model, self.link, self.member.cfg, images, rows, meta, self.augment, self.device,
-                       self.views, f"{self.member.name} fold {self.k}").astype(np.float64)
+                       self.views, where).astype(np.float64)
 
 
 class TabularFold:
-    """A fold of a tabular experiment or a stacker: its features and its linear models (models.json)."""
+    """A fold of a tabular experiment or a stacker: its features and its models of both paths (models.json and
+    models.skops, src/tabular.py)."""
 
     def __init__(self, member: Member, k: int):
+        from ..tabular import load_models
+
         self.member, self.k = member, k
         self.features = load_features(member, k)
-        path = _need(member.fold_dir(k) / "models.json")
-        self.models = json.loads(path.read_text(encoding="utf-8"))
-        bad = [m for m in self.models if m.get("model") is None]
-        if bad:
-            raise PredictError(f"{path}: model '{bad[0]['name']}' cannot be stored without a pickle "
-                               f"({bad[0].get('why', '')}); predict supports the linear tabular models (lrx, logreg)")
+        try:
+            self.models = load_models(member.fold_dir(k))
+        except ValueError as exc:
+            raise PredictError(str(exc)) from None
 
-    def predict(self, lesions: pd.DataFrame, images, rows: np.ndarray, extra=None) -> np.ndarray:
-        from ..portable import NotPortable
+    def predict(self, lesions: pd.DataFrame, images, rows: np.ndarray, extra=None, blind: bool = False) -> np.ndarray:
         from ..tabular import predict_saved
 
         x = self.features.transform(lesions.iloc[rows])
         if extra is not None:
             x = np.hstack([extra[rows], x])
-        try:
-            return predict_saved(self.models, x)
-        except NotPortable as exc:
-            raise PredictError(f"{self.member.fold_dir(self.k) / 'models.json'}: {exc}") from None
+        return predict_saved(self.models["without_monet" if blind else "with_monet"], x)
+
+
+def copy_fold_models(member: Member, k: int, dest: Path) -> None:
+    """A fold's stored scikit-learn models (models.json, models.skops: a tabular fold's, or an image fold's path
+    without MONET) into ``dest`` byte for byte, once they read back."""
+    import shutil
+
+    from ..tabular import MODELS_FILE, load_models
+
+    try:
+        load_models(member.fold_dir(k), PATHS_OF[member.kind])
+    except ValueError as exc:
+        raise PredictError(str(exc)) from None
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("models.json", MODELS_FILE):
+        shutil.copyfile(member.fold_dir(k) / name, dest / name)
+
+
+PATHS_OF = {"image": ("without_monet",), "tabular": ("with_monet", "without_monet"),
+            "stack": ("with_monet", "without_monet")}
 
 
 def open_fold(member: Member, k: int, device):
@@ -169,12 +211,12 @@ def decode_images(lesions: pd.DataFrame, size: int, workers: int = 1) -> np.ndar
 SEX_VALUES = ("male", "female")
 
 
-def single_lesion(clinical: str, dermoscopic: str, age: float | None = None, sex: str | None = None,
+def single_lesion(clinical: str | None, dermoscopic: str | None, age: float | None = None, sex: str | None = None,
                   site: str | None = None, skin_tone: int | None = None) -> pd.DataFrame:
     """One lesion as a row of the loader's lesion table: every field not given (and every MONET score) missing,
-    as the loader reads an empty field."""
+    as the loader reads an empty field. The images may be left out (None) for a source that reads none."""
     for flag, path in (("--clinical", clinical), ("--dermoscopic", dermoscopic)):
-        if not Path(path).is_file():
+        if path is not None and not Path(path).is_file():
             raise DataError(f"{flag} {path}: image file not found")
     if sex is not None and sex.strip().lower() not in SEX_VALUES:
         raise DataError(f"--sex {sex!r}: use one of {', '.join(SEX_VALUES)} (leave it out when unknown)")
@@ -186,8 +228,8 @@ def single_lesion(clinical: str, dermoscopic: str, age: float | None = None, sex
            "sex": "" if sex is None else sex.strip().lower(),
            "skin_tone_class": np.nan if skin_tone is None else float(skin_tone),
            "site": "" if site is None else site.strip().lower(),
-           "clin_isic_id": Path(clinical).stem, "derm_isic_id": Path(dermoscopic).stem,
-           "clin_path": str(clinical), "derm_path": str(dermoscopic), "clin_manipulation": "",
+           "clin_isic_id": Path(clinical or "").stem, "derm_isic_id": Path(dermoscopic or "").stem,
+           "clin_path": str(clinical or ""), "derm_path": str(dermoscopic or ""), "clin_manipulation": "",
            "derm_manipulation": "", **{f"{v}_{m}": np.nan for v in ("clin", "derm") for m in MONET}}
     return pd.DataFrame([row])
 
@@ -203,16 +245,23 @@ def known_sites(source: Source) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 class Predictor:
     """The probabilities of a source's experiments for a table of lesions: each fold's, averaged as test.csv averages
-    them (``rows_of`` None), or out of fold (``rows_of``: the fold of every lesion; fold k predicts its own rows)."""
+    them (``rows_of`` None), or out of fold (``rows_of``: the fold of every lesion; fold k predicts its own rows).
+    A lesion with all 14 MONET scores takes the path with them, any other lesion the path without MONET (its scores
+    removed; src/features.py: ``has_monet``)."""
 
     def __init__(self, source: Source, lesions: pd.DataFrame, images: dict[int, np.ndarray] | None = None,
                  rows_of: np.ndarray | None = None, device=None):
-        from ..batches import resolve_device
+        from ..features import blank_monet, has_monet
 
         self.source, self.lesions, self.rows_of = source, lesions, rows_of
+        self.monet, self.blind = has_monet(lesions), blank_monet(lesions)
         self.images = images if images is not None else {}
         image = source.image_config()
-        self.device = device or (resolve_device(image) if image is not None else "cpu")
+        if device is None and image is not None:
+            from ..batches import resolve_device
+
+            device = resolve_device(image)
+        self.device = device or "cpu"
         self.memo: dict[str, np.ndarray] = {}
         self.fold_models = 0
         self.views = 0
@@ -232,18 +281,16 @@ class Predictor:
             extra = np.log(p / (1 - p))
         n = len(self.lesions)
         images = self.images.get(member.cfg.img_size) if member.kind == "image" else None
-        if self.rows_of is None:
-            acc = 0
-            for k in range(member.n_folds):
-                acc = acc + self._fold(member, k).predict(self.lesions, images, np.arange(n), extra)
-            out = acc / member.n_folds
-        else:
-            out = np.full((n, len(CLASSES)), np.nan)
-            for k in range(member.n_folds):
-                rows = np.flatnonzero(self.rows_of == k)
-                out[rows] = self._fold(member, k).predict(self.lesions, images, rows, extra)
-        self.memo[name] = out
-        return out
+        out = np.zeros((n, len(CLASSES)))
+        for k in range(member.n_folds):
+            fold = self._fold(member, k)
+            mine = np.arange(n) if self.rows_of is None else np.flatnonzero(self.rows_of == k)
+            for blind, table in ((False, self.lesions), (True, self.blind)):
+                rows = mine[self.monet[mine] != blind]
+                if len(rows):
+                    out[rows] += fold.predict(table, images, rows, extra, blind)
+        self.memo[name] = out / member.n_folds if self.rows_of is None else out
+        return self.memo[name]
 
     def _fold(self, member: Member, k: int):
         fold = open_fold(member, k, self.device)
@@ -270,6 +317,36 @@ def batch_thresholds(source: Source, blended: np.ndarray, thresholds: str = "bat
     if rule.labelled or thresholds == "stored":
         return source.thresholds, f"the submission's stored thresholds (from {source.thresholds_from})"
     return rule.fit(None, None, blended), f"rule {source.rule} on this batch of {len(blended)} lesion(s)"
+
+
+def thresholds_without_monet(source: Source, blended: np.ndarray, thresholds: str = "batch") -> tuple[np.ndarray, str]:
+    """The thresholds lesions without MONET scores are decided with, and where they come from: the ones the
+    submission stored for them (tuned on the blended out-of-fold rows without MONET, src/nomonet.py) for a labelled
+    rule or when ``thresholds`` is 'stored', the rule's own fit on these lesions for a label-free one. A source made
+    before those were stored falls back on ``batch_thresholds``."""
+    from ..decision import RULES
+
+    stored = source.info.get("thresholds_without_monet")
+    rule = RULES.get(source.rule)
+    if stored is None or rule is None:
+        return batch_thresholds(source, blended, thresholds)
+    if rule.labelled or thresholds == "stored":
+        return np.array([float(stored[c]) for c in CLASSES]), "the stored thresholds fitted for lesions without MONET"
+    return rule.fit(None, None, blended), f"rule {source.rule} on these {len(blended)} lesion(s) without MONET"
+
+
+def decide(source: Source, blended: np.ndarray, monet: np.ndarray, thresholds: str = "batch") -> dict:
+    """Each lesion's thresholds (rows, 11) and folded probabilities: lesions with their MONET scores
+    (``monet``) by ``batch_thresholds``, the others by ``thresholds_without_monet``, each group as its own batch."""
+    from ..decision import fold_probabilities
+
+    t, folded, why = np.empty_like(blended), np.empty_like(blended), []
+    for mask, fit in ((monet, batch_thresholds), (~monet, thresholds_without_monet)):
+        if mask.any():
+            tm, reason = fit(source, blended[mask], thresholds)
+            t[mask], folded[mask] = tm, fold_probabilities(blended[mask], tm)
+            why.append(reason)
+    return {"thresholds": t, "folded": folded, "thresholds_why": "; ".join(why)}
 
 
 def readable_frame(ids, blended: np.ndarray, folded: np.ndarray) -> pd.DataFrame:
@@ -335,8 +412,8 @@ def check_replaceable(out: Path) -> None:
 
 def predict_batch(source: Source, lesions: pd.DataFrame, workers: int = 1, thresholds: str = "batch",
                   device=None) -> dict:
-    """Every lesion of ``lesions`` through the source: blended probabilities, thresholds, folded probabilities and
-    timings."""
+    """Every lesion of ``lesions`` through the source: blended probabilities, each lesion's thresholds and folded
+    probabilities (``decide``), which lesions had their MONET scores, and timings."""
     t0 = time.time()
     predictor = Predictor(source, lesions, device=device)
     images = {s: decode_images(lesions, s, workers) for s in predictor.sizes()}
@@ -344,10 +421,6 @@ def predict_batch(source: Source, lesions: pd.DataFrame, workers: int = 1, thres
     t_decode = time.time() - t0
     blended = predictor.blended()
     t_models = time.time() - t0 - t_decode
-    t, why = batch_thresholds(source, blended, thresholds)
-    from ..decision import fold_probabilities
-
-    return {"blended": blended, "thresholds": t, "thresholds_why": why, "folded": fold_probabilities(blended, t),
+    return {"blended": blended, **decide(source, blended, predictor.monet, thresholds), "monet": predictor.monet,
             "decode_s": t_decode, "models_s": t_models, "fold_models": predictor.fold_models,
             "views": predictor.views}
-

@@ -85,14 +85,16 @@ NOT_TAKEN = ("name", "decision")  # the folder is the source's; the rule is the 
 
 def split_overrides(args: list[str]) -> dict[str, str]:
     """key=value arguments; only settings that do not change results are accepted (the folds' own settings are
-    what predicts)."""
+    what predicts). The image settings (and torch with them) are read only when a key is not a shared one."""
     from ..config import parse_cli_overrides
 
-    from ..model import BACKBONE_KEYS
-    from ..train import IMAGE_KEYS, SPEED_KEYS
-
-    known = merge_keys(KEYS, IMAGE_KEYS, SPEED_KEYS, BACKBONE_KEYS)
     pairs = parse_cli_overrides(args)
+    known = dict(KEYS)
+    if set(pairs) - set(known):
+        from ..model import BACKBONE_KEYS
+        from ..train import IMAGE_KEYS, SPEED_KEYS
+
+        known = merge_keys(KEYS, IMAGE_KEYS, SPEED_KEYS, BACKBONE_KEYS)
     for name in pairs:
         spec = known.get(name)
         if spec is None or name in NOT_TAKEN:
@@ -162,3 +164,5 @@ def sidecar_source(name: str, overrides: dict[str, str]) -> Source:
         todo += inputs
     kind = "experiment" if list(weights) == [name] else "blend"
     return Source(name, kind, members, weights, rule, thresholds, str(info.get("thresholds_from", "")), info, sidecar)
+
+

@@ -6,6 +6,9 @@ larger and with a dermoscope vignette); the metadata carries a weaker signal (ag
 scores shift per class).  The test labels are written only to ``hidden/MILK10k_Test_GroundTruth.csv``,
 which :func:`src.data.locate` never reads.
 
+Either writes ``GENERATED.json`` at the top of its folder, saying what in it is generated (``generated`` reads it), so
+no report credits generated data to the MILK study team.
+
 ``images_for_csvs``: the official CSVs (or any in their format) copied byte for byte, plus a 600x450 JPEG
 for every image they list, so the whole pipeline can be rehearsed at the real scale before the 347 MB
 download. ``signal`` says what the images carry:
@@ -50,6 +53,7 @@ WEAK_SHARE = 0.4  # signal=weak: the share of training lesions drawn with their 
 SIGNALS = ("weak", "none")
 LAYOUTS = ("plain", "nested", "zip")
 HIDDEN_TEST_TRUTH = Path("hidden") / "MILK10k_Test_GroundTruth.csv"
+MARKER = "GENERATED.json"  # written at the top of every folder this module makes: what in it is generated
 
 # Approximate class counts of the 5,240 training lesions of the full release.
 FULL_COUNTS = dict(
@@ -130,6 +134,26 @@ def staged(out_dir: str | os.PathLike) -> Iterator[tuple[Path, Path]]:
         raise
 
 
+def mark(folder: Path, generated: str, **details) -> None:
+    """The folder's ``MARKER``: which of its contents this module generated (no real patient behind them)."""
+    from ..io_utils import atomic_write_json
+
+    atomic_write_json(folder / MARKER, {"generator": "src/tools/synth.py", "generated": generated, **details})
+
+
+def generated(data_dir: str | os.PathLike) -> dict | None:
+    """What in ``data_dir`` this module generated (its ``MARKER``; a miniature made before the marker existed is
+    known by its hidden test labels), or None for data it did not make."""
+    import json
+
+    root = Path(data_dir)
+    if (root / MARKER).is_file():
+        return json.loads((root / MARKER).read_text(encoding="utf-8"))
+    if (root / HIDDEN_TEST_TRUTH).is_file():
+        return {"generator": "src/tools/synth.py", "generated": "metadata, labels and images"}
+    return None
+
+
 def generate(
     out_dir: str | os.PathLike, n_train: int = 300, n_test: int = 60, seed: int = 0, layout: str = "plain",
     image_size: tuple[int, int] = (600, 450),
@@ -166,6 +190,7 @@ def generate(
             else:
                 atomic_write_csv(stage / TRAIN_GROUND_TRUTH, truth)
                 atomic_write_csv(stage / TRAIN_SUPPLEMENT, _supplement(isic_ids[idx], labels[idx], rng))
+        mark(stage, "metadata, labels and images", seed=seed)
     return out
 
 
@@ -418,6 +443,7 @@ def images_for_csvs(out_dir: str | os.PathLike, train_dir: str | os.PathLike,
             _draw_all(jobs, workers, f"{what} images")
             if layout == "zip":
                 _zip_folder(images, stage / f"{folder}.zip")
+        mark(stage, "images", signal=signal, seed=seed)
     return out
 
 
