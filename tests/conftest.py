@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from src.config import experiment_module
+from src.config import experiment_module, load_config as experiment_config
 from src.tools.synth import generate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,3 +78,36 @@ def sample_dir() -> Path:
 def mini_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated miniature MILK10k (120 training and 30 test lesions, with JPEGs); treat it as read-only."""
     return generate(tmp_path_factory.mktemp("mini") / "milk10k", n_train=120, n_test=30, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# a trained experiment, blend and export shared by the predict and delivery tests (treat them as read-only)
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def trained(mini_data, tmp_path_factory):
+    """exp001 (tiny backbone, exp001's interaction features, 8-view TTA) and exp000, 2 folds each, their submissions
+    and the blend 'both'."""
+    from src.runner import run_experiment
+    from src.submission import finalize
+
+    out = tmp_path_factory.mktemp("trained") / "out"
+    cfg = experiment_config("exp001", tiny(mini_data, out, n_folds=2, epochs=1, meta_features="interactions",
+                                     meta_standardize=True))
+    run_experiment(cfg)
+    finalize(cfg, [cfg])
+    where = [f"data_dir={mini_data}", f"output_dir={out}", f"submission_dir={out / 'subs'}", "n_folds=2"]
+    c0 = experiment_config("exp000", [*where, "wandb_mode=disabled"])
+    run_experiment(c0)
+    finalize(c0, [c0])
+    finalize(cfg, ["exp001", "exp000"], name="both", overrides=where)
+    return {"out": out, "subs": out / "subs", "where": [f"output_dir={out}", f"submission_dir={out / 'subs'}"],
+            "data": mini_data}
+
+
+@pytest.fixture(scope="session")
+def bundle(trained, tmp_path_factory):
+    from src.cli import main as cli
+
+    folder = tmp_path_factory.mktemp("export") / "both"
+    assert cli(["export", "both", *trained["where"], "--out", str(folder)]) == 0
+    return folder

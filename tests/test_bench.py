@@ -7,6 +7,8 @@ import types
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # the benchmark's rows on the CPU: tooling, seconds each
+
 from src.tools.bench import main as bench, rows as bench_rows
 from src.config import load_config
 

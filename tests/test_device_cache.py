@@ -52,6 +52,7 @@ def test_auto_keeps_the_cache_on_the_host_without_cuda():
         load_config("exp001", ["cache_on_device=maybe"])
 
 
+@pytest.mark.slow
 def test_a_fold_trained_from_device_memory_equals_the_loader_fold(mini_data, tmp_path, capsys):
     from src.batches import prepare
     from src.train import train_fold

@@ -60,6 +60,7 @@ def own_experiment(tmp_path, monkeypatch):
     return root
 
 
+@pytest.mark.slow
 def test_an_experiment_with_its_own_network_code_runs_end_to_end(own_experiment, mini_data, tmp_path):
     from src.submission import finalize
     from src.train import read_checkpoint

@@ -45,7 +45,7 @@ def _run(model, *x, seed=3):
 
 # tf_efficientnet_lite0 uses TF "same" padding (timm's Conv2dSame), test_efficientnet squeeze-excite blocks.
 # In float64 the two agree to rounding; in float32, ReLU6 kinks let rounding flip a few gradient elements.
-@pytest.mark.parametrize("name", ["test_efficientnet", "tf_efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["test_efficientnet", pytest.param("tf_efficientnet_lite0", marks=pytest.mark.slow)])
 def test_forward_backward_and_statistics_match_two_backbones(name):
     two, fused = _pair(name, experiment="exp002")  # exp002's head: the metadata through an MLP with dropout
     assert count_parameters(two) == count_parameters(fused)
@@ -171,6 +171,7 @@ def test_networks_that_cannot_be_fused_are_refused():
         fuse_pair(_OddForward(_slices), _OddForward(_slices))
 
 
+@pytest.mark.slow
 def test_a_fused_fold_trains_like_a_two_backbone_fold(mini_data, tmp_path):
     from src.batches import prepare
     from src.train import read_checkpoint, reference_network, train_fold

@@ -37,31 +37,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def trained(mini_data, tmp_path_factory):
-    """exp001 (tiny backbone, exp001's interaction features, 8-view TTA) and exp000, 2 folds each, their submissions
-    and the blend 'both'."""
-    out = tmp_path_factory.mktemp("trained") / "out"
-    cfg = load_config("exp001", tiny(mini_data, out, n_folds=2, epochs=1, meta_features="interactions",
-                                     meta_standardize=True))
-    run_experiment(cfg)
-    finalize(cfg, [cfg])
-    where = [f"data_dir={mini_data}", f"output_dir={out}", f"submission_dir={out / 'subs'}", "n_folds=2"]
-    c0 = load_config("exp000", [*where, "wandb_mode=disabled"])
-    run_experiment(c0)
-    finalize(c0, [c0])
-    finalize(cfg, ["exp001", "exp000"], name="both", overrides=where)
-    return {"out": out, "subs": out / "subs", "where": [f"output_dir={out}", f"submission_dir={out / 'subs'}"],
-            "data": mini_data}
-
-
-@pytest.fixture(scope="module")
-def bundle(trained, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("export") / "both"
-    assert cli(["export", "both", *trained["where"], "--out", str(folder)]) == 0
-    return folder
-
-
 def frame(path: Path) -> pd.DataFrame:
     return pd.read_csv(path).set_index("lesion_id")
 

@@ -138,6 +138,7 @@ def test_divergence_stops_the_fold_and_is_never_checkpointed(mini_data, tmp_path
     assert not (fold / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_the_cache_build_follows_num_workers(mini_data, tmp_path, monkeypatch):
     import src.batches as batches
 

@@ -119,7 +119,7 @@ def relabel(data_dir: Path, dest: Path, lesions: set[str]) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("models", ["logreg", "hgb"])
+@pytest.mark.parametrize("models", ["logreg", pytest.param("hgb", marks=pytest.mark.slow)])
 def test_fold_predictions_never_see_their_own_labels(mini_data, stacked, tmp_path, models):
     out, cfg, _ = stacked
     folds = pd.read_csv(cfg.resolved_folds_csv())

@@ -243,6 +243,7 @@ def test_every_image_of_the_real_csvs_is_written_in_each_layout(rehearsal, sampl
     assert names <= {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.jpg")}
 
 
+@pytest.mark.slow
 def test_the_same_bytes_for_a_seed_whatever_the_workers(sample_dir: Path, tmp_path: Path) -> None:
     one = images_for_csvs(tmp_path / "one", sample_dir, signal="none", seed=5, workers=1, **SMALL)
     two = images_for_csvs(tmp_path / "two", sample_dir, signal="none", seed=5, workers=2, **SMALL)

@@ -60,6 +60,7 @@ def test_sigkill_mid_fold_then_resume_gives_identical_oof(mini_data, tmp_path):
     assert "folds to train" not in out_c
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_folder_holds_the_metrics(mini_data, tmp_path, monkeypatch):
     from src.batches import prepare
     from src.train import train_fold
@@ -201,6 +202,7 @@ def test_exp002_switches_train_together(mini_data, tmp_path):
     assert any(k.startswith("head.meta.") for k in weights) and weights["head.aux.weight"].shape[0] == len(vocab)
 
 
+@pytest.mark.slow
 def test_exp002_with_fused_backbones_and_the_cache_in_memory_gives_the_same_fold(mini_data, tmp_path):
     """The speed switches change no result: EMA, aux head, mixing and the meta MLP over a fused pair of backbones
     fed from the in-memory cache give the plain run's predictions."""

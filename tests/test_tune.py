@@ -124,6 +124,7 @@ def test_only_trials_of_dead_processes_of_this_host_are_failed_and_queued_again(
     assert again == []                                         # once only
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_trial_left_running_by_a_killed_process_is_retried_by_a_rerun_at_once(mini_data, tmp_path, capsys):
     from src.io_utils import HOST

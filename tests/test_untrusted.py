@@ -22,7 +22,7 @@ from src.cli import main as cli
 from src.deliver.export import write_manifest
 
 from .conftest import tiny
-from .test_predict import _one_thread, bundle, refused, trained  # noqa: F401 (fixtures shared with test_predict)
+from .test_predict import _one_thread, refused  # noqa: F401 (_one_thread: the fixture test_predict uses too)
 
 REPO = Path(__file__).resolve().parent.parent
 
