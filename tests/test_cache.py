@@ -183,3 +183,25 @@ def test_a_damaged_cache_file_is_rebuilt_with_a_line_saying_so(lesions, tmp_path
     assert npy.read_bytes() == raw and cache_files(d) == [npy.name[:-4] + ".json", npy.name]
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith(f"[cache] {npy}: ") and out[0].endswith("; rebuilding it"), out
+
+
+def _mark_or_fail(item):
+    """A pool task: item 0 fails at once, every other leaves a file after a short wait."""
+    import time
+
+    folder, i = item
+    if i == 0:
+        raise ValueError("lesion 0 is damaged")
+    time.sleep(0.05)
+    (folder / f"{i}.done").touch()
+
+
+def test_after_one_task_fails_the_pools_remaining_tasks_do_not_run(tmp_path):
+    from src.io_utils import worker_pool
+
+    with pytest.raises(ValueError, match="lesion 0 is damaged"):
+        with worker_pool(2) as imap:
+            for _ in imap(_mark_or_fail, [(tmp_path, i) for i in range(200)]):
+                pass
+    ran = len(list(tmp_path.glob("*.done")))       # all 199 would take 5 s on two workers
+    assert ran < 40, ran

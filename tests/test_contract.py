@@ -154,6 +154,40 @@ def test_a_softmax_loss_predicts_with_softmax_and_drops_the_replaced_keys(exp_ro
     assert len(result["blended"]) == len(lesions)
 
 
+def test_a_parents_value_for_a_replaced_key_is_skipped_and_a_misspelt_one_is_refused(exp_root):
+    values = "from exp.exp001.train import *  # noqa: F401,F403\n"
+    experiment_folder(exp_root, "pw_parent", 'PARENT = "exp001"\nOVERRIDES = dict(pos_weight_power=2.0, lr=0.002)\n',
+                      values)
+    experiment_folder(exp_root, "pw_child", 'PARENT = "pw_parent"\nOVERRIDES = dict(focal_gamma=1.5)\n',
+                      SOFTMAX_LOSS.format(name="pw_child"))
+    cfg = load_config("pw_child")                 # the parent's loss key is not the child's: skipped
+    assert (cfg.lr, cfg.focal_gamma) == (0.002, 1.5) and "pos_weight_power" not in experiment_keys("pw_child")
+    experiment_folder(exp_root, "typo_parent", 'PARENT = "exp001"\nOVERRIDES = dict(pos_weigth_power=2.0)\n', values)
+    experiment_folder(exp_root, "typo_child", 'PARENT = "typo_parent"\nOVERRIDES = dict(focal_gamma=1.5)\n',
+                      SOFTMAX_LOSS.format(name="typo_child"))
+    for name in ("typo_parent", "typo_child"):    # a key nobody in the chain has is a mistake, wherever it is
+        with pytest.raises(ConfigError, match=r"exp/typo_parent/config.py.*pos_weigth_power|"
+                                              r"pos_weigth_power.*exp/typo_parent/config.py"):
+            load_config(name)
+
+
+def test_keys_an_experiments_own_code_declares_are_its_keys(exp_root):
+    from src.experiment import result_settings
+
+    own = ('from exp.exp001.train import *  # noqa: F401,F403\nfrom src.config import key\n\n'
+           'KEYS = {"warm_restarts": key(2, "restarts of the stage-2 schedule", results=True, low=0),\n'
+           '        "log_every": key(10, "steps between two log lines", results=False, low=1)}\n')
+    experiment_folder(exp_root, "own_keys", 'PARENT = "exp001"\nOVERRIDES = dict(warm_restarts=5)\n', own)
+    assert {"warm_restarts", "log_every"} <= set(experiment_keys("own_keys"))
+    cfg = load_config("own_keys", ["log_every=3"])
+    assert (cfg.warm_restarts, cfg.log_every) == (5, 3)
+    text = describe(cfg)
+    assert "own_keys's own (exp/own_keys/train.py)" in text and "warm_restarts" in text and "log_every" in text
+    settings = result_settings(cfg)
+    assert settings["warm_restarts"] == 5 and "log_every" not in settings
+    assert "warm_restarts" not in experiment_keys("exp001")
+
+
 def test_the_library_loss_links_by_its_kind():
     import torch
 
@@ -233,6 +267,7 @@ def test_a_new_rule_in_the_registry_is_chosen_submitted_predicted_and_described(
     run, carried by the submission with its own thresholds, reproduced by predict and described by the card."""
     from src import decision
     from src.cli import main as cli
+    from src.deliver.predict import batch_thresholds, resolve_source
 
     rule = decision.Rule("q90", False, lambda y, p, batch: np.quantile(batch, 0.9, axis=0), "f1_q90_honest", "q90",
                          "each held-out fold cut at its own 90th percentile", 3, "each class cut at the batch's 90th "
@@ -247,12 +282,18 @@ def test_a_new_rule_in_the_registry_is_chosen_submitted_predicted_and_described(
     sidecar = json.loads((out / "subs" / "exp000.json").read_text())
     test = pd.read_csv(out / "exp000" / "test.csv")[CLASSES].to_numpy()
     assert sidecar["decision"] == "q90" and sidecar["thresholds_from"] == "the submitted batch"
-    np.testing.assert_allclose([sidecar["thresholds"][c] for c in CLASSES], np.quantile(test, 0.9, axis=0))
+    assert sidecar["score_meanings"]["f1_q90_honest"] == "each held-out fold cut at its own 90th percentile"
+    stored = np.array([sidecar["thresholds"][c] for c in CLASSES])
+    np.testing.assert_allclose(stored, np.quantile(test, 0.9, axis=0))
     assert summary["scores"]["blend"]["f1_q90_honest"] == pytest.approx(result["macro_f1_q90_honest"])
     where = [f"output_dir={out}", f"submission_dir={out}/subs"]
     assert cli(["predict", "exp000", "--data", str(mini_data), *where, "--out", str(tmp_path / "p.csv")]) == 0
     np.testing.assert_allclose(pd.read_csv(tmp_path / "p.csv")[CLASSES].to_numpy(),
                                pd.read_csv(out / "subs" / "exp000.csv")[CLASSES].to_numpy(), atol=1e-12)
+    few = test[:5]                                      # another batch: the rule's own cut, or the stored one
+    source = resolve_source("exp000", {"output_dir": str(out), "submission_dir": str(out / "subs")})
+    np.testing.assert_allclose(batch_thresholds(source, few)[0], np.quantile(few, 0.9, axis=0))
+    np.testing.assert_allclose(batch_thresholds(source, few, "stored")[0], stored)
     assert cli(["export", "exp000", *where, "--out", str(tmp_path / "bundle")]) == 0
     card = (tmp_path / "bundle" / "MODEL_CARD.md").read_text()
     assert "Rule **q90**: each class cut at the batch's 90th percentile" in card

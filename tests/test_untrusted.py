@@ -131,6 +131,7 @@ def test_blend_overwrites_only_its_own_submission_files(trained, tmp_path, capsy
     args = ["blend", "exp000", "--name", "foo", f"data_dir={trained['data']}", f"output_dir={trained['out']}",
             f"submission_dir={subs}", "n_folds=2"]
     for name, text, needle in [("foo.csv", "id,score\n1,0.5\n", "line 1 is 'id,score'"),
+                               ("foo.csv", "lesion_id,my_label\nIL_1,BCC\n", "line 1 is 'lesion_id,my_label'"),
                                ("foo_oof_honest.csv", "x\n", "line 1 is 'x'"),
                                ("foo.json", '{"mine": true}', "(no 'experiments')")]:
         (subs / name).write_text(text)
