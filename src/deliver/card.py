@@ -312,6 +312,16 @@ def write_card(folder: Path, source, measure_monet: bool = False) -> dict:
     return {"honest_macro_f1": headline, "interval": [lo, hi], "rule": rule, "without_monet": without_f1}
 
 
+def chosen_candidate(info: dict) -> str:
+    """Which of the blend's candidates these weights are and why it was chosen (src/blend.py), as the submission
+    recorded it; nothing for a single experiment."""
+    candidates, chosen = info.get("blend_candidates") or {}, info.get("blend_candidate")
+    if len(candidates) < 2 or chosen is None:
+        return ""
+    return (f": the candidate `{chosen}` among {len(candidates)} ({', '.join(f'`{c}`' for c in candidates)}), "
+            f"chosen because {info.get('blend_choice_reason', 'it had the best honest macro F1')}")
+
+
 def details(source, revision: str) -> list[str]:
     weights = ", ".join(f"{k} {v:.4f}" for k, v in source.weights.items())
     trained = source.info.get("commit")
@@ -319,7 +329,7 @@ def details(source, revision: str) -> list[str]:
         "## Model details", "",
         what_it_is(source), "",
         *describe_members(source), "",
-        f"- Blend weights: {weights}; decision rule **{source.rule}** (below).",
+        f"- Blend weights: {weights}{chosen_candidate(source.info)}; decision rule **{source.rule}** (below).",
         f"- Code: this repository at revision `{revision}` (export)"
         + (f", submission made at `{trained}`" if trained and trained != revision else "") + "; MIT licence.",
         "- Model licence: CC-BY-NC 4.0 (no commercial use), the licence of the MILK10k data this project's models are "

@@ -162,7 +162,8 @@ def export(source: Source, out: Path, measure_monet: bool = False) -> dict[str, 
             "decision": source.rule, "thresholds": dict(zip(CLASSES, map(float, source.thresholds))),
             "thresholds_from": source.thresholds_from, "decision_reason": source.info.get("decision_reason", ""),
             "cv_macro_f1_honest": source.info.get("cv_macro_f1_honest"), "model_card": card,
-            **{k: source.info[k] for k in ("monet", "thresholds_without_monet") if k in source.info},
+            **{k: source.info[k] for k in ("monet", "thresholds_without_monet", "blend_candidate", "blend_choice_reason")
+               if k in source.info},
             "packages": packages(), "commit": commit(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
