@@ -39,7 +39,8 @@ def per_class_table(y: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
     return pd.concat([table, pd.DataFrame([macro])], ignore_index=True)
 
 
-def _group_label(value) -> str:
+def group_label(value) -> str:
+    """A metadata value as a group's name: "missing" for an empty one, whole floats without their ".0"."""
     if pd.isna(value) or str(value).strip() == "":
         return "missing"
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
@@ -51,7 +52,7 @@ def group_scores(train: pd.DataFrame, y: np.ndarray, probs: np.ndarray) -> dict[
     """Macro F1 and lesion count per skin tone and per sex (missing values form their own group)."""
     out: dict[str, dict[str, dict]] = {}
     for column in GROUPS:
-        labels = np.array([_group_label(v) for v in train[column]])
+        labels = np.array([group_label(v) for v in train[column]])
         out[column] = {g: {"n": int((labels == g).sum()), "macro_f1": macro_f1(y[labels == g], probs[labels == g])}
                        for g in sorted(set(labels))}
     return out

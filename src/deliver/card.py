@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..data import CLASSES, load_test, load_train
 from ..io_utils import atomic_write_text
-from ..report import markdown_table, save_png
+from ..report import group_label, markdown_table, save_png
 from ..stats import (MIN_GROUP, REPS, class_rates, confusion, f1_from, macro, macro_f1_interval, percentile_interval,
                      present_macro_f1, resample_counts, weighted_auc)
 
@@ -67,20 +67,12 @@ def age_band(age) -> str:
     return next(label for lo, hi, label in AGE_BANDS if lo <= a < hi)
 
 
-def _label(value) -> str:
-    if pd.isna(value) or str(value).strip() == "":
-        return "missing"
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    return str(value)
-
-
 def factors(train: pd.DataFrame) -> dict[str, np.ndarray]:
     """The groups lesions are reported by: skin tone, sex, age band, anatomical site (missing values a group)."""
-    return {"skin tone": np.array([_label(v) for v in train["skin_tone_class"]]),
-            "sex": np.array([_label(v) for v in train["sex"]]),
+    return {"skin tone": np.array([group_label(v) for v in train["skin_tone_class"]]),
+            "sex": np.array([group_label(v) for v in train["sex"]]),
             "age": np.array([age_band(v) for v in train["age_approx"]]),
-            "site": np.array([_label(v) for v in train["site"]])}
+            "site": np.array([group_label(v) for v in train["site"]])}
 
 
 def group_order(labels: np.ndarray, factor: str) -> list[str]:

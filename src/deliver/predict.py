@@ -305,45 +305,37 @@ class Predictor:
         return np.tensordot(weights, np.stack([self.probs(n) for n in names]), axes=1)
 
 
-def batch_thresholds(source: Source, blended: np.ndarray, thresholds: str = "batch") -> tuple[np.ndarray, str]:
-    """The thresholds this batch is decided with, and where they come from: the submission's stored ones for a
-    labelled rule (or when ``thresholds`` is 'stored'), the rule's own fit on this batch for a label-free one."""
+def batch_thresholds(source: Source, blended: np.ndarray, thresholds: str = "batch",
+                     without_monet: bool = False) -> tuple[np.ndarray, str]:
+    """The thresholds this batch is decided with, and where they come from. For a labelled rule (or when
+    ``thresholds`` is 'stored') the submission's stored ones: for lesions ``without_monet`` those tuned on the blended
+    out-of-fold rows without MONET (src/nomonet.py), where the submission stored them; for a label-free rule its own
+    fit on this batch."""
     from ..decision import RULES
 
     rule = RULES.get(source.rule)
     if rule is None:
         raise PredictError(f"{source.where}: decision rule {source.rule!r} is not one this checkout knows "
                            f"({', '.join(RULES)})")
+    stored = source.info.get("thresholds_without_monet") if without_monet else None
     if rule.labelled or thresholds == "stored":
+        if stored is not None:
+            return (np.array([float(stored[c]) for c in CLASSES]),
+                    "the stored thresholds fitted for lesions without MONET")
         return source.thresholds, f"the submission's stored thresholds (from {source.thresholds_from})"
-    return rule.fit(None, None, blended), f"rule {source.rule} on this batch of {len(blended)} lesion(s)"
-
-
-def thresholds_without_monet(source: Source, blended: np.ndarray, thresholds: str = "batch") -> tuple[np.ndarray, str]:
-    """The thresholds lesions without MONET scores are decided with, and where they come from: the ones the
-    submission stored for them (tuned on the blended out-of-fold rows without MONET, src/nomonet.py) for a labelled
-    rule or when ``thresholds`` is 'stored', the rule's own fit on these lesions for a label-free one. A source made
-    before those were stored falls back on ``batch_thresholds``."""
-    from ..decision import RULES
-
-    stored = source.info.get("thresholds_without_monet")
-    rule = RULES.get(source.rule)
-    if stored is None or rule is None:
-        return batch_thresholds(source, blended, thresholds)
-    if rule.labelled or thresholds == "stored":
-        return np.array([float(stored[c]) for c in CLASSES]), "the stored thresholds fitted for lesions without MONET"
-    return rule.fit(None, None, blended), f"rule {source.rule} on these {len(blended)} lesion(s) without MONET"
+    lacking = " without MONET" if without_monet and stored is not None else ""
+    return rule.fit(None, None, blended), f"rule {source.rule} on this batch of {len(blended)} lesion(s){lacking}"
 
 
 def decide(source: Source, blended: np.ndarray, monet: np.ndarray, thresholds: str = "batch") -> dict:
-    """Each lesion's thresholds (rows, 11) and folded probabilities: lesions with their MONET scores
-    (``monet``) by ``batch_thresholds``, the others by ``thresholds_without_monet``, each group as its own batch."""
+    """Each lesion's thresholds (rows, 11) and folded probabilities by ``batch_thresholds``: lesions with their
+    MONET scores (``monet``) and those without, each group as its own batch."""
     from ..decision import fold_probabilities
 
     t, folded, why = np.empty_like(blended), np.empty_like(blended), []
-    for mask, fit in ((monet, batch_thresholds), (~monet, thresholds_without_monet)):
+    for mask, without in ((monet, False), (~monet, True)):
         if mask.any():
-            tm, reason = fit(source, blended[mask], thresholds)
+            tm, reason = batch_thresholds(source, blended[mask], thresholds, without_monet=without)
             t[mask], folded[mask] = tm, fold_probabilities(blended[mask], tm)
             why.append(reason)
     return {"thresholds": t, "folded": folded, "thresholds_why": "; ".join(why)}
