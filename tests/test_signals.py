@@ -23,6 +23,12 @@ def sizeable(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(tmp_path_factory.mktemp("sig") / "data", n_train=400, n_test=20, seed=5)
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child: Ctrl-C's default action, whatever the test runner inherited (a shell's background job starts
+    with SIGINT ignored, and Python then installs no KeyboardInterrupt for it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _alive_with(marker: str) -> list[int]:
     pids = []
     for pid in os.listdir("/proc"):
@@ -41,7 +47,8 @@ def test_a_signal_during_a_multi_worker_cache_build_is_one_line_and_leaves_nothi
     out = tmp_path / "out"
     args = tiny(sizeable, out, num_workers=2, img_size=96)
     proc = subprocess.Popen([sys.executable, "-m", "src.cli", "run", "exp001", *args], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
     deadline = time.time() + 300
     while not list((out / "cache").glob(".train_*.tmp")):         # the build has begun
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
