@@ -16,7 +16,7 @@ from src.config import load_config
 from src.step import MixupCutmix
 
 from .conftest import tiny
-from .test_fold_loop import FOLD, Interrupted, after_each_epoch, history, train
+from .test_fold_loop import FOLD, history, stop_after, train
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +102,7 @@ def test_every_steps_learning_rate_follows_the_schedule_also_after_a_resume(mini
     steps = 96 // cfg.batch_size
     expected = expected_lrs(cfg, steps)
     if resume_after is not None:
-        def stop(epoch):
-            if epoch == resume_after:
-                raise Interrupted
-
-        with monkeypatch.context() as patch:
-            after_each_epoch(patch, stop)
-            with pytest.raises(Interrupted):
-                train(cfg, FOLD, data)
+        stop_after(monkeypatch, cfg, data, resume_after)
         expected = expected[(resume_after + 1) * steps:]
     seen = record_step_lrs(monkeypatch)
     train(cfg, FOLD, data)

@@ -287,6 +287,19 @@ class Interrupted(Exception):
     """Stands for a process killed between two epochs."""
 
 
+def stop_after(monkeypatch, cfg, data, last_done: int) -> None:
+    """Train fold ``FOLD`` and stop it as a killed process would, once epoch ``last_done`` (0-based) is
+    checkpointed."""
+    def interrupt(epoch):
+        if epoch == last_done:
+            raise Interrupted
+
+    with monkeypatch.context() as patch:
+        after_each_epoch(patch, interrupt)
+        with pytest.raises(Interrupted):
+            train(cfg, FOLD, data)
+
+
 @pytest.mark.parametrize("last_done", [0, 2], ids=["after-stage-1", "mid-stage-2"])
 def test_resume_trains_only_the_epochs_not_yet_finished(mini_data, tmp_path, cache_dir, monkeypatch, last_done):
     """Catches a resume that repeats its last finished epoch (``range(state.epoch, ...)`` for
@@ -297,14 +310,7 @@ def test_resume_trains_only_the_epochs_not_yet_finished(mini_data, tmp_path, cac
     data = prepare(cfg)
     script_scores(monkeypatch, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
 
-    def interrupt(epoch):
-        if epoch == last_done:
-            raise Interrupted
-
-    with monkeypatch.context() as patch:
-        after_each_epoch(patch, interrupt)
-        with pytest.raises(Interrupted):
-            train(cfg, FOLD, data)
+    stop_after(monkeypatch, cfg, data, last_done)
     assert checkpoint(cfg, "last.pt")["state"]["epoch"] == last_done
     assert not (cfg.fold_dir(FOLD) / "metrics.json").exists()
 

@@ -323,7 +323,7 @@ def batch_thresholds(source: Source, blended: np.ndarray, thresholds: str = "bat
             return (np.array([float(stored[c]) for c in CLASSES]),
                     "the stored thresholds fitted for lesions without MONET")
         return source.thresholds, f"the submission's stored thresholds (from {source.thresholds_from})"
-    lacking = " without MONET" if without_monet and stored is not None else ""
+    lacking = " without MONET" if without_monet else ""
     return rule.fit(None, None, blended), f"rule {source.rule} on this batch of {len(blended)} lesion(s){lacking}"
 
 
